@@ -1,0 +1,3 @@
+"""mgmoe-ds: a routed multi-granularity mixture of heterogeneous experts on DeepSpeed."""
+
+__version__ = "0.1.0"

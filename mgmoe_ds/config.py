@@ -1,0 +1,384 @@
+"""The typed run configuration: the ``"mgmoe"`` block of a DeepSpeed JSON file.
+
+DeepSpeed ignores unknown top-level keys, so one JSON file carries both DeepSpeed's settings and
+ours. This module reads only the ``"mgmoe"`` block, builds frozen dataclasses from it and rejects
+unknown keys, wrong types and out-of-range values with one line that names the file, the key,
+the value and what is accepted. The rest of the JSON goes to DeepSpeed untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration error; its message is one line naming file, key and value."""
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    name: str  # a name from mgmoe_ds.experts.list_experts()
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for create_expert
+
+
+def _default_experts() -> list[ExpertSpec]:
+    return [ExpertSpec("mpsa"), ExpertSpec("pmg"), ExpertSpec("transfg"), ExpertSpec("pim")]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "vit_tiny_patch16_224"  # any timm model name
+    pretrained: Optional[str] = None  # local weights file, "efficientnet-lite0" (offline package), or None
+    img_size: int = 224  # input resolution in pixels
+    num_classes: Optional[int] = None  # None: taken from the dataset's manifest or the registry
+    experts: list[ExpertSpec] = field(default_factory=_default_experts)  # one entry per expert
+    backbone_options: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    top_k: int = 2  # experts per image, 1..num_experts
+    capacity_factor: float = 1.25  # training capacity = factor * tokens * top_k / experts
+    eval_capacity_factor: float = 2.0  # same, in evaluation
+    min_capacity: int = 4  # lower bound on the capacity of each expert
+    dropless: bool = False  # capacity = the largest load in the expert-parallel group: no drops
+    noisy_gate_policy: Optional[Literal["jitter", "rsample"]] = None  # training-only router noise
+    jitter_eps: float = 0.01  # multiplicative input jitter range for "jitter"
+    batch_prioritized_routing: bool = False  # fill capacity in order of router confidence
+    expert_parallel_size: int = 1  # P: experts are split over P ranks; must divide num_experts
+    load_balance_weight: float = 0.01  # weight of the GShard load-balancing loss
+    z_loss_weight: float = 0.001  # weight of the router z-loss
+    drop_fallback: Literal["shared_head"] = "shared_head"  # what a token that lost every expert gets
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Optional[str] = None  # dataset folder with manifest.json, "registry", or None for the demo
+    num_workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 1000  # sample shuffle buffer size
+    resampled: bool = False  # endless resampling of shards instead of finite epochs
+    balance: Optional[Literal["class", "sqrt"]] = None  # resampling for long-tailed data
+    val_split: str = "val"  # split used for validation statistics
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str  # "warmup", "routing" (stage 1) or "residual" (stage 2)
+    epochs: Optional[int] = None  # length in epochs (exactly one of epochs/steps)
+    steps: Optional[int] = None  # length in optimiser steps
+    lr: dict[str, float] = field(default_factory=dict)  # learning rate per parameter group
+    loss_weights: dict[str, float] = field(default_factory=dict)  # overrides of loss weights by name
+
+
+@dataclass(frozen=True)
+class CurriculumConfig:
+    stages: list[StageConfig] = field(
+        default_factory=lambda: [
+            StageConfig("warmup", epochs=1),
+            StageConfig("routing", epochs=1),
+            StageConfig("residual", epochs=1),
+        ]
+    )
+    num_clusters: int = 8  # clusters of training samples for cluster-level routing
+    teacher_temperature: float = 1.0  # softmax temperature of the cluster teacher
+    kl_weight: float = 1.0  # weight of KL(router || cluster teacher) in stage 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0  # seeds Python, NumPy and torch on every rank
+    log_every: int = 10  # steps between metrics.jsonl lines
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at stage ends
+    max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.model.experts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict construction from JSON values
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " or ".join(json.dumps(a) for a in typing.get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(annotation)[0])}"
+    if origin is dict:
+        return f"object of {_type_name(typing.get_args(annotation)[1])}"
+    if annotation is type(None):
+        return "null"
+    if dataclasses.is_dataclass(annotation):
+        return "object"
+    if annotation is Any:
+        return "any"
+    return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(annotation, str(annotation))
+
+
+def _fail(source: str, key: str, value: Any, accepted: str) -> ConfigError:
+    shown = json.dumps(value) if not isinstance(value, str) else repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return ConfigError(f"{source}: {key} = {shown}: expected {accepted}")
+
+
+def _convert(annotation: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(annotation):
+            return value
+        raise _fail(source, key, value, _type_name(annotation))
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _convert(option, value, key, source)
+            except ConfigError:
+                continue
+        raise _fail(source, key, value, _type_name(annotation))
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise _fail(source, key, value, "null")
+    if origin is list:
+        if not isinstance(value, list):
+            raise _fail(source, key, value, _type_name(annotation))
+        (item_type,) = typing.get_args(annotation)
+        return [_convert(item_type, item, f"{key}[{i}]", source) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _fail(source, key, value, _type_name(annotation))
+        _, value_type = typing.get_args(annotation)
+        return {str(k): _convert(value_type, v, f"{key}.{k}", source) for k, v in value.items()}
+    if dataclasses.is_dataclass(annotation):
+        return _build_dataclass(annotation, value, key, source)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise _fail(source, key, value, "true/false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _fail(source, key, value, "integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _fail(source, key, value, "number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise _fail(source, key, value, "string")
+    raise TypeError(f"config field {key} has an unsupported annotation {annotation!r}")
+
+
+def _build_dataclass(cls: type, value: Any, key: str, source: str) -> Any:
+    if dataclasses.is_dataclass(value) and isinstance(value, cls):
+        return value
+    if cls is ExpertSpec and isinstance(value, str):  # "mpsa" is short for {"name": "mpsa"}
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise _fail(source, key, value, "object")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        prefix = f"{key}." if key else ""
+        raise ConfigError(
+            f"{source}: unknown key {prefix}{unknown[0]}; accepted keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        sub_key = f"{key}.{name}" if key else name
+        if name in value:
+            kwargs[name] = _convert(hints[name], value[name], sub_key, source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing required key {sub_key}")
+    return cls(**kwargs)
+
+
+def _validate(config: RunConfig, source: str) -> None:
+    """Range and cross-field checks; each failure is one line naming the key."""
+
+    def check(ok: bool, key: str, value: Any, accepted: str) -> None:
+        if not ok:
+            raise _fail(source, f"mgmoe.{key}", value, accepted)
+
+    m, e = config.moe, config.num_experts
+    check(e >= 1, "model.experts", [s.name for s in config.model.experts], "at least one expert")
+    check(1 <= m.top_k <= e, "moe.top_k", m.top_k, f"an integer from 1 to the number of experts ({e})")
+    check(m.capacity_factor > 0, "moe.capacity_factor", m.capacity_factor, "a number > 0")
+    check(m.eval_capacity_factor > 0, "moe.eval_capacity_factor", m.eval_capacity_factor, "a number > 0")
+    check(m.min_capacity >= 1, "moe.min_capacity", m.min_capacity, "an integer >= 1")
+    check(0 <= m.jitter_eps < 1, "moe.jitter_eps", m.jitter_eps, "a number in [0, 1)")
+    check(
+        m.expert_parallel_size >= 1 and e % m.expert_parallel_size == 0,
+        "moe.expert_parallel_size",
+        m.expert_parallel_size,
+        f"a positive divisor of the number of experts ({e})",
+    )
+    check(m.load_balance_weight >= 0, "moe.load_balance_weight", m.load_balance_weight, "a number >= 0")
+    check(m.z_loss_weight >= 0, "moe.z_loss_weight", m.z_loss_weight, "a number >= 0")
+    check(config.model.img_size >= 16, "model.img_size", config.model.img_size, "an integer >= 16")
+    if config.model.num_classes is not None:
+        check(config.model.num_classes >= 2, "model.num_classes", config.model.num_classes, "an integer >= 2")
+    check(config.data.num_workers >= 0, "data.num_workers", config.data.num_workers, "an integer >= 0")
+    check(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", config.data.shuffle_buffer, "an integer >= 0")
+    cur = config.curriculum
+    check(len(cur.stages) >= 1, "curriculum.stages", [], "at least one stage")
+    for i, stage in enumerate(cur.stages):
+        key = f"curriculum.stages[{i}]"
+        check(
+            stage.name in ("warmup", "routing", "residual"),
+            f"{key}.name",
+            stage.name,
+            '"warmup", "routing" or "residual"',
+        )
+        check(
+            (stage.epochs is None) != (stage.steps is None),
+            key,
+            {"epochs": stage.epochs, "steps": stage.steps},
+            "exactly one of epochs or steps",
+        )
+        length = stage.epochs if stage.epochs is not None else stage.steps
+        check(length is not None and length >= 1, f"{key}.{'epochs' if stage.epochs is not None else 'steps'}",
+              length, "an integer >= 1")
+        for group, lr in stage.lr.items():
+            check(lr >= 0, f"{key}.lr.{group}", lr, "a learning rate >= 0")
+    check(cur.num_clusters >= 1, "curriculum.num_clusters", cur.num_clusters, "an integer >= 1")
+    check(cur.teacher_temperature > 0, "curriculum.teacher_temperature", cur.teacher_temperature, "a number > 0")
+    check(cur.kl_weight >= 0, "curriculum.kl_weight", cur.kl_weight, "a number >= 0")
+    check(config.train.log_every >= 1, "train.log_every", config.train.log_every, "an integer >= 1")
+    check(config.train.checkpoint_every >= 0, "train.checkpoint_every", config.train.checkpoint_every,
+          "an integer >= 0")
+    check(config.train.max_bad_steps >= 1, "train.max_bad_steps", config.train.max_bad_steps, "an integer >= 1")
+
+
+def config_from_dict(block: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Builds and validates a RunConfig from the contents of an ``"mgmoe"`` block.
+
+    Args:
+        block: the JSON object under ``"mgmoe"``.
+        source: where the block came from, for error messages (a file path).
+
+    Returns:
+        The frozen, validated configuration.
+
+    Raises:
+        ConfigError: on an unknown key, a wrong type or an out-of-range value.
+    """
+    config = _build_dataclass(RunConfig, block, "", source)
+    _validate(config, source)
+    return config
+
+
+def _prefix_keys(error: ConfigError) -> ConfigError:
+    """Puts the ``mgmoe.`` prefix on key names in messages about the block's own keys."""
+    text = str(error)
+    source, _, rest = text.partition(": ")
+    if rest.startswith("unknown key "):
+        rest = "unknown key mgmoe." + rest[len("unknown key "):]
+    elif rest.startswith("missing required key "):
+        rest = "missing required key mgmoe." + rest[len("missing required key "):]
+    elif not rest.startswith("mgmoe."):
+        rest = "mgmoe." + rest
+    return ConfigError(f"{source}: {rest}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parses ``key.path=value`` (value as JSON, else a plain string)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. moe.top_k=1")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().removeprefix("mgmoe.").split("."), value
+
+
+def apply_overrides(block: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Returns a copy of ``block`` with ``--set key=value`` overrides applied.
+
+    Unknown keys are caught when the result is validated by ``config_from_dict``; the error then
+    names the key exactly as given.
+    """
+    result = json.loads(json.dumps(block))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    """Reads a DeepSpeed JSON file; a missing file or bad JSON is a one-line ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the DeepSpeed config ({err.strerror})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def load_run_config(
+    path: str | Path = DEFAULT_CONFIG_PATH, overrides: list[str] | None = None
+) -> tuple[RunConfig, dict[str, Any]]:
+    """Loads the ``"mgmoe"`` block of a DeepSpeed JSON file.
+
+    Args:
+        path: the DeepSpeed JSON file.
+        overrides: ``key=value`` strings applied to the block before validation.
+
+    Returns:
+        ``(run_config, deepspeed_config)``: the validated block, and the JSON without the block,
+        exactly as DeepSpeed should see it.
+    """
+    data = load_ds_config(path)
+    block = data.pop("mgmoe", {})
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: mgmoe: expected an object")
+    block = apply_overrides(block, overrides or [])
+    try:
+        config = config_from_dict(block, str(path))
+    except ConfigError as err:
+        raise _prefix_keys(err) from None
+    return config, data
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """The configuration as plain JSON values (for run folders and checkpoint metadata)."""
+    return dataclasses.asdict(config)

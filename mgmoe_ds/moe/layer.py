@@ -1,0 +1,393 @@
+"""The routed layer: a router, capacity-limited index dispatch, heterogeneous experts, and combine.
+
+Each token (here: one image) carries a payload dict of tensors of any shape; each expert returns
+an output of the layer's declared ``output_shape`` (e.g. class logits), which need not equal the
+payload's width. Experts may be different modules with different parameter shapes. With expert
+parallelism of size P, this rank builds and holds only experts ``[r*L, (r+1)*L)``, L = E/P, and
+payloads travel to them through an ``ExpertParallelComm`` bound after construction; with no comm
+bound the layer runs in one process with identical math.
+
+This module imports no ``torch.distributed`` and no DeepSpeed: ``deepspeed_compat`` adapts it to
+DeepSpeed's MoE contract, and ``parallel`` owns the collectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mgmoe_ds.moe.dispatch import (
+    assign_slots,
+    combine,
+    expert_capacity,
+    pack_rows,
+    payload_spec,
+    per_choice_outputs,
+    plan_dispatch,
+    unpack_rows,
+)
+from mgmoe_ds.moe.losses import load_balancing_loss, router_z_loss
+from mgmoe_ds.moe.router import TopKRouter
+
+TARGETS_KEY = "__targets__"  # targets travel with the payload so experts' own losses see labels
+
+RoutingMode = Literal["topk", "dense", "single"]
+
+
+class ExpertComm(Protocol):
+    """What the layer needs from the expert-parallel group (see ``parallel.ExpertParallelComm``)."""
+
+    size: int
+    rank: int
+
+    def max_int(self, value: int, device: torch.device) -> int: ...
+
+    def exchange_counts(self, send_counts: Tensor) -> Tensor: ...
+
+    def exchange(self, x: Tensor, output_splits: list[int], input_splits: list[int]) -> Tensor: ...
+
+
+class LocalComm:
+    """The single-process stand-in: every exchange returns its input."""
+
+    size = 1
+    rank = 0
+
+    def max_int(self, value: int, device: torch.device) -> int:
+        return value
+
+    def exchange_counts(self, send_counts: Tensor) -> Tensor:
+        return send_counts.reshape(1, -1)  # (1, E)
+
+    def exchange(self, x: Tensor, output_splits: list[int], input_splits: list[int]) -> Tensor:
+        return x
+
+
+@dataclass
+class RouteOutput:
+    """What the router decided for this rank's tokens, after capacity."""
+
+    logits: Tensor  # (T, E) fp32 router logits (-inf for experts not allowed)
+    probs: Tensor  # (T, E) fp32 router probabilities
+    expert_indices: Tensor  # (T, K) chosen experts, best first
+    weights: Tensor  # (T, K) combine weights, renormalised over the kept choices
+    kept: Tensor  # (T, K) bool: the choice got a capacity slot
+    capacity: int  # slots per expert for this step (the largest load when dropless)
+    load_per_expert: Tensor  # (E,) assignments requested
+    dropped_per_expert: Tensor  # (E,) assignments dropped for capacity
+    fully_dropped: Tensor  # (T,) bool: tokens that lost every choice and got the fallback
+
+
+@dataclass
+class MoEOutput:
+    """Result of one routed forward; losses are returned here, never stored on the module."""
+
+    output: Tensor  # (T, *output_shape) fused output (weighted sum over kept experts, or fallback)
+    expert_outputs: Tensor  # (T, K, *output_shape) each choice's expert output; zero where dropped
+    route: RouteOutput
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # raw losses by name
+    aux_loss: Optional[Tensor] = None  # the weighted sum the trainer adds to the task loss
+
+
+class RoutedExperts(nn.Module):
+    """Top-K routing of per-token payloads to heterogeneous experts with capacity limits.
+
+    Args:
+        expert_factories: one zero-argument callable per global expert; only this rank's are
+            called. Each built expert maps ``(payload: dict[str, Tensor], targets)`` to an object
+            with ``logits`` (n, *output_shape) and ``aux_losses`` (dict of scalars).
+        router_dim: width of the router input.
+        output_shape: per-token shape of every expert's output, e.g. ``(num_classes,)``.
+        top_k: default K.
+        capacity_factor: training capacity factor.
+        eval_capacity_factor: evaluation capacity factor.
+        min_capacity: lower bound on slots per expert.
+        dropless: no capacity limit (every choice is kept).
+        noisy_gate_policy: None, "jitter" or "rsample" (training only).
+        jitter_eps: jitter range.
+        batch_prioritized_routing: fill slots by descending router confidence.
+        fallback_head: module mapping router input (n, router_dim) -> (n, *output_shape) for
+            tokens that lose every choice to capacity; required unless ``dropless``.
+        load_balance_weight: weight of the GShard loss in ``aux_loss``.
+        z_loss_weight: weight of the router z-loss in ``aux_loss``.
+        expert_parallel_size: P; must divide the number of experts.
+        expert_parallel_rank: this rank's index in its expert-parallel group.
+    """
+
+    def __init__(
+        self,
+        expert_factories: Sequence[Callable[[], nn.Module]],
+        *,
+        router_dim: int,
+        output_shape: Sequence[int],
+        top_k: int = 2,
+        capacity_factor: float = 1.25,
+        eval_capacity_factor: float = 2.0,
+        min_capacity: int = 4,
+        dropless: bool = False,
+        noisy_gate_policy: Optional[str] = None,
+        jitter_eps: float = 0.01,
+        batch_prioritized_routing: bool = False,
+        fallback_head: Optional[nn.Module] = None,
+        load_balance_weight: float = 0.01,
+        z_loss_weight: float = 0.001,
+        expert_parallel_size: int = 1,
+        expert_parallel_rank: int = 0,
+    ) -> None:
+        super().__init__()
+        num_experts = len(expert_factories)
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k = {top_k}: expected 1..{num_experts} (the number of experts)")
+        if expert_parallel_size < 1 or num_experts % expert_parallel_size:
+            raise ValueError(f"expert_parallel_size = {expert_parallel_size}: expected a positive divisor "
+                             f"of the number of experts ({num_experts})")
+        if not 0 <= expert_parallel_rank < expert_parallel_size:
+            raise ValueError(f"expert_parallel_rank = {expert_parallel_rank}: expected 0..{expert_parallel_size - 1}")
+        if capacity_factor <= 0 or eval_capacity_factor <= 0:
+            raise ValueError(f"capacity factors must be > 0, got {capacity_factor} and {eval_capacity_factor}")
+        if min_capacity < 1:
+            raise ValueError(f"min_capacity = {min_capacity}: expected an integer >= 1")
+        if fallback_head is None and not dropless:
+            raise ValueError("a fallback_head is required unless dropless=True: a token that loses every "
+                             "expert to capacity must still get an output")
+        self.num_experts = num_experts
+        self.ep_size = expert_parallel_size
+        self.ep_rank = expert_parallel_rank
+        self.num_local_experts = num_experts // expert_parallel_size
+        self.output_shape = tuple(output_shape)
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.min_capacity = min_capacity
+        self.dropless = dropless
+        self.batch_prioritized_routing = batch_prioritized_routing
+        self.load_balance_weight = load_balance_weight
+        self.z_loss_weight = z_loss_weight
+        self.router = TopKRouter(router_dim, num_experts, noisy_gate_policy, jitter_eps)
+        self.fallback_head = fallback_head
+        first = self.ep_rank * self.num_local_experts
+        local = nn.ModuleList(factory() for factory in expert_factories[first:first + self.num_local_experts])
+        # Local experts live at ``deepspeed_moe.experts.deepspeed_experts.<local id>``: DeepSpeed's
+        # checkpointing finds expert tensors by this path and renames local ids to global ones.
+        self.deepspeed_moe = nn.Module()
+        self.deepspeed_moe.experts = nn.Module()
+        self.deepspeed_moe.experts.deepspeed_experts = local
+        self.comm: ExpertComm = LocalComm()
+
+    # -- placement ----------------------------------------------------------------------------
+
+    @property
+    def local_experts(self) -> nn.ModuleList:
+        return self.deepspeed_moe.experts.deepspeed_experts
+
+    @property
+    def global_expert_ids(self) -> range:
+        """Global ids of the experts this rank holds."""
+        first = self.ep_rank * self.num_local_experts
+        return range(first, first + self.num_local_experts)
+
+    def bind_comm(self, comm: ExpertComm) -> None:
+        """Binds the expert-parallel group (late, as DeepSpeed does); its size must equal P."""
+        if comm.size != self.ep_size or comm.rank != self.ep_rank:
+            raise ValueError(f"expert-parallel group of size {comm.size}, rank {comm.rank} does not match "
+                             f"the layer's placement (P = {self.ep_size}, rank {self.ep_rank})")
+        self.comm = comm
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the local experts (reduced over the expert-data-parallel group)."""
+        return list(self.local_experts.parameters())
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        router_input: Tensor,
+        payload: dict[str, Tensor],
+        targets: Optional[Tensor] = None,
+        *,
+        mode: RoutingMode = "topk",
+        top_k: Optional[int] = None,
+        allowed_experts: Optional[Tensor] = None,
+        single_expert: Optional[int] = None,
+        uniform_weights: bool = False,
+    ) -> MoEOutput:
+        """Routes each token's payload to its experts and combines their outputs.
+
+        Args:
+            router_input: (T, router_dim) per-token router input.
+            payload: dict of (T, ...) tensors sent to the chosen experts.
+            targets: optional (T,) labels, sent along so experts can compute their own losses.
+            mode: "topk" (K of the allowed experts), "dense" (every allowed expert, no capacity
+                limit) or "single" (only ``single_expert``).
+            top_k: overrides the configured K in "topk" mode.
+            allowed_experts: optional (E,) bool mask; routing is renormalised over it.
+            single_expert: the global expert id for "single" mode.
+            uniform_weights: combine with equal weights instead of the router's (warm-up).
+
+        Returns:
+            The fused output, per-choice outputs, the routing decision and the losses.
+        """
+        num_tokens = router_input.shape[0]
+        device = router_input.device
+        for name, tensor in payload.items():
+            if tensor.shape[0] != num_tokens:
+                raise ValueError(f"payload[{name!r}] has {tensor.shape[0]} rows, router_input has {num_tokens}")
+        if mode == "single":
+            if single_expert is None or not 0 <= single_expert < self.num_experts:
+                raise ValueError(f"single_expert = {single_expert}: expected 0..{self.num_experts - 1}")
+            allowed_experts = torch.zeros(self.num_experts, dtype=torch.bool, device=device)
+            allowed_experts[single_expert] = True
+        allowed_count = self.num_experts if allowed_experts is None else int(allowed_experts.sum())
+        if mode == "topk":
+            k = top_k or self.top_k
+        elif mode in ("dense", "single"):
+            k = allowed_count
+        else:
+            raise ValueError(f"mode = {mode!r}: expected 'topk', 'dense' or 'single'")
+
+        logits = self.router(router_input)  # (T, E) fp32
+        selection = self.router.select(logits, k, allowed_experts)
+        weights = selection.weights  # (T, K)
+        if uniform_weights:
+            weights = torch.full_like(weights, 1.0 / k)
+
+        limited = mode == "topk" and not self.dropless
+        capacity: Optional[int] = None
+        if limited:
+            factor = self.capacity_factor if self.training else self.eval_capacity_factor
+            group_tokens = self.comm.max_int(num_tokens, device)
+            capacity = expert_capacity(group_tokens, self.num_experts, k, factor, self.min_capacity)
+        priority = selection.probs.max(dim=-1).values if self.batch_prioritized_routing else None
+        slots = assign_slots(selection.expert_indices, weights, self.num_experts, capacity, priority)
+        plan = plan_dispatch(selection.expert_indices, slots.kept, self.num_experts)
+
+        sent = dict(payload)
+        if targets is not None:
+            sent[TARGETS_KEY] = targets
+        spec = payload_spec(sent)
+        buffers = pack_rows(sent, spec, plan.token_index)  # per dtype: (A, F)
+
+        # Exchange: rows go to the rank that holds their expert, grouped by destination rank.
+        recv_counts = self.comm.exchange_counts(plan.tokens_per_expert)  # (P, L)
+        send_splits = plan.tokens_per_expert.reshape(self.ep_size, self.num_local_experts).sum(1).tolist()
+        recv_splits = recv_counts.sum(1).tolist()
+        received = [self.comm.exchange(b, recv_splits, send_splits) for b in buffers]  # (R, F) each
+
+        expert_rows, expert_losses = self._run_local_experts(received, recv_counts, spec, router_input.dtype)
+        returned = self.comm.exchange(expert_rows, send_splits, recv_splits)  # (A, *out) in plan order
+
+        fused = combine(returned, plan, slots.weights, num_tokens)  # (T, *out)
+        dropped_tokens = torch.nonzero(slots.fully_dropped, as_tuple=True)[0]  # (D,)
+        if dropped_tokens.numel() > 0:
+            if self.fallback_head is None:
+                raise RuntimeError("tokens lost every expert to capacity and the layer has no fallback_head")
+            fallback = self.fallback_head(router_input[dropped_tokens]).to(fused.dtype)  # (D, *out)
+            fused = fused.index_copy(0, dropped_tokens, fallback)
+        elif self.fallback_head is not None and self.training:
+            # Keep the fallback head in every step's graph so data-parallel reducers see it.
+            fused = fused + 0.0 * sum(p.sum() for p in self.fallback_head.parameters()).to(fused.dtype)
+
+        capacity_used = capacity if capacity is not None else int(
+            self.comm.max_int(int(slots.load_per_expert.max()) if num_tokens else 0, device))
+        route = RouteOutput(
+            logits=selection.logits,
+            probs=selection.probs,
+            expert_indices=selection.expert_indices,
+            weights=slots.weights,
+            kept=slots.kept,
+            capacity=capacity_used,
+            load_per_expert=slots.load_per_expert,
+            dropped_per_expert=slots.dropped_per_expert,
+            fully_dropped=slots.fully_dropped,
+        )
+        aux_losses = {
+            "moe.load_balance": load_balancing_loss(selection.probs, selection.expert_indices[:, 0]),
+            "moe.z_loss": router_z_loss(selection.logits),
+            **expert_losses,
+        }
+        aux_loss = self.load_balance_weight * aux_losses["moe.load_balance"] + self.z_loss_weight * aux_losses["moe.z_loss"]
+        for name, value in expert_losses.items():
+            aux_loss = aux_loss + value
+        return MoEOutput(
+            output=fused,
+            expert_outputs=per_choice_outputs(returned, plan, num_tokens, k),
+            route=route,
+            aux_losses=aux_losses,
+            aux_loss=aux_loss,
+        )
+
+    def _run_local_experts(
+        self, received: list[Tensor], recv_counts: Tensor, spec: Any, out_dtype: torch.dtype
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Runs each local expert on its received rows; returns outputs in received order."""
+        num_sources, num_local = recv_counts.shape
+        device = received[0].device if received else recv_counts.device
+        counts_flat = recv_counts.reshape(-1).to(device)  # (P*L,) in (source, local expert) order
+        local_of_row = torch.arange(num_local, device=device).repeat(num_sources)  # (P*L,)
+        row_expert = torch.repeat_interleave(local_of_row, counts_flat)  # (R,)
+        by_expert = torch.argsort(row_expert, stable=True)  # (R,) rows grouped by local expert
+        grouped = [b[by_expert] for b in received]  # (R, F) each
+        per_expert = recv_counts.sum(0).tolist()  # (L,) rows per local expert
+        outputs, losses = [], {}
+        start = 0
+        for local_id, (expert, count) in enumerate(zip(self.local_experts, per_expert)):
+            if count == 0:
+                # An idle expert still joins the graph with a zero term so that every replica's
+                # gradient reduction sees the same parameters.
+                idle = sum(p.sum() for p in expert.parameters() if p.requires_grad)
+                if isinstance(idle, Tensor):
+                    losses["moe.idle_experts"] = losses.get("moe.idle_experts", 0.0) + 0.0 * idle
+                continue
+            rows = unpack_rows([g[start:start + count] for g in grouped], spec)
+            targets = rows.pop(TARGETS_KEY, None)
+            result = expert(rows, targets)
+            logits = result.logits
+            if tuple(logits.shape) != (count, *self.output_shape):
+                raise RuntimeError(f"expert {self.global_expert_ids[local_id]} ({type(expert).__name__}) returned "
+                                   f"shape {tuple(logits.shape)}, expected {(count, *self.output_shape)}")
+            outputs.append(logits.to(out_dtype))
+            for name, value in result.aux_losses.items():
+                losses[name] = losses[name] + value if name in losses else value
+            start += count
+        if outputs:
+            grouped_out = torch.cat(outputs, dim=0)  # (R, *out) grouped by local expert
+        else:
+            grouped_out = torch.zeros((0, *self.output_shape), dtype=out_dtype, device=device)
+        if isinstance(losses.get("moe.idle_experts"), float):
+            losses.pop("moe.idle_experts")
+        # Back to received order: row by_expert[i] of the received buffer is grouped row i.
+        in_received_order = grouped_out.new_empty(grouped_out.shape).index_copy(0, by_expert, grouped_out)
+        return in_received_order, losses
+
+
+def layer_from_config(
+    expert_factories: Sequence[Callable[[], nn.Module]],
+    moe_config: Any,
+    *,
+    router_dim: int,
+    output_shape: Sequence[int],
+    fallback_head: Optional[nn.Module],
+    expert_parallel_rank: int = 0,
+) -> RoutedExperts:
+    """Builds a RoutedExperts from a ``config.MoEConfig``."""
+    return RoutedExperts(
+        expert_factories,
+        router_dim=router_dim,
+        output_shape=output_shape,
+        top_k=moe_config.top_k,
+        capacity_factor=moe_config.capacity_factor,
+        eval_capacity_factor=moe_config.eval_capacity_factor,
+        min_capacity=moe_config.min_capacity,
+        dropless=moe_config.dropless,
+        noisy_gate_policy=moe_config.noisy_gate_policy,
+        jitter_eps=moe_config.jitter_eps,
+        batch_prioritized_routing=moe_config.batch_prioritized_routing,
+        fallback_head=fallback_head,
+        load_balance_weight=moe_config.load_balance_weight,
+        z_loss_weight=moe_config.z_loss_weight,
+        expert_parallel_size=moe_config.expert_parallel_size,
+        expert_parallel_rank=expert_parallel_rank,
+    )

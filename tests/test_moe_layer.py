@@ -1,0 +1,154 @@
+"""The routed layer in one process (no process group): routing, capacity, fallback, modes."""
+
+import pytest
+import torch
+from torch import nn
+
+from mgmoe_ds.moe.layer import RoutedExperts
+from mgmoe_ds.moe.parallel import ExpertParallelComm
+from toy_experts import FEATURE_DIM, NUM_CLASSES, expert_factories, make_batch
+
+
+def make_layer(**options):
+    torch.manual_seed(0)
+    options.setdefault("fallback_head", nn.Linear(FEATURE_DIM, NUM_CLASSES))
+    return RoutedExperts(expert_factories(), router_dim=FEATURE_DIM, output_shape=(NUM_CLASSES,), **options)
+
+
+def run(layer, num_tokens=16, with_targets=True, **kwargs):
+    pooled, level0, targets = make_batch(num_tokens)
+    return layer(pooled, {"pooled": pooled, "level0": level0}, targets if with_targets else None, **kwargs)
+
+
+def test_fused_output_is_weighted_sum_of_the_chosen_experts():
+    layer = make_layer(dropless=True).eval()
+    pooled, level0, _ = make_batch(6)
+    out = layer(pooled, {"pooled": pooled, "level0": level0})
+    for t in range(6):
+        expected = torch.zeros(NUM_CLASSES)
+        for k in range(2):
+            e = int(out.route.expert_indices[t, k])
+            single = layer.local_experts[e]({"pooled": pooled[t:t + 1], "level0": level0[t:t + 1]}, None).logits[0]
+            torch.testing.assert_close(out.expert_outputs[t, k], single, atol=1e-6, rtol=1e-5)
+            expected += out.route.weights[t, k] * single
+        torch.testing.assert_close(out.output[t], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_each_image_reaches_exactly_its_two_experts():
+    layer = make_layer(dropless=True).train()
+    pooled, level0, targets = make_batch(8)
+    for t in range(8):
+        layer.zero_grad()
+        out = layer(pooled, {"pooled": pooled, "level0": level0})
+        out.output[t].sum().backward()
+        chosen = set(out.route.expert_indices[t].tolist())
+        for e, expert in enumerate(layer.local_experts):
+            grads = [p.grad for p in expert.parameters()]
+            touched = any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+            assert touched == (e in chosen), f"image {t}: expert {e} touched={touched}, chosen={chosen}"
+
+
+def test_capacity_overflow_counts_and_fallback_leave_no_empty_row():
+    layer = make_layer(capacity_factor=0.25, min_capacity=1).train()
+    out = run(layer, num_tokens=16)
+    cap = out.route.capacity
+    assert cap == 2  # ceil(0.25 * 16 * 2 / 4)
+    kept_per_expert = torch.bincount(out.route.expert_indices[out.route.kept], minlength=4)
+    assert bool((kept_per_expert <= cap).all())
+    assert torch.equal(out.route.load_per_expert - kept_per_expert, out.route.dropped_per_expert)
+    assert int(out.route.dropped_per_expert.sum()) > 0
+    dropped = out.route.fully_dropped
+    assert int(dropped.sum()) > 0
+    pooled, _, _ = make_batch(16)
+    torch.testing.assert_close(out.output[dropped], layer.fallback_head(pooled[dropped]))
+    assert bool((out.output.abs().sum(1) > 0).all())
+    # surviving weights renormalised
+    partial = out.route.kept.any(1)
+    torch.testing.assert_close(out.route.weights[partial].sum(1), torch.ones(int(partial.sum())))
+
+
+def test_eval_uses_eval_capacity_factor():
+    layer = make_layer(capacity_factor=0.25, eval_capacity_factor=4.0, min_capacity=1)
+    assert run(layer.train()).route.capacity == 2
+    assert run(layer.eval()).route.capacity == 32
+
+
+def test_fallback_head_is_required_when_tokens_can_drop():
+    with pytest.raises(ValueError, match="fallback_head is required"):
+        RoutedExperts(expert_factories(), router_dim=FEATURE_DIM, output_shape=(NUM_CLASSES,))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(top_k=5), "top_k = 5"),
+    (dict(expert_parallel_size=3), "expert_parallel_size = 3"),
+    (dict(capacity_factor=0.0), "capacity factors must be > 0"),
+    (dict(min_capacity=0), "min_capacity = 0"),
+])
+def test_bad_layer_arguments_fail_in_one_line(bad, match):
+    with pytest.raises(ValueError, match=match) as err:
+        make_layer(**bad)
+    assert "\n" not in str(err.value)
+
+
+def test_dense_single_and_uniform_modes():
+    layer = make_layer(capacity_factor=0.1, min_capacity=1).eval()
+    dense = run(layer, mode="dense")
+    assert dense.route.expert_indices.shape == (16, 4) and bool(dense.route.kept.all())  # dense never drops
+    uniform = run(layer, mode="dense", uniform_weights=True)
+    torch.testing.assert_close(uniform.output, uniform.expert_outputs.mean(1))
+    single = run(layer, mode="single", single_expert=2)
+    assert bool((single.route.expert_indices == 2).all())
+    torch.testing.assert_close(single.output, single.expert_outputs[:, 0])
+    masked = run(layer, allowed_experts=torch.tensor([True, False, True, True]), top_k=2)
+    assert 1 not in masked.route.expert_indices.unique().tolist()
+
+
+def test_losses_are_returned_not_stored_and_expert_losses_see_targets():
+    layer = make_layer(dropless=True, load_balance_weight=0.5, z_loss_weight=0.1).train()
+    out = run(layer)
+    assert {"moe.load_balance", "moe.z_loss", "mapconv.ce"} <= set(out.aux_losses)
+    manual = 0.5 * out.aux_losses["moe.load_balance"] + 0.1 * out.aux_losses["moe.z_loss"] + out.aux_losses["mapconv.ce"]
+    torch.testing.assert_close(out.aux_loss, manual)
+    assert "mapconv.ce" not in run(layer, with_targets=False).aux_losses
+    assert not any(isinstance(v, torch.Tensor) and v.requires_grad for v in vars(layer).values())
+
+
+def test_idle_experts_get_zero_gradients_not_none():
+    layer = make_layer(dropless=True).train()
+    pooled, level0, targets = make_batch(1)
+    out = layer(pooled, {"pooled": pooled, "level0": level0}, targets, top_k=1)
+    (out.output.sum() + out.aux_loss).backward()
+    idle = set(range(4)) - set(out.route.expert_indices[0].tolist())
+    for e in idle:
+        for p in layer.local_experts[e].parameters():
+            assert p.grad is not None and float(p.grad.abs().sum()) == 0.0
+
+
+def test_wrong_expert_output_shape_is_reported():
+    layer = RoutedExperts(expert_factories(), router_dim=FEATURE_DIM, output_shape=(NUM_CLASSES + 1,), dropless=True)
+    with pytest.raises(RuntimeError, match=r"returned shape \(\d+, 5\), expected \(\d+, 6\)"):
+        run(layer)
+
+
+def test_zero_tokens_still_run():
+    layer = make_layer().train()
+    out = run(layer, num_tokens=0)
+    assert out.output.shape == (0, NUM_CLASSES)
+    out.aux_loss.backward()
+
+
+def test_world_size_one_comm_is_identity():
+    comm = ExpertParallelComm(None)
+    x = torch.randn(3, 2)
+    assert comm.exchange(x, [3], [3]) is x and comm.max_int(5, x.device) == 5
+    assert comm.exchange_counts(torch.tensor([1, 2])).tolist() == [[1, 2]]
+
+
+def test_only_local_experts_are_built_under_expert_parallelism():
+    layer = RoutedExperts(expert_factories(), router_dim=FEATURE_DIM, output_shape=(NUM_CLASSES,),
+                          dropless=True, expert_parallel_size=2, expert_parallel_rank=1)
+    assert len(layer.local_experts) == 2 and list(layer.global_expert_ids) == [2, 3]
+    names = list(layer.state_dict())
+    assert any(n.startswith("deepspeed_moe.experts.deepspeed_experts.1.") for n in names)
+    # DeepSpeed saves every key containing "expert" as expert state: router/fallback must not.
+    assert all("expert" not in n for n in names if not n.startswith("deepspeed_moe."))
