@@ -98,6 +98,32 @@ def test_p2_matches_p1_outputs_and_gradients_with_uneven_ranks_and_overflow(tmp_
     assert sum(rank0["split_7_5_dropless"]["dropped_per_expert"]) == 0
 
 
+def _idle_rank_worker(rank: int, world_size: int) -> None:
+    """No payload gradient (frozen backbone) and every token routed to rank 0's experts: rank 1's
+    experts receive no rows. Backward must still run the same collectives on both ranks."""
+    from mgmoe_ds.moe.deepspeed_compat import bind_expert_parallel_group
+
+    pooled, level0, targets = make_batch(8, seed=4)
+    allowed = torch.tensor([True, True, False, False])
+    reference = _layer(1, 0, dropless=True).train()
+    ref = reference(pooled, {"pooled": pooled, "level0": level0}, allowed_experts=allowed)
+    ref.output.sum().backward()
+    layer = _layer(2, rank, dropless=True).train()
+    bind_expert_parallel_group(layer)
+    lo, hi = 4 * rank, 4 * rank + 4
+    out = layer(pooled[lo:hi], {"pooled": pooled[lo:hi], "level0": level0[lo:hi]}, allowed_experts=allowed)
+    out.output.sum().backward()  # hangs without the gradient anchor
+    torch.testing.assert_close(out.output, ref.output[lo:hi], atol=1e-5, rtol=1e-5)
+    if rank == 0:
+        for local_id in range(2):
+            for p, q in zip(layer.local_experts[local_id].parameters(), reference.local_experts[local_id].parameters()):
+                torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_backward_completes_when_a_rank_gets_no_rows_and_no_payload_gradient():
+    run_ranks(_idle_rank_worker, 2, timeout=120)
+
+
 class _Net(nn.Module):
     def __init__(self, ep_size: int, ep_rank: int, seed: int) -> None:
         super().__init__()

@@ -111,9 +111,11 @@ def moe_param_groups(named_groups: Iterable[dict[str, Any]]) -> list[dict[str, A
 
     Returns:
         The groups with expert parameters split into their own ``moe: True`` groups; groups that
-        end up empty are dropped.
+        end up empty are dropped. DeepSpeed renames an expert group after its expert-parallel
+        group (it looks the reduction group up by that name), so every group also carries its
+        original name under ``"mgmoe_group"`` (for logging).
     """
-    named_groups = [dict(g, params=list(g["params"])) for g in named_groups]
+    named_groups = [dict(g, params=list(g["params"]), mgmoe_group=g.get("name")) for g in named_groups]
     names = [g.get("name") for g in named_groups]
     if any(n is None for n in names) or len(set(names)) != len(names):
         raise ValueError(f"every param group needs a unique 'name', got {names}")
@@ -150,7 +152,7 @@ def consolidate_expert_checkpoint(checkpoint_dir: str, tag: Optional[str] = None
     main_file = folder / "mp_rank_00_model_states.pt"
     if not main_file.is_file():
         raise FileNotFoundError(f"{main_file}: not a DeepSpeed checkpoint folder")
-    state = torch.load(main_file, map_location="cpu", weights_only=False)
+    state = torch.load(main_file, map_location="cpu", weights_only=True)
     module_state = {k: v for k, v in state["module"].items()}
     for expert_file in sorted(folder.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
         module_state.update(torch.load(expert_file, map_location="cpu", weights_only=True))

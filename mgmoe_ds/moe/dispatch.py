@@ -161,7 +161,7 @@ def pack_rows(payload: dict[str, Tensor], spec: PayloadSpec, rows: Tensor) -> li
     for dtype, _ in spec.widths:
         parts = [payload[e.name][rows].reshape(rows.numel(), e.width)  # (A, F_e)
                  for e in spec.entries if e.dtype == dtype]
-        buffers.append(torch.cat(parts, dim=1))  # (A, F_dtype)
+        buffers.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))  # (A, F_dtype)
     return buffers
 
 

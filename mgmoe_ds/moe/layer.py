@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from mgmoe_ds.moe.dispatch import (
+    DispatchPlan,
     assign_slots,
     combine,
     expert_capacity,
@@ -86,10 +87,17 @@ class MoEOutput:
     """Result of one routed forward; losses are returned here, never stored on the module."""
 
     output: Tensor  # (T, *output_shape) fused output (weighted sum over kept experts, or fallback)
-    expert_outputs: Tensor  # (T, K, *output_shape) each choice's expert output; zero where dropped
     route: RouteOutput
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # raw losses by name
     aux_loss: Optional[Tensor] = None  # the weighted sum the trainer adds to the task loss
+    expert_rows: Optional[Tensor] = field(default=None, repr=False)  # (A, *output_shape) in plan order
+    plan: Optional[DispatchPlan] = field(default=None, repr=False)
+
+    @property
+    def expert_outputs(self) -> Tensor:
+        """(T, K, *output_shape) each choice's expert output; zero where dropped (built on demand)."""
+        num_tokens, top_k = self.route.expert_indices.shape
+        return per_choice_outputs(self.expert_rows, self.plan, num_tokens, top_k)
 
 
 class RoutedExperts(nn.Module):
@@ -223,7 +231,8 @@ class RoutedExperts(nn.Module):
             mode: "topk" (K of the allowed experts), "dense" (every allowed expert, no capacity
                 limit) or "single" (only ``single_expert``).
             top_k: overrides the configured K in "topk" mode.
-            allowed_experts: optional (E,) bool mask; routing is renormalised over it.
+            allowed_experts: optional bool mask, (E,) or per token (T, E); routing is
+                renormalised over it (frozen cluster-level routing uses the per-token form).
             single_expert: the global expert id for "single" mode.
             uniform_weights: combine with equal weights instead of the router's (warm-up).
 
@@ -240,7 +249,10 @@ class RoutedExperts(nn.Module):
                 raise ValueError(f"single_expert = {single_expert}: expected 0..{self.num_experts - 1}")
             allowed_experts = torch.zeros(self.num_experts, dtype=torch.bool, device=device)
             allowed_experts[single_expert] = True
-        allowed_count = self.num_experts if allowed_experts is None else int(allowed_experts.sum())
+        if allowed_experts is None:
+            allowed_count = self.num_experts
+        else:
+            allowed_count = int(allowed_experts.sum(-1).min()) if allowed_experts.numel() else self.num_experts
         if mode == "topk":
             k = top_k or self.top_k
         elif mode in ("dense", "single"):
@@ -269,6 +281,13 @@ class RoutedExperts(nn.Module):
             sent[TARGETS_KEY] = targets
         spec = payload_spec(sent)
         buffers = pack_rows(sent, spec, plan.token_index)  # per dtype: (A, F)
+        if torch.is_grad_enabled() and self.comm.size > 1:
+            # Every rank must run the same collectives in backward. A rank whose payload or
+            # expert outputs happen not to require grad (frozen backbone, no rows for its
+            # experts, an empty batch) would skip the backward all-to-all and hang the others,
+            # so a zero-valued leaf ties every exchanged float buffer into the graph.
+            anchor = torch.zeros((), device=device, requires_grad=True)
+            buffers = [b + anchor.to(b.dtype) if b.is_floating_point() else b for b in buffers]
 
         # Exchange: rows go to the rank that holds their expert, grouped by destination rank.
         recv_counts = self.comm.exchange_counts(plan.tokens_per_expert)  # (P, L)
@@ -311,13 +330,8 @@ class RoutedExperts(nn.Module):
         aux_loss = self.load_balance_weight * aux_losses["moe.load_balance"] + self.z_loss_weight * aux_losses["moe.z_loss"]
         for name, value in expert_losses.items():
             aux_loss = aux_loss + value
-        return MoEOutput(
-            output=fused,
-            expert_outputs=per_choice_outputs(returned, plan, num_tokens, k),
-            route=route,
-            aux_losses=aux_losses,
-            aux_loss=aux_loss,
-        )
+        return MoEOutput(output=fused, route=route, aux_losses=aux_losses, aux_loss=aux_loss,
+                         expert_rows=returned, plan=plan)
 
     def _run_local_experts(
         self, received: list[Tensor], recv_counts: Tensor, spec: Any, out_dtype: torch.dtype
@@ -325,11 +339,17 @@ class RoutedExperts(nn.Module):
         """Runs each local expert on its received rows; returns outputs in received order."""
         num_sources, num_local = recv_counts.shape
         device = received[0].device if received else recv_counts.device
-        counts_flat = recv_counts.reshape(-1).to(device)  # (P*L,) in (source, local expert) order
-        local_of_row = torch.arange(num_local, device=device).repeat(num_sources)  # (P*L,)
-        row_expert = torch.repeat_interleave(local_of_row, counts_flat)  # (R,)
-        by_expert = torch.argsort(row_expert, stable=True)  # (R,) rows grouped by local expert
-        grouped = [b[by_expert] for b in received]  # (R, F) each
+        # Rows arrive grouped by (source rank, local expert); from a single source they are already
+        # grouped by expert and need no reordering.
+        single_source = num_sources == 1
+        by_expert = None
+        grouped = received
+        if not single_source:
+            counts_flat = recv_counts.reshape(-1).to(device)  # (P*L,) in (source, local expert) order
+            local_of_row = torch.arange(num_local, device=device).repeat(num_sources)  # (P*L,)
+            row_expert = torch.repeat_interleave(local_of_row, counts_flat)  # (R,)
+            by_expert = torch.argsort(row_expert, stable=True)  # (R,) rows grouped by local expert
+            grouped = [b[by_expert] for b in received]  # (R, F) each
         per_expert = recv_counts.sum(0).tolist()  # (L,) rows per local expert
         outputs, losses = [], {}
         start = 0
@@ -358,6 +378,13 @@ class RoutedExperts(nn.Module):
             grouped_out = torch.zeros((0, *self.output_shape), dtype=out_dtype, device=device)
         if isinstance(losses.get("moe.idle_experts"), float):
             losses.pop("moe.idle_experts")
+        tied = [b for b in received if b.requires_grad]
+        if torch.is_grad_enabled() and tied:
+            # Keeps the received buffers in the graph even when no local expert used them, so the
+            # payload all-to-all's backward runs on every rank (see the anchor in ``forward``).
+            grouped_out = grouped_out + sum(b.sum() for b in tied).to(grouped_out.dtype) * 0.0
+        if single_source:
+            return grouped_out, losses
         # Back to received order: row by_expert[i] of the received buffer is grouped row i.
         in_received_order = grouped_out.new_empty(grouped_out.shape).index_copy(0, by_expert, grouped_out)
         return in_received_order, losses

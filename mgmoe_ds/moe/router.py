@@ -60,15 +60,16 @@ class TopKRouter(nn.Module):
         Args:
             logits: (T, E) fp32 router logits.
             top_k: K, 1 <= K <= number of allowed experts.
-            allowed_experts: optional (E,) bool mask; disallowed experts are never chosen and the
-                softmax is renormalised over the allowed ones.
+            allowed_experts: optional bool mask, (E,) for every token or (T, E) per token;
+                disallowed experts are never chosen and the softmax is renormalised over the
+                allowed ones.
 
         Returns:
             The selection, with weights renormalised over the chosen K.
         """
         if allowed_experts is not None:
-            allowed_count = int(allowed_experts.sum())
-            if not 1 <= top_k <= allowed_count:
+            allowed_count = int(allowed_experts.sum(-1).min()) if allowed_experts.numel() else 0
+            if logits.shape[0] and not 1 <= top_k <= allowed_count:
                 raise ValueError(f"top_k = {top_k}: expected 1..{allowed_count} (the number of allowed experts)")
             logits = logits.masked_fill(~allowed_experts.to(logits.device), float("-inf"))  # (T, E)
         probs = torch.softmax(logits, dim=-1)  # (T, E)

@@ -1,0 +1,52 @@
+"""Train MG-MoE: `deepspeed jobs/train.py --deepspeed ds_configs/zero2.json [--data DIR] [--output DIR]`.
+
+With no --data, trains on the embedded demo birds (generated on first use). Runs with the
+DeepSpeed launcher (one or many nodes), torchrun, or plain `python jobs/train.py` (one rank).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+
+from mgmoe_ds.config import DEFAULT_CONFIG_PATH, ConfigError, load_run_config  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deepspeed", type=Path, default=DEFAULT_CONFIG_PATH, metavar="CONFIG",
+                        help="DeepSpeed JSON with an 'mgmoe' block (default: ds_configs/zero2.json)")
+    parser.add_argument("--data", default=None, help="dataset folder with manifest.json, or 'registry'")
+    parser.add_argument("--output", type=Path, default=None, help="run folder (default: runs/<timestamp>)")
+    parser.add_argument("--resume", type=Path, default=None, help="continue the run in this run folder")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the mgmoe block, e.g. --set moe.top_k=1 (repeatable)")
+    parser.add_argument("--max-steps", type=int, default=None, help="checkpoint and stop after this many steps")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:  # validate the mgmoe block before the slow imports
+        load_run_config(args.deepspeed, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from mgmoe_ds.backbone import BackboneError
+    from mgmoe_ds.data import DataError
+    from mgmoe_ds.engine import TrainArgs, TrainingError, train
+    from mgmoe_ds.experts import ExpertError
+
+    try:
+        train(TrainArgs(deepspeed_config=args.deepspeed, data=args.data, output=args.output, resume=args.resume,
+                        overrides=args.overrides, max_steps=args.max_steps))
+    except (ConfigError, TrainingError, DataError, BackboneError, ExpertError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

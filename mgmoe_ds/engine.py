@@ -1,0 +1,737 @@
+"""The training job on DeepSpeed: distributed set-up, the curriculum's stages, checkpoints, logging.
+
+One DeepSpeed engine per stage (each stage trains different parameter groups, so it gets its own
+ZeRO optimizer; the previous engine's hooks are removed with ``engine.destroy()``). Checkpoints
+are DeepSpeed's (one file per global expert); the run folder's ``checkpoints/last_good.json`` is
+replaced atomically only after every rank finished a save, so a crash during a save never
+points a resume at a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mgmoe_ds.config import RunConfig, config_to_dict, load_run_config
+from mgmoe_ds.curriculum import (
+    StagePlan,
+    allowed_from_clusters,
+    assign_clusters,
+    cluster_expert_scores,
+    cluster_teacher,
+    kmeans,
+    plan_stage,
+    teacher_kl,
+    top_experts_per_cluster,
+)
+from mgmoe_ds.metrics import MetricsLogger, topk_correct
+
+LOG = logging.getLogger("mgmoe")
+DEMO_ROOT = Path(__file__).resolve().parent.parent / "shards"
+DEMO_NAME = "demo_birds"
+LOAD_IMBALANCE_WARNING = 2.0  # warn when the busiest expert gets this many times the mean load
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and where the last good checkpoint is."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed set-up
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    accelerator: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> DistInfo:
+    """Initialises DeepSpeed's process group (one process without a launcher works too)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # plain `python jobs/train.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    accelerator = get_accelerator()
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    name = accelerator.device_name()
+    if name == "cpu":
+        device = torch.device("cpu")
+        if rank == 0:
+            LOG.info("no GPU found: running on DeepSpeed's CPU accelerator with %s (%d rank(s))",
+                     accelerator.communication_backend_name(), world)
+    else:
+        accelerator.set_device(local_rank)
+        device = torch.device(name, local_rank)
+    return DistInfo(rank, world, local_rank, device, name)
+
+
+def adjust_precision(ds_config: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Turns off fp16/bf16 settings the device cannot honour, with one logged line each."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = {"fp16": accelerator.is_fp16_supported(), "bf16": accelerator.is_bf16_supported()}
+    if accelerator.device_name() == "cpu":
+        supported = {"fp16": False, "bf16": False}  # CPU ZeRO-1/2 trains in fp32 here
+    for key, ok in supported.items():
+        section = ds_config.get(key)
+        if isinstance(section, dict) and section.get("enabled") and not ok:
+            ds_config[key] = dict(section, enabled=False)
+            if rank == 0:
+                LOG.warning("%s is enabled in the DeepSpeed config but %s cannot honour it: turned off",
+                            key, accelerator.device_name())
+    return ds_config
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def all_reduce_int(value: int, op: str) -> int:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op={"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op])
+    return int(t.item())
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Run state
+
+
+@dataclass
+class ClusterState:
+    """Cluster-level routing state: centroids, per-cluster teacher, and each cluster's top experts."""
+
+    centroids: torch.Tensor  # (C, D)
+    teacher: torch.Tensor  # (C, E)
+    scores: torch.Tensor  # (C, E) mean log-likelihood per expert on each cluster's validation images
+    val_counts: torch.Tensor  # (C,)
+    train_counts: torch.Tensor  # (C,)
+
+    def to_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in vars(self).items()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "ClusterState":
+        return cls(**state)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "num_clusters": int(self.centroids.shape[0]),
+            "train_images_per_cluster": self.train_counts.long().tolist(),
+            "val_images_per_cluster": self.val_counts.long().tolist(),
+            "expert_scores_mean_loglik": [[round(float(x), 4) for x in row] for row in self.scores],
+            "teacher": [[round(float(x), 4) for x in row] for row in self.teacher],
+            "top2_experts": top_experts_per_cluster(self.teacher, 2).tolist(),
+        }
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint."""
+
+    stage_index: int = 0
+    stage_step: int = 0  # optimizer steps done in this stage
+    epoch: int = 0  # epoch within the stage
+    step_in_epoch: int = 0
+    global_step: int = 0
+    bad_steps: int = 0  # consecutive non-finite losses
+    clusters: Optional[ClusterState] = None
+
+    def to_state(self) -> dict[str, Any]:
+        state = {k: v for k, v in vars(self).items() if k != "clusters"}
+        state["clusters"] = None if self.clusters is None else self.clusters.to_state()
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Progress":
+        clusters = state.get("clusters")
+        return cls(**{k: v for k, v in state.items() if k != "clusters"},
+                   clusters=None if clusters is None else ClusterState.from_state(clusters))
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+        "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python[-2], tuple(python[:-2]), python[-1]))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+@dataclass
+class TrainArgs:
+    deepspeed_config: Path
+    data: Optional[str] = None
+    output: Optional[Path] = None
+    resume: Optional[Path] = None
+    overrides: list[str] = field(default_factory=list)
+    max_steps: Optional[int] = None  # stop (after a checkpoint) once this many steps ran; for tests
+
+
+def resolve_dataset(config: RunConfig, data_arg: Optional[str], rank: int) -> str:
+    """The dataset folder or "registry"; the demo birds are generated on first use."""
+    source = data_arg or config.data.dataset
+    if source:
+        return source
+    demo = DEMO_ROOT / DEMO_NAME
+    if not (demo / "manifest.json").is_file():
+        if rank == 0:
+            from mgmoe_ds.data import build_demo
+
+            LOG.info("no dataset given: generating the demo birds in %s", demo)
+            build_demo(DEMO_ROOT, name=DEMO_NAME)
+        barrier()
+    return str(demo)
+
+
+class Trainer:
+    """Runs the configured curriculum on DeepSpeed; see the module docstring."""
+
+    def __init__(self, args: TrainArgs) -> None:
+        self.args = args
+        self.config, ds_config = load_run_config(args.deepspeed_config, args.overrides)
+        self.dist = setup_distributed()
+        self.ds_config = adjust_precision(ds_config, self.dist.rank)
+        self.is_main = self.dist.rank == 0
+        if args.resume is not None:
+            self.run_dir = Path(args.resume)
+        else:
+            self.run_dir = Path(args.output or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.is_main:
+            (self.run_dir / "stages").mkdir(parents=True, exist_ok=True)
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        self.dataset = resolve_dataset(self.config, args.data, self.dist.rank)
+        self.micro_batch = int(self.ds_config.get("train_micro_batch_size_per_gpu", 32))
+        self.base_lr = float(self.ds_config.get("optimizer", {}).get("params", {}).get("lr", 1e-3))
+        seed_everything(self.config.train.seed)
+        self._build_data()
+        self._build_model()
+        seed_everything(self.config.train.seed + 1000 * self.dist.rank)
+        self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
+        if self.is_main:
+            resolved = {"mgmoe": config_to_dict(self.config), "deepspeed": self.ds_config,
+                        "dataset": self.dataset, "world_size": self.dist.world_size,
+                        "num_classes": self.num_classes}
+            (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def _loader(self, split: str, train: bool, shuffle: Optional[bool] = None):
+        from mgmoe_ds.data import make_loader
+
+        data = self.config.data
+        return make_loader(self.dataset, split, batch_size=self.micro_batch, img_size=self.config.model.img_size,
+                           train=train, rank=self.dist.rank, world_size=self.dist.world_size,
+                           num_workers=data.num_workers, epoch_seed=self.config.train.seed,
+                           resampled=data.resampled and train, balance=data.balance if train else None,
+                           shuffle=shuffle, shuffle_buffer=data.shuffle_buffer,
+                           pin_memory=self.dist.device.type == "cuda")
+
+    def _build_data(self) -> None:
+        self.train_loader, info = self._loader("train", train=True)
+        self.train_features_loader, _ = self._loader("train", train=False, shuffle=False)
+        self.val_loader, val_info = self._loader(self.config.data.val_split, train=False)
+        self.num_classes = self.config.model.num_classes or info.num_classes
+        self.class_names = info.class_names
+        self.class_counts = info.class_counts
+        if self.num_classes != info.num_classes:
+            raise TrainingError(f"mgmoe.model.num_classes = {self.num_classes} but the dataset {self.dataset} "
+                                f"has {info.num_classes} classes")
+
+    def _build_model(self) -> None:
+        from mgmoe_ds.model import MGMoE
+        from mgmoe_ds.moe.deepspeed_compat import adopt_moe_layers, expert_parallel_rank
+
+        ep_size = self.config.moe.expert_parallel_size
+        if self.dist.world_size % ep_size:
+            raise TrainingError(f"mgmoe.moe.expert_parallel_size = {ep_size} does not divide the number of "
+                                f"ranks ({self.dist.world_size})")
+        ep_rank = expert_parallel_rank(ep_size)
+        self.model = MGMoE(self.config.model, self.config.moe, self.num_classes, expert_parallel_rank=ep_rank)
+        adopt_moe_layers(self.model)
+        self.model.to(self.dist.device)
+        if self.is_main:
+            names = ", ".join(f"{i}:{n}" for i, n in enumerate(self.model.expert_names))
+            LOG.info("model: backbone %s, experts [%s], top-%d, expert_parallel_size %d",
+                     self.config.model.backbone, names, self.config.moe.top_k, ep_size)
+
+    def _engine_for(self, plan: StagePlan, total_steps: int):
+        import deepspeed
+
+        from mgmoe_ds.moe.deepspeed_compat import moe_param_groups
+
+        trained: list[dict[str, Any]] = []
+        for name, params in self.model.parameter_groups().items():
+            lr = plan.group_lr.get(name)
+            for p in params:
+                p.requires_grad_(lr is not None)
+            if lr is not None and params:
+                group = {"name": name, "params": params, "lr": lr}
+                if plan.frozen_routing and name == "expert_heads":
+                    group["weight_decay"] = 0.0  # a masked (zero-gradient) head must not move at all
+                trained.append(group)
+        if not trained:
+            raise TrainingError(f"stage {plan.name!r} trains no parameters; check curriculum.stages lr")
+        self._mask_frozen_heads(plan)
+        warmup = max(1, min(100, total_steps // 10))
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        engine, *_ = deepspeed.initialize(
+            model=self.model, model_parameters=moe_param_groups(trained), config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        return engine, trained
+
+    def _mask_frozen_heads(self, plan: StagePlan) -> None:
+        """Stage 2 trains only the heads of each cluster's top-2 experts.
+
+        The other heads stay in the optimizer (so every rank keeps the same ZeRO group structure,
+        even one whose experts are in no cluster's top-2) but their gradients are zeroed; with
+        zero gradients and no weight decay AdamW leaves them exactly as they are.
+        """
+        for handle in getattr(self, "_head_masks", []):
+            handle.remove()
+        self._head_masks = []
+        if not plan.frozen_routing or "expert_heads" not in plan.group_lr:
+            return
+        unfrozen = self._unfrozen_heads()
+        for global_id, params in self.model.head_parameters_by_expert().items():
+            if global_id not in unfrozen:
+                self._head_masks += [p.register_hook(torch.zeros_like) for p in params]
+
+    def _unfrozen_heads(self) -> set[int]:
+        clusters = self.progress.clusters
+        if clusters is None:
+            return set()
+        return set(top_experts_per_cluster(clusters.teacher, min(2, self.model.num_experts)).flatten().tolist())
+
+    # -- passes ----------------------------------------------------------------------------------
+
+    def _equalised(self, loader, op: str) -> Iterator[Optional[dict]]:
+        """Batches of ``loader`` with the same count on every rank: "min" truncates, "max" pads
+        with None (the caller runs an empty batch so expert-parallel collectives still match)."""
+        count = all_reduce_int(len(loader), op)
+        iterator = iter(loader)
+        for _ in range(count):
+            yield next(iterator, None)
+
+    def _empty_batch(self) -> dict:
+        size = self.config.model.img_size
+        return {"images": torch.zeros(0, 3, size, size), "labels": torch.zeros(0, dtype=torch.long)}
+
+    @torch.no_grad()
+    def _pooled_features(self) -> torch.Tensor:
+        self.model.eval()
+        feats = []
+        for batch in self._equalised(self.train_features_loader, "max"):
+            batch = batch or self._empty_batch()
+            feats.append(self.model.forward_features(batch["images"].to(self.dist.device))["pooled"].float().cpu())
+        return torch.cat(feats) if feats else torch.zeros(0, self.model.backbone.info.pooled_dim)
+
+    @torch.no_grad()
+    def _val_expert_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per validation image: pooled features (N, D) and each expert's log p(true class) (N, E)."""
+        self.model.eval()
+        pooled, loglik = [], []
+        for batch in self._equalised(self.val_loader, "max"):
+            batch = batch or self._empty_batch()
+            labels = batch["labels"].to(self.dist.device)
+            out = self.model(batch["images"].to(self.dist.device), mode="dense")
+            per_expert = torch.zeros(labels.shape[0], self.model.num_experts, out.expert_logits.shape[-1],
+                                     device=labels.device)  # (B, E, C)
+            per_expert.scatter_(1, out.route.expert_indices[:, :, None].expand_as(out.expert_logits),
+                                out.expert_logits.float())
+            logp = torch.log_softmax(per_expert, dim=-1)  # (B, E, C)
+            loglik.append(logp.gather(2, labels[:, None, None].expand(-1, self.model.num_experts, 1))[..., 0].cpu())
+            pooled.append(out.pooled.float().cpu())
+        return torch.cat(pooled), torch.cat(loglik)
+
+    def _recompute_clusters(self) -> ClusterState:
+        cur = self.config.curriculum
+        train_pooled = self._pooled_features()
+        initial = torch.zeros(cur.num_clusters, train_pooled.shape[1])
+        if self.is_main:
+            g = torch.Generator().manual_seed(self.config.train.seed + self.progress.global_step)
+            picks = torch.randperm(train_pooled.shape[0], generator=g)[:cur.num_clusters]
+            initial = train_pooled[picks][torch.arange(cur.num_clusters) % max(1, len(picks))]
+        initial = all_reduce_sum(initial)  # broadcast from rank 0 (others contribute zeros)
+        centroids = kmeans(train_pooled, cur.num_clusters, all_reduce=all_reduce_sum, initial=initial)
+        train_counts = all_reduce_sum(torch.bincount(assign_clusters(train_pooled, centroids),
+                                                     minlength=cur.num_clusters).float())
+        val_pooled, loglik = self._val_expert_stats()
+        scores, val_counts = cluster_expert_scores(loglik, assign_clusters(val_pooled, centroids), cur.num_clusters,
+                                                   all_reduce_sum)
+        teacher = cluster_teacher(scores, cur.teacher_temperature)
+        return ClusterState(centroids, teacher, scores, val_counts, train_counts)
+
+    @torch.no_grad()
+    def evaluate(self, loader, routing: dict[str, Any]) -> dict[str, float]:
+        self.model.eval()
+        totals = torch.zeros(4, dtype=torch.float64)  # images, top1, top5, loss sum
+        for batch in self._equalised(loader, "max"):
+            batch = batch or self._empty_batch()
+            labels = batch["labels"].to(self.dist.device)
+            out = self.model(batch["images"].to(self.dist.device), **routing)
+            if labels.numel():
+                top1, top5 = topk_correct(out.logits.float(), labels, (1, 5))
+                loss = F.cross_entropy(out.logits.float(), labels, reduction="sum")
+                totals += torch.tensor([labels.numel(), top1, top5, float(loss)], dtype=torch.float64)
+        totals = all_reduce_sum(totals)
+        n = max(1.0, float(totals[0]))
+        return {"images": int(totals[0]), "top1": float(totals[1]) / n, "top5": float(totals[2]) / n,
+                "loss": float(totals[3]) / n}
+
+    def _routing_kwargs(self, plan: StagePlan) -> dict[str, Any]:
+        if plan.mode == "dense":
+            return {"mode": "dense", "uniform_weights": plan.uniform_weights}
+        clusters = self.progress.clusters
+        if plan.frozen_routing and clusters is not None:
+            cluster_experts = top_experts_per_cluster(clusters.teacher, min(2, self.model.num_experts))
+            centroids = clusters.centroids.to(self.dist.device)
+
+            def route_by(pooled: torch.Tensor) -> dict[str, Any]:
+                assigned = assign_clusters(pooled, centroids)
+                return {"allowed_experts": allowed_from_clusters(assigned, cluster_experts, self.model.num_experts),
+                        "top_k": min(self.config.moe.top_k, cluster_experts.shape[1])}
+
+            return {"mode": "topk", "route_by": route_by}
+        return {"mode": "topk"}
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _save(self, engine, tag: str, stage_complete: bool) -> None:
+        engine.save_checkpoint(str(self.ckpt_dir), tag=tag)
+        folder = self.ckpt_dir / tag
+        torch.save(rng_state(), folder / f"rng_rank{self.dist.rank}.pt")
+        if self.is_main:
+            torch.save(self.progress.to_state(), folder / "progress.pt")
+        barrier()
+        if self.is_main:
+            pointer = {"tag": tag, "stage_index": self.progress.stage_index, "stage_complete": stage_complete,
+                       "global_step": self.progress.global_step, "world_size": self.dist.world_size}
+            tmp = self.ckpt_dir / "last_good.json.tmp"
+            tmp.write_text(json.dumps(pointer))
+            os.replace(tmp, self.ckpt_dir / "last_good.json")
+            self._prune_checkpoints(keep=tag)
+        barrier()
+
+    def _prune_checkpoints(self, keep: str) -> None:
+        """Keeps every stage-end checkpoint and the newest periodic one."""
+        for folder in self.ckpt_dir.iterdir():
+            if folder.is_dir() and folder.name != keep and "-step" in folder.name:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _last_good(self) -> Optional[dict[str, Any]]:
+        pointer = self.ckpt_dir / "last_good.json"
+        return json.loads(pointer.read_text()) if pointer.is_file() else None
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        stages = self.config.curriculum.stages
+        self.progress = Progress()
+        resume = self._last_good() if self.args.resume is not None else None
+        if self.args.resume is not None and resume is None:
+            raise TrainingError(f"--resume {self.run_dir}: no checkpoints/last_good.json there")
+        start = 0
+        if resume is not None:
+            start = resume["stage_index"] + (1 if resume["stage_complete"] else 0)
+            if self.is_main:
+                LOG.info("resuming from %s (stage %d, step %d)", resume["tag"], resume["stage_index"],
+                         resume["global_step"])
+        final: dict[str, Any] = {}
+        for stage_index in range(start, len(stages)):
+            final = self._run_stage(stage_index, resume if stage_index == start else None)
+            if final.get("stopped"):
+                return final
+        test = self._final_test()
+        summary = {"val": final.get("val"), "test": test, "global_step": self.progress.global_step}
+        if self.is_main:
+            (self.run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
+            self.logger.log({"event": "final", **{f"test_{k}": v for k, v in (test or {}).items()}})
+            LOG.info("done: validation top-1 %.3f, top-5 %.3f%s", summary["val"]["top1"], summary["val"]["top5"],
+                     f"; test top-1 {test['top1']:.3f}" if test else "")
+        self.logger.close()
+        return summary
+
+    def _final_test(self) -> Optional[dict[str, float]]:
+        try:
+            test_loader, _ = self._loader("test", train=False)
+        except Exception:  # a dataset without a test split
+            return None
+        return self.evaluate(test_loader, self._routing_kwargs(plan_stage(self.config.curriculum.stages[-1],
+                                                                           self.base_lr)))
+
+    def _stage_length(self, stage) -> tuple[int, int]:
+        steps_per_epoch = all_reduce_int(len(self.train_loader), "min")
+        if steps_per_epoch == 0:
+            raise TrainingError(f"dataset {self.dataset}: a rank has no training batch; use fewer ranks or a "
+                                f"smaller train_micro_batch_size_per_gpu")
+        total = stage.steps if stage.steps is not None else stage.epochs * steps_per_epoch
+        return steps_per_epoch, total
+
+    def _run_stage(self, stage_index: int, resume: Optional[dict[str, Any]]) -> dict[str, Any]:
+        stage = self.config.curriculum.stages[stage_index]
+        plan = plan_stage(stage, self.base_lr)
+        pending_rng: Optional[dict[str, Any]] = None
+        steps_per_epoch, total_steps = self._stage_length(stage)
+        tag_prefix = f"stage{stage_index}-{stage.name}"
+        carried_clusters = self.progress.clusters
+        if resume is not None:
+            # Progress (and clusters) come from the checkpoint; the engine needs them first for
+            # stage 2's head selection, so read the client state before building the engine.
+            state = torch.load(self.ckpt_dir / resume["tag"] / "progress.pt", map_location="cpu", weights_only=True)
+            self.progress = Progress.from_state(state)
+            if resume["stage_complete"]:
+                self.progress = Progress(stage_index=stage_index, global_step=self.progress.global_step,
+                                         clusters=self.progress.clusters)
+        else:
+            self.progress = Progress(stage_index=stage_index, global_step=self.progress.global_step,
+                                     clusters=carried_clusters)
+        if plan.frozen_routing and self.progress.clusters is None:
+            self.progress.clusters = self._recompute_clusters()
+        engine, trained = self._engine_for(plan, total_steps)
+        if resume is not None:
+            full = not resume["stage_complete"]
+            engine.load_checkpoint(str(self.ckpt_dir), tag=resume["tag"], load_module_only=not full,
+                                   load_optimizer_states=full, load_lr_scheduler_states=full)
+            if full:  # applied after the resumed epoch's trained batches are replayed (see below)
+                pending_rng = torch.load(self.ckpt_dir / resume["tag"] / f"rng_rank{self.dist.rank}.pt",
+                                         weights_only=True)
+        self._write_stage_json(stage_index, plan, trained)
+        if self.is_main:
+            LOG.info("stage %d/%d %s: %d steps (%d per epoch), training %s", stage_index + 1,
+                     len(self.config.curriculum.stages), stage.name, total_steps, steps_per_epoch,
+                     ", ".join(f"{g['name']}@{g['lr']:.2g}" for g in trained))
+        progress_bar = None
+        if self.is_main:
+            from tqdm.auto import tqdm
+
+            progress_bar = tqdm(total=total_steps, initial=self.progress.stage_step, desc=stage.name,
+                                dynamic_ncols=True, leave=True)
+        window = _Window(self.model.num_experts)
+        result: dict[str, Any] = {}
+        while self.progress.stage_step < total_steps:
+            if plan.uses_teacher and self.progress.step_in_epoch == 0:
+                self.progress.clusters = self._recompute_clusters()
+                self._write_stage_json(stage_index, plan, trained)
+            routing = self._routing_kwargs(plan)
+            self.train_loader.set_epoch(1000 * stage_index + self.progress.epoch)
+            self.model.train()
+            batches = self._equalised(self.train_loader, "min")
+            for _ in range(self.progress.step_in_epoch):
+                next(batches)  # resuming inside an epoch: replay the data order past the trained batches
+            if pending_rng is not None:
+                # Restored only now, so the replay's augmentation draws do not shift the stream.
+                set_rng_state(pending_rng)
+                pending_rng = None
+            for batch in batches:
+                if self.progress.stage_step >= total_steps:
+                    break
+                self._train_step(engine, plan, batch, routing, window)
+                self.progress.step_in_epoch += 1
+                self.progress.stage_step += 1
+                self.progress.global_step += 1
+                if progress_bar is not None:
+                    progress_bar.update(1)
+                if self.progress.global_step % self.config.train.log_every == 0:
+                    self._log_window(engine, plan, window)
+                every = self.config.train.checkpoint_every
+                if every and self.progress.global_step % every == 0 and self.progress.stage_step < total_steps:
+                    self._save(engine, f"{tag_prefix}-step{self.progress.global_step}", stage_complete=False)
+                if self.args.max_steps is not None and self.progress.global_step >= self.args.max_steps:
+                    self._save(engine, f"{tag_prefix}-step{self.progress.global_step}", stage_complete=False)
+                    if progress_bar is not None:
+                        progress_bar.close()
+                    engine.destroy()
+                    return {"stopped": True, "global_step": self.progress.global_step}
+            self.progress.epoch += 1
+            self.progress.step_in_epoch = 0
+            val = self.evaluate(self.val_loader, routing)
+            self.model.train()
+            result = {"val": val}
+            self.logger.log({"event": "validation", "stage": stage.name, "epoch": self.progress.epoch,
+                             "step": self.progress.global_step, "val_top1": val["top1"], "val_top5": val["top5"],
+                             "val_loss": val["loss"]})
+            if progress_bar is not None:
+                progress_bar.set_postfix(val_top1=f"{val['top1']:.3f}")
+        if progress_bar is not None:
+            progress_bar.close()
+        self._save(engine, f"{tag_prefix}-end", stage_complete=True)
+        engine.destroy()
+        self._mask_frozen_heads(plan_stage(self.config.curriculum.stages[0], self.base_lr))  # removes the masks
+        if "val" not in result:
+            result = {"val": self.evaluate(self.val_loader, self._routing_kwargs(plan))}
+        return result
+
+    def _loss_weights(self, plan: StagePlan, stage_weights: dict[str, float]) -> dict[str, float]:
+        moe = self.config.moe
+        weights = {"task": 1.0, "fallback": 0.5, "moe.load_balance": moe.load_balance_weight,
+                   "moe.z_loss": moe.z_loss_weight, "kl": self.config.curriculum.kl_weight if plan.uses_teacher else 0.0}
+        if plan.mode == "dense":
+            weights["moe.load_balance"] = weights["moe.z_loss"] = 0.0  # the router is not trained in warm-up
+        weights.update(stage_weights)
+        return weights
+
+    def _train_step(self, engine, plan: StagePlan, batch: dict, routing: dict[str, Any], window: "_Window") -> None:
+        images = batch["images"].to(self.dist.device, non_blocking=True)
+        labels = batch["labels"].to(self.dist.device, non_blocking=True)
+        started = time.perf_counter()
+        out = engine(images, labels, **routing)
+        losses = dict(out.losses)
+        if plan.uses_teacher and self.progress.clusters is not None:
+            clusters = self.progress.clusters
+            assigned = assign_clusters(out.pooled.detach(), clusters.centroids.to(out.pooled.device))
+            losses["kl"] = teacher_kl(out.route.probs, clusters.teacher.to(out.pooled.device)[assigned])
+        stage_cfg = self.config.curriculum.stages[self.progress.stage_index]
+        weights = self._loss_weights(plan, stage_cfg.loss_weights)
+        total = sum(weights.get(name, 1.0) * value for name, value in losses.items())
+        finite = all_reduce_int(int(bool(torch.isfinite(total))), "min")
+        if not finite:
+            self.progress.bad_steps += 1
+            self.logger.log({"event": "non_finite_loss", "step": self.progress.global_step,
+                             "losses": {k: float(v) for k, v in losses.items()}})
+            LOG.warning("non-finite loss at step %d: step skipped (%d in a row)", self.progress.global_step,
+                        self.progress.bad_steps)
+            if self.progress.bad_steps >= self.config.train.max_bad_steps:
+                last = self._last_good()
+                raise TrainingError(f"{self.progress.bad_steps} non-finite losses in a row at step "
+                                    f"{self.progress.global_step}; stopped. Last good checkpoint: "
+                                    f"{self.ckpt_dir / last['tag'] if last else 'none yet'}")
+            return
+        self.progress.bad_steps = 0
+        engine.backward(total)
+        engine.step()
+        window.add(losses, out, labels.shape[0], time.perf_counter() - started)
+
+    def _log_window(self, engine, plan: StagePlan, window: "_Window") -> None:
+        load = all_reduce_sum(window.load)
+        dropped = all_reduce_sum(window.dropped)
+        images = all_reduce_int(window.images, "sum")
+        record = {
+            "event": "train", "stage": plan.name, "epoch": self.progress.epoch, "step": self.progress.global_step,
+            "losses": window.mean_losses(),
+            "lr": {g.get("mgmoe_group", g["name"]): g["lr"] for g in engine.optimizer.param_groups},
+            "samples_per_s": images / max(window.seconds, 1e-9) if window.seconds else 0.0,
+            "expert_load": (load / load.sum().clamp_min(1)).tolist(),
+            "dropped": int(dropped.sum()), "dropped_per_expert": dropped.long().tolist(),
+        }
+        self.logger.log(record)
+        mean = load.sum() / max(1, load.numel())
+        if plan.mode == "topk" and mean > 0 and float(load.max() / mean) > LOAD_IMBALANCE_WARNING and self.is_main:
+            LOG.warning("expert load imbalance at step %d: loads %s (busiest %.1fx the mean)",
+                        self.progress.global_step, load.long().tolist(), float(load.max() / mean))
+        window.reset()
+
+    def _write_stage_json(self, stage_index: int, plan: StagePlan, trained: list[dict[str, Any]]) -> None:
+        if not self.is_main:
+            return
+        stage = self.config.curriculum.stages[stage_index]
+        record = {
+            "stage": stage.name, "index": stage_index, "mode": plan.mode, "uniform_weights": plan.uniform_weights,
+            "trained_groups": {g["name"]: g["lr"] for g in trained},
+            "experts": self.model.expert_names,
+            "clusters": None if self.progress.clusters is None else self.progress.clusters.to_json(),
+            "epoch": self.progress.epoch, "global_step": self.progress.global_step,
+        }
+        if plan.frozen_routing:
+            record["unfrozen_heads"] = {str(e): self.model.expert_names[e] for e in sorted(self._unfrozen_heads())}
+        path = self.run_dir / "stages" / f"{stage_index}_{stage.name}.json"
+        path.write_text(json.dumps(record, indent=2))
+
+
+class _Window:
+    """Running sums between two log lines."""
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sums: dict[str, float] = {}
+        self.steps = 0
+        self.images = 0
+        self.seconds = 0.0
+        self.load = torch.zeros(self.num_experts)
+        self.dropped = torch.zeros(self.num_experts)
+
+    def add(self, losses: dict[str, torch.Tensor], out, images: int, seconds: float) -> None:
+        for name, value in losses.items():
+            self.loss_sums[name] = self.loss_sums.get(name, 0.0) + float(value.detach())
+        self.steps += 1
+        self.images += images
+        self.seconds += seconds
+        self.load += out.route.load_per_expert.float().cpu()
+        self.dropped += out.route.dropped_per_expert.float().cpu()
+
+    def mean_losses(self) -> dict[str, float]:
+        return {k: v / max(1, self.steps) for k, v in self.loss_sums.items()}
+
+
+def train(args: TrainArgs) -> dict[str, Any]:
+    """Entry point of ``jobs/train.py``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return Trainer(args).run()

@@ -1,0 +1,42 @@
+"""A plain homogeneous head on the pooled features, for scaling to many experts."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from mgmoe_ds.backbone import BackboneInfo
+from mgmoe_ds.experts import register_expert
+from mgmoe_ds.experts.base import Expert, ExpertOutput
+
+
+@register_expert("mlp")
+class MLPExpert(Expert):
+    """LayerNorm, Linear, GELU, (dropout,) Linear on ``"pooled"``. No auxiliary loss.
+
+    Args:
+        info: the backbone's description.
+        num_classes: classes to predict.
+        hidden_dim: hidden width; None means the pooled width.
+        dropout: dropout before the classifier (training only, as nn.Dropout does).
+    """
+
+    required_features = frozenset({"pooled"})
+    default_options = dict(hidden_dim=None, dropout=0.0)
+
+    def __init__(self, *, info: BackboneInfo, num_classes: int, hidden_dim: Optional[int], dropout: float):
+        super().__init__()
+        hidden_dim = hidden_dim or info.pooled_dim
+        self.norm = nn.LayerNorm(info.pooled_dim)
+        self.fc = nn.Linear(info.pooled_dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_dim, num_classes)
+
+    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor]) -> ExpertOutput:
+        x = self.drop(self.act(self.fc(self.norm(payload["pooled"]))))  # (n, hidden)
+        return ExpertOutput(logits=self.head(x), aux_losses={})
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())

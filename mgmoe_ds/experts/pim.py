@@ -1,0 +1,144 @@
+"""PIM expert (cluttered scenes): FPN over four levels, token selection with background suppression,
+and a graph combiner over the selected tokens.
+
+The expert's logits are the combiner's logits (PIM's test-time prediction); the per-level
+token classifiers feed only the auxiliary losses.
+
+PIM's BatchNorm1d in the combiner is replaced by LayerNorm so a routed batch of one image trains.
+The combiner pools the selected tokens to a few nodes with learned queries (softmax over tokens)
+instead of PIM's Conv1d over a fixed token count, so it does not depend on the input size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mgmoe_ds.backbone import LEVEL_KEYS, BackboneInfo
+from mgmoe_ds.experts import register_expert
+from mgmoe_ds.experts.base import Expert, ExpertOutput, map_to_tokens
+
+
+def select_tokens(features: Tensor, token_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Keeps the k tokens with the largest max softmax probability, per image, vectorised.
+
+    Args:
+        features: (n, S, D) token features.
+        token_logits: (n, S, classes) per-token logits.
+        k: tokens to keep per image, 1 <= k <= S.
+
+    Returns:
+        (selected (n, k, D), dropped (n, S) bool mask of the tokens not kept).
+    """
+    confidence = token_logits.detach().softmax(dim=-1).amax(dim=-1)  # (n, S)
+    index = confidence.topk(k, dim=1).indices  # (n, k)
+    selected = torch.gather(features, 1, index[:, :, None].expand(-1, -1, features.shape[2]))  # (n, k, D)
+    dropped = torch.ones_like(confidence, dtype=torch.bool).scatter_(1, index, False)  # (n, S)
+    return selected, dropped
+
+
+class GraphCombiner(nn.Module):
+    """Pools selected tokens to nodes, one graph convolution with learned + data-dependent adjacency, pools."""
+
+    def __init__(self, dim: int, num_nodes: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.node_queries = nn.Parameter(torch.randn(num_nodes, dim) * 0.02)  # (M, D)
+        self.adjacency = nn.Parameter(torch.eye(num_nodes) / num_nodes)  # (M, M), static part
+        hidden = max(1, dim // 4)
+        self.node_query = nn.Linear(dim, hidden)
+        self.node_key = nn.Linear(dim, hidden)
+        self.alpha = nn.Parameter(torch.zeros(1))  # weight of the data-dependent adjacency, as in PIM
+        self.update = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(n, K, D) selected tokens -> (n, classes)."""
+        scale = 1.0 / math.sqrt(tokens.shape[-1])
+        pool = torch.einsum("md,nkd->nkm", self.node_queries, tokens).mul(scale).softmax(dim=1)  # (n, K, M)
+        nodes = pool.transpose(1, 2) @ tokens  # (n, M, D)
+        q, k = self.node_query(nodes), self.node_key(nodes)  # (n, M, h)
+        dynamic = torch.tanh(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]))  # (n, M, M)
+        adjacency = self.adjacency + self.alpha * dynamic  # (n, M, M)
+        nodes = self.norm(nodes + F.relu(self.update(adjacency @ nodes)))  # (n, M, D)
+        return self.head(self.drop(nodes.mean(dim=1)))  # (n, classes)
+
+
+@register_expert("pim")
+class PIMExpert(Expert):
+    """PIM head over the four backbone levels.
+
+    Args:
+        info: the backbone's description.
+        num_classes: classes to predict.
+        dim: FPN width D.
+        select_ratio: fraction of each level's tokens kept by the selector (at least 1).
+        num_selects: tokens kept per level (4 ints); overrides select_ratio when given.
+        num_nodes: graph nodes in the combiner.
+        dropout: combiner dropout (training only).
+        level_weight: weight of sum over levels of CE(mean token logits) (``pim.levels``).
+        suppression_weight: weight of MSE(tanh(dropped logits), -1) (``pim.suppression``).
+        combiner_weight: weight of CE(combiner logits) (``pim.combiner``).
+    """
+
+    required_features = frozenset(LEVEL_KEYS)
+    default_options = dict(dim=128, select_ratio=0.25, num_selects=None, num_nodes=4, dropout=0.1,
+                           level_weight=0.5, suppression_weight=5.0, combiner_weight=1.0)
+
+    def __init__(self, *, info: BackboneInfo, num_classes: int, dim: int, select_ratio: float,
+                 num_selects, num_nodes: int, dropout: float, level_weight: float, suppression_weight: float,
+                 combiner_weight: float):
+        super().__init__()
+        if num_selects is not None and len(num_selects) != len(LEVEL_KEYS):
+            raise ValueError(f"expert 'pim': num_selects={tuple(num_selects)} must have {len(LEVEL_KEYS)} entries")
+        self.select_ratio, self.num_selects = select_ratio, num_selects
+        self.level_weight, self.suppression_weight, self.combiner_weight = level_weight, suppression_weight, combiner_weight
+        self.projections = nn.ModuleList(
+            nn.Sequential(nn.Linear(c, dim), nn.ReLU(), nn.Linear(dim, dim)) for c in info.level_channels
+        )
+        self.token_heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in LEVEL_KEYS)
+        self.combiner = GraphCombiner(dim, num_nodes, num_classes, dropout)
+
+    def selects_for(self, level: int, num_tokens: int) -> int:
+        if self.num_selects is not None:
+            return max(1, min(num_tokens, int(self.num_selects[level])))
+        return max(1, min(num_tokens, round(self.select_ratio * num_tokens)))
+
+    def pyramid(self, payload: dict[str, Tensor]) -> list[Tensor]:
+        """FPN: per-level MLP to D, then a top-down add (deeper map resized onto the shallower)."""
+        maps = []
+        for key, projection in zip(LEVEL_KEYS, self.projections):
+            feature_map = payload[key]
+            projected = projection(map_to_tokens(feature_map))  # (n, S_i, D)
+            maps.append(projected.transpose(1, 2).reshape(feature_map.shape[0], -1, *feature_map.shape[2:]))
+        for i in range(len(maps) - 2, -1, -1):
+            deeper = F.interpolate(maps[i + 1], size=maps[i].shape[2:], mode="bilinear", align_corners=False)
+            maps[i] = maps[i] + deeper  # (n, D, H_i, W_i)
+        return [map_to_tokens(m) for m in maps]  # 4 x (n, S_i, D)
+
+    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor]) -> ExpertOutput:
+        levels = self.pyramid(payload)
+        selected, level_ce, suppression = [], [], []
+        for i, (tokens, head) in enumerate(zip(levels, self.token_heads)):
+            token_logits = head(tokens)  # (n, S_i, classes)
+            kept, dropped = select_tokens(tokens, token_logits, self.selects_for(i, tokens.shape[1]))
+            selected.append(kept)
+            if targets is not None:
+                level_ce.append(F.cross_entropy(token_logits.mean(dim=1), targets))
+                per_token = (torch.tanh(token_logits) + 1.0).pow(2).mean(dim=-1)  # (n, S_i)
+                suppression.append((per_token * dropped).sum() / dropped.sum().clamp(min=1))
+        logits = self.combiner(torch.cat(selected, dim=1))  # (n, classes)
+        aux = {}
+        if targets is not None:
+            aux["pim.levels"] = self.level_weight * torch.stack(level_ce).sum()
+            aux["pim.suppression"] = self.suppression_weight * torch.stack(suppression).mean()
+            aux["pim.combiner"] = self.combiner_weight * F.cross_entropy(logits, targets)
+        return ExpertOutput(logits=logits, aux_losses=aux)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [p for head in (*self.token_heads, self.combiner.head) for p in head.parameters()]

@@ -1,0 +1,143 @@
+"""TransFG expert (pose and deformation): part selection from the attention rollout.
+
+On a ViT with a CLS token: per head, the patch with the largest CLS rollout weight (over the
+first L-1 blocks, from the backbone's ``"rollout"``) is selected; those H tokens are gathered from
+the hidden states entering the last block (``"pre_last"``), the CLS token is prepended, and one
+transformer block initialised from the backbone's last block, a LayerNorm and a linear classifier
+on CLS give the logits. Auxiliary loss: TransFG's contrastive loss on the L2-normalised CLS
+features.
+
+Substitute on backbones without CLS attention (Swin, CNNs): there is no rollout, so
+``num_queries`` learned queries attend (softmax over tokens) over the final ``"tokens"``; each
+query's attention-pooled token is a soft "selected part". A learned CLS token plus the mean
+token is prepended, and a freshly initialised transformer block, LayerNorm and classifier follow.
+The selection is soft (differentiable) rather than TransFG's hard argmax; a log line says so once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from mgmoe_ds.backbone import BackboneInfo
+from mgmoe_ds.experts import register_expert
+from mgmoe_ds.experts.base import Expert, ExpertOutput, zero_loss
+
+logger = logging.getLogger(__name__)
+_substitute_logged = False
+
+
+def select_parts(rollout: Tensor, pre_last: Tensor) -> Tensor:
+    """Gathers, per head, the patch token with the largest rollout weight; prepends CLS.
+
+    Args:
+        rollout: (n, H, N) CLS rollout over patch tokens.
+        pre_last: (n, 1 + N, C) CLS + patch tokens entering the last block.
+
+    Returns:
+        (n, 1 + H, C).
+    """
+    index = rollout.argmax(dim=-1)  # (n, H)
+    patches = pre_last[:, 1:]  # (n, N, C)
+    parts = torch.gather(patches, 1, index[:, :, None].expand(-1, -1, patches.shape[2]))  # (n, H, C)
+    return torch.cat([pre_last[:, :1], parts], dim=1)  # (n, 1 + H, C)
+
+
+def contrastive_loss(features: Tensor, targets: Tensor, margin: float) -> Tensor:
+    """TransFG's contrastive loss over distinct pairs: same class 1 - cos, else max(cos - margin, 0).
+
+    Args:
+        features: (n, C) CLS features.
+        targets: (n,) class indices.
+        margin: the cosine margin for different-class pairs (0.4 in TransFG).
+
+    Returns:
+        A scalar; zero (in the graph) when n < 2.
+    """
+    n = features.shape[0]
+    if n < 2:
+        return zero_loss(features)
+    unit = F.normalize(features, dim=-1)
+    cosine = unit @ unit.T  # (n, n)
+    same = targets[:, None] == targets[None, :]  # (n, n)
+    pair_loss = torch.where(same, 1.0 - cosine, (cosine - margin).clamp(min=0.0))  # (n, n)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=features.device)
+    return pair_loss[off_diagonal].mean()
+
+
+def _heads_for(dim: int) -> int:
+    return next(h for h in (8, 4, 2, 1) if dim % h == 0)
+
+
+@register_expert("transfg")
+class TransFGExpert(Expert):
+    """TransFG head: rollout part selection on a ViT with CLS; on Swin/CNNs, the declared substitute
+    (learned queries attending over the final tokens, see the module docstring).
+
+    Args:
+        info: the backbone's description.
+        num_classes: classes to predict.
+        contrastive_weight: weight of ``transfg.contrastive``.
+        margin: cosine margin of the contrastive loss.
+        num_queries: learned queries of the substitute (ignored on a ViT with CLS).
+        dropout: dropout before the classifier (training only).
+    """
+
+    required_features = frozenset({"rollout", "pre_last"})
+    default_options = dict(contrastive_weight=1.0, margin=0.4, num_queries=4, dropout=0.0)
+
+    @classmethod
+    def features_for(cls, info: BackboneInfo, **options) -> frozenset[str]:
+        return cls.required_features if info.has_cls else frozenset({"tokens"})
+
+    def __init__(self, *, info: BackboneInfo, num_classes: int, contrastive_weight: float, margin: float,
+                 num_queries: int, dropout: float):
+        super().__init__()
+        self.contrastive_weight, self.margin = contrastive_weight, margin
+        self.uses_rollout = info.has_cls
+        if self.uses_rollout:
+            dim = info.token_dim
+            self.part_block = info.make_last_block()
+        else:
+            global _substitute_logged
+            if not _substitute_logged:
+                logger.info("transfg: backbone %s (%s) has no CLS attention; using %d learned queries over the "
+                            "final tokens instead of the attention rollout", info.name, info.family, num_queries)
+                _substitute_logged = True
+            self.required_features = self.features_for(info)
+            dim = info.token_dim
+            self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)  # (Q, C)
+            self.key = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+            self.part_block = Block(dim, _heads_for(dim), qkv_bias=True)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(dim, num_classes)
+
+    def _substitute_parts(self, tokens: Tensor) -> Tensor:
+        keys = self.key(tokens)  # (n, N, C)
+        scores = torch.einsum("qc,nkc->nqk", self.queries, keys) / math.sqrt(keys.shape[-1])  # (n, Q, N)
+        parts = scores.softmax(dim=-1) @ tokens  # (n, Q, C)
+        cls = self.cls_token + tokens.mean(dim=1, keepdim=True)  # (n, 1, C)
+        return torch.cat([cls, parts], dim=1)  # (n, 1 + Q, C)
+
+    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor]) -> ExpertOutput:
+        if self.uses_rollout:
+            sequence = select_parts(payload["rollout"], payload["pre_last"])  # (n, 1 + H, C)
+        else:
+            sequence = self._substitute_parts(payload["tokens"])  # (n, 1 + Q, C)
+        cls = self.norm(self.part_block(sequence))[:, 0]  # (n, C)
+        logits = self.head(self.drop(cls))
+        aux = {}
+        if targets is not None:
+            aux["transfg.contrastive"] = self.contrastive_weight * contrastive_loss(cls, targets, self.margin)
+        return ExpertOutput(logits=logits, aux_losses=aux)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())

@@ -1,0 +1,221 @@
+"""Backbone: per-family feature shapes, attention rollout, offline Lite0 weights, local weight files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from mgmoe_ds.backbone import (
+    LEVEL_KEYS,
+    Backbone,
+    BackboneError,
+    attention_rollout_cls,
+    lite0_timm_state_dict,
+    lite0_weights_path,
+)
+
+TINY = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=64, depth=4, embed_dim=64, num_heads=2)),
+    "swin": ("swin_tiny_patch4_window7_224",
+             dict(img_size=64, window_size=2, embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))),
+    "resnet": ("resnet18", dict(img_size=64)),
+    "convnext": ("convnext_atto", dict(img_size=64)),
+    "efficientnet": ("tf_efficientnet_lite0", dict(img_size=64)),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_vit() -> Backbone:
+    torch.manual_seed(0)
+    name, options = TINY["vit"]
+    return Backbone(name, **options).eval()
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_family_features_match_info(family):
+    name, options = TINY[family]
+    backbone = Backbone(name, **options).eval()
+    info = backbone.info
+    out = backbone(torch.randn(2, 3, 64, 64), need=info.available)
+    assert set(out) == set(info.available)
+    assert out["pooled"].shape == (2, info.pooled_dim)
+    assert out["tokens"].shape == (2, info.num_tokens, info.token_dim)
+    assert math.prod(info.token_grid) == info.num_tokens
+    for key, channels, size in zip(LEVEL_KEYS, info.level_channels, info.level_sizes):
+        assert out[key].shape == (2, channels, *size)
+    assert info.has_cls == (family == "vit")
+    if family == "vit":
+        assert info.level_indices == (0, 1, 2, 3)
+        assert out["rollout"].shape == (2, info.num_heads, info.num_tokens)
+        assert out["pre_last"].shape == (2, 1 + info.num_tokens, info.token_dim)
+    else:
+        assert info.family in ("swin", "cnn") and info.last_block is None
+        assert info.level_sizes[0][0] > info.level_sizes[-1][0]  # hierarchical: last four stages
+
+
+def test_only_requested_features_are_returned(tiny_vit):
+    fused_before = [block.attn.fused_attn for block in tiny_vit.model.blocks]
+    out = tiny_vit(torch.randn(2, 3, 64, 64), need={"pooled", "level2"})
+    assert set(out) == {"pooled", "level2"}
+    tiny_vit(torch.randn(1, 3, 64, 64), need={"rollout"})
+    assert [block.attn.fused_attn for block in tiny_vit.model.blocks] == fused_before  # restored
+
+
+def test_vit_levels_evenly_spaced_ending_at_last_block():
+    backbone = Backbone("vit_tiny_patch16_224", img_size=32, depth=12, embed_dim=32, num_heads=2)
+    assert backbone.info.level_indices == (2, 5, 8, 11)
+
+
+def test_unavailable_feature_is_one_line_error():
+    name, options = TINY["resnet"]
+    with pytest.raises(BackboneError, match="rollout") as error:
+        Backbone(name, **options)(torch.randn(1, 3, 64, 64), need={"rollout"})
+    assert "\n" not in str(error.value)
+
+
+def _naive_attention(block, x):
+    """Attention probabilities recomputed from the block's own weights, (B, H, T, T)."""
+    attn = block.attn
+    b, t, c = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(b, t, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)
+
+
+def test_rollout_equals_naive_product_of_attention_matrices(tiny_vit):
+    images = torch.randn(2, 3, 64, 64)
+    model = tiny_vit.model
+    with torch.no_grad():
+        out = tiny_vit(images, need={"rollout", "pre_last"})
+        x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+        attentions = []
+        for block in model.blocks[:-1]:
+            attentions.append(_naive_attention(block, x))
+            x = block(x)
+    product = attentions[0]
+    for attn in attentions[1:]:
+        product = attn @ product  # P = A_{L-2} ... A_0, full (T, T) matrices
+    torch.testing.assert_close(out["rollout"], product[:, :, 0, 1:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["pre_last"], x, rtol=1e-5, atol=1e-6)
+
+
+def test_rollout_row_vector_matches_matrix_product():
+    torch.manual_seed(0)
+    attentions = [torch.rand(2, 3, 5, 5).softmax(-1) for _ in range(4)]
+    product = attentions[3] @ attentions[2] @ attentions[1] @ attentions[0]
+    torch.testing.assert_close(attention_rollout_cls(attentions), product[:, :, 0, 1:])
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+def test_missing_weights_file_is_one_line_error_naming_the_path(tmp_path):
+    missing = tmp_path / "nowhere" / "weights.pth"
+    with pytest.raises(BackboneError) as error:
+        Backbone("resnet18", img_size=64, pretrained=str(missing))
+    assert str(missing) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_local_weights_file_loads_and_drops_classifier(tmp_path):
+    name, options = TINY["vit"]
+    source = timm.create_model(name, pretrained=False, num_classes=10, **options)
+    path = tmp_path / "vit.pth"
+    torch.save(source.state_dict(), path)
+    backbone = Backbone(name, pretrained=str(path), **options)
+    for key, value in backbone.model.state_dict().items():
+        torch.testing.assert_close(value, source.state_dict()[key], rtol=0, atol=0)
+
+
+def test_weights_file_for_another_model_is_rejected(tmp_path):
+    path = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), path)
+    name, options = TINY["vit"]
+    with pytest.raises(BackboneError, match="do not fit"):
+        Backbone(name, pretrained=str(path), **options)
+
+
+def _same_pad(x, kernel, stride):
+    pads = []
+    for size in (x.shape[3], x.shape[2]):  # F.pad order: last dim first
+        out = -(-size // stride)
+        total = max((out - 1) * stride + kernel - size, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
+
+
+def _reference_lite0(state, images):
+    """An independent EfficientNet-Lite0 forward on the package's own (efficientnet_pytorch) keys."""
+    def bn(x, prefix):
+        return F.batch_norm(x, state[prefix + ".running_mean"], state[prefix + ".running_var"],
+                            state[prefix + ".weight"], state[prefix + ".bias"], False, 0.0, 1e-3)
+
+    def conv(x, weight, stride=1, groups=1):
+        return F.conv2d(_same_pad(x, weight.shape[-1], stride), weight, stride=stride, groups=groups)
+
+    strides = [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1]  # Lite0: 16 MBConv blocks
+    x = F.relu6(bn(conv(images, state["_conv_stem.weight"], stride=2), "_bn0"))
+    for i, stride in enumerate(strides):
+        p = f"_blocks.{i}."
+        h = x
+        if p + "_expand_conv.weight" in state:
+            h = F.relu6(bn(conv(h, state[p + "_expand_conv.weight"]), p + "_bn0"))
+        h = F.relu6(bn(conv(h, state[p + "_depthwise_conv.weight"], stride, groups=h.shape[1]), p + "_bn1"))
+        h = bn(conv(h, state[p + "_project_conv.weight"]), p + "_bn2")
+        x = x + h if stride == 1 and h.shape == x.shape else h
+    x = F.relu6(bn(conv(x, state["_conv_head.weight"]), "_bn1"))
+    return F.linear(x.mean(dim=(2, 3)), state["_fc.weight"], state["_fc.bias"])
+
+
+@pytest.fixture(scope="module")
+def lite0_1000():
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000).eval()
+    model.load_state_dict(lite0_timm_state_dict(model))
+    return model
+
+
+def test_lite0_mapping_matches_independent_reference(lite0_1000):
+    state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = _reference_lite0(state, images)
+        torch.testing.assert_close(lite0_1000(images), expected, rtol=1e-4, atol=1e-4)
+        # The check has teeth: swapping two same-shaped tensors (which a shape check cannot
+        # catch) must move the logits far outside the tolerance.
+        swapped = dict(state)
+        swapped["_blocks.3._bn1.weight"], swapped["_blocks.3._bn1.bias"] = state["_blocks.3._bn1.bias"], state["_blocks.3._bn1.weight"]
+        assert (_reference_lite0(swapped, images) - expected).abs().max() > 1e-2
+
+
+def _sample_photo(name: str) -> torch.Tensor:
+    datasets = pytest.importorskip("sklearn.datasets")
+    pixels = torch.tensor(datasets.load_sample_image(name)).permute(2, 0, 1).float()[None] / 255  # (1, 3, H, W)
+    pixels = F.interpolate(pixels, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    return (pixels - 0.5) / 0.5  # Lite0: mean = std = 0.5
+
+
+def test_lite0_imagenet_predictions_are_sane(lite0_1000):
+    # Two real photos shipped with scikit-learn: a dahlia-like flower, and a Chinese temple by a lake.
+    with torch.no_grad():
+        flower = lite0_1000(_sample_photo("flower.jpg")).softmax(-1)[0]
+        temple = lite0_1000(_sample_photo("china.jpg")).softmax(-1)[0]
+    assert flower.argmax().item() == 985  # daisy
+    temple_like = {442, 449, 975, 698, 663}  # bell cote, boathouse, lakeside, palace, monastery
+    assert temple_like & set(temple.topk(5).indices.tolist())
+    assert temple.max() > 0.1 and flower.max() > 0.1  # far above chance (0.001)
+
+
+def test_backbone_offline_lite0_default(lite0_1000):
+    backbone = Backbone("tf_efficientnet_lite0", pretrained="efficientnet-lite0", img_size=64).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = backbone(images, need={"pooled"})["pooled"]
+        expected = lite0_1000.forward_head(lite0_1000.forward_features(images), pre_logits=True)
+    torch.testing.assert_close(pooled, expected)
+
+
+def test_lite0_on_another_architecture_is_rejected():
+    with pytest.raises(BackboneError, match="tf_efficientnet_lite0"):
+        Backbone("resnet18", pretrained="efficientnet-lite0")

@@ -1,0 +1,169 @@
+"""The training job end to end, as a user runs it: stages, checkpoints, resume, ranks and nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, write_tiny_config
+from dist_utils import free_port
+
+TRAIN = [sys.executable, str(ROOT / "jobs" / "train.py")]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def run_job(args: list[str], timeout: float = 420, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    command = (launcher + [str(ROOT / "jobs" / "train.py")] if launcher else TRAIN) + args
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def load_state(run: Path, tag: str) -> dict[str, torch.Tensor]:
+    from mgmoe_ds.moe.deepspeed_compat import consolidate_expert_checkpoint
+
+    return consolidate_expert_checkpoint(str(run / "checkpoints"), tag)
+
+
+def changed(before: dict, after: dict, prefix: str) -> bool:
+    keys = [k for k in before if k.startswith(prefix)]
+    assert keys, f"no tensor starts with {prefix}"
+    return any(not torch.equal(before[k], after[k]) for k in keys)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_dataset):
+    """One uninterrupted single-process run with a periodic checkpoint (shared by several tests)."""
+    tmp = tmp_path_factory.mktemp("full")
+    config = write_tiny_config(tmp / "ds.json", train={"seed": 0, "log_every": 2, "checkpoint_every": 3})
+    run = tmp / "run"
+    checked(run_job(["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)]))
+    return config, run
+
+
+@pytest.mark.slow
+def test_stages_train_exactly_their_parameter_groups(full_run):
+    _, run = full_run
+    stages = [json.loads((run / "stages" / f"{i}_{n}.json").read_text())
+              for i, n in enumerate(["warmup", "routing", "residual"])]
+    assert "router" not in stages[0]["trained_groups"] and "backbone" in stages[0]["trained_groups"]
+    assert "router" in stages[1]["trained_groups"] and stages[1]["clusters"]["num_clusters"] == 3
+    residual = stages[2]
+    top2 = residual["clusters"]["top2_experts"]
+    unfrozen = {int(e) for e in residual["unfrozen_heads"]}
+    assert unfrozen == {e for pair in top2 for e in pair}
+    assert set(residual["trained_groups"]) == {"router", "expert_heads"}
+
+    warm, routing, final = (load_state(run, t) for t in ("stage0-warmup-end", "stage1-routing-end",
+                                                          "stage2-residual-end"))
+    assert changed(warm, routing, "moe.router.")  # stage 1 trains the router
+    assert not changed(routing, final, "backbone.")  # stage 2 freezes the backbone
+    assert changed(routing, final, "moe.router.")
+    heads_changed = set()
+    for e in range(4):
+        prefix = f"moe.deepspeed_moe.experts.deepspeed_experts.{e}."
+        keys = [k for k in final if k.startswith(prefix)]
+        moved = [k for k in keys if not torch.equal(routing[k], final[k])]
+        if moved:
+            heads_changed.add(e)
+        assert len(moved) < len(keys), f"expert {e}: every tensor moved in stage 2, not only its head"
+    assert heads_changed <= unfrozen and heads_changed
+    # metrics.jsonl has train and validation events with the promised fields
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_events = [e for e in events if e["event"] == "train"]
+    assert {"stage", "epoch", "step", "losses", "lr", "samples_per_s", "expert_load", "dropped"} <= set(train_events[0])
+    assert any(e["event"] == "validation" and "val_top5" in e for e in events)
+    assert json.loads((run / "final_metrics.json").read_text())["test"]["images"] == 16
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_with_the_same_metrics(full_run, tiny_dataset, tmp_path):
+    config, reference = full_run
+    run = tmp_path / "run"
+    command = TRAIN + ["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = run / "checkpoints" / "last_good.json"
+    deadline = time.time() + 300
+    # Kill inside stage 1, after its first periodic checkpoint (step 6) is complete.
+    while time.time() < deadline and proc.poll() is None:
+        if pointer.is_file() and json.loads(pointer.read_text())["global_step"] >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(pointer.read_text())
+    assert not (run / "final_metrics.json").exists()
+    checked(run_job(["--deepspeed", str(config), "--data", str(tiny_dataset), "--resume", str(run)]))
+    expected = json.loads((reference / "final_metrics.json").read_text())
+    got = json.loads((run / "final_metrics.json").read_text())
+    assert got == expected, f"killed after {killed_at}: {got} != {expected}"
+
+
+@pytest.mark.slow
+def test_two_ranks_with_expert_parallelism_two(tiny_dataset, tmp_path):
+    config = write_tiny_config(tmp_path / "ds.json", moe={"expert_parallel_size": 2})
+    run = tmp_path / "run"
+    launcher = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port())]
+    result = checked(run_job(["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)],
+                             launcher=launcher))
+    saved = load_state(run, "stage2-residual-end")
+    assert {k.split(".")[4] for k in saved if k.startswith("moe.deepspeed_moe.")} == {"0", "1", "2", "3"}
+    metrics = json.loads((run / "final_metrics.json").read_text())
+    assert metrics["val"]["images"] == 24  # every validation image counted once across the two ranks
+    assert "CPU accelerator" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_two_simulated_nodes_on_loopback(tiny_dataset, tmp_path):
+    config = write_tiny_config(tmp_path / "ds.json", moe={"expert_parallel_size": 2},
+                               curriculum={"stages": [{"name": "warmup", "steps": 2}, {"name": "routing", "steps": 2}],
+                                           "num_clusters": 2})
+    run = tmp_path / "run"
+    port = str(free_port())
+    hostfile = tmp_path / "hostfile"  # two "nodes" on this machine, one rank each
+    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+    args = ["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)]
+    nodes = []
+    for node_rank in (0, 1):
+        launcher = [DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--num_nodes", "2", "--node_rank",
+                    str(node_rank), "--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port", port]
+        nodes.append(subprocess.Popen(launcher + [str(ROOT / "jobs" / "train.py")] + args, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [n.communicate(timeout=420)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    config_json = json.loads((run / "config.json").read_text())
+    assert config_json["world_size"] == 2
+    assert (run / "final_metrics.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "moe.top_kk=1"], "unknown key mgmoe.moe.top_kk"),
+    (["--set", "moe.top_k=9"], "mgmoe.moe.top_k = 9"),
+])
+def test_bad_overrides_fail_in_one_line(tmp_path, args, message):
+    config = write_tiny_config(tmp_path / "ds.json")
+    result = run_job(["--deepspeed", str(config)] + args, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_malformed_mgmoe_block_fails_in_one_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "mgmoe": {"moe": {"capacity_factor": "big"}}}))
+    result = run_job(["--deepspeed", str(path)], timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {path}: mgmoe.moe.capacity_factor = 'big': expected number"
