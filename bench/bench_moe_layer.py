@@ -1,7 +1,7 @@
-"""Engine benchmark (issue 2): ``RoutedExperts`` vs ``deepspeed.moe.layer.MoE`` on CPU.
+"""Engine benchmark (issue 2): ``RoutedExperts`` vs ``deepspeed.moe.layer.MoE`` on CPU or one GPU.
 
-Homogeneous MLP experts (512 -> 2048 -> 512, GELU, fp32), E = 8, K = 2, capacity factor 1.25,
-min_capacity 4, forward + backward in a single process, tokens 2k..32k.
+Homogeneous MLP experts (512 -> 2048 -> 512, GELU, fp32 or bf16), E = 8, K = 2, capacity factor
+1.25, min_capacity 4, forward + backward in a single process (world size 1), tokens 2k..32k.
 
 Every (variant, tokens) point runs in its own subprocess so that memory numbers do not leak
 between points. In the worker:
@@ -15,12 +15,25 @@ between points. In the worker:
 * glibc is run with ``MALLOC_MMAP_THRESHOLD_=131072`` (set for both variants) so that every
   buffer >= 128 KiB is its own mmap and returned to the OS on free; RSS then follows live bytes.
 
+With ``--device cuda`` (one GPU, ``cuda:0``) the layers, input and upstream gradient live on the
+GPU; ``--warmup`` (default 3) steps run at the full size T; each timed step is bracketed by
+``torch.cuda.synchronize()`` and the table gives the median wall time of ``--repeats`` (default 20)
+steps. The step's peak memory is ``torch.cuda.max_memory_allocated()`` after
+``torch.cuda.reset_peak_memory_stats()``, minus ``torch.cuda.memory_allocated()`` before the step:
+the same transient working set, counted by PyTorch's caching allocator (bytes handed to tensors,
+not the allocator's reserved pool). DeepSpeed's process group then uses the accelerator's backend
+(NCCL). ``--dtype bf16`` casts both layers, the input and the upstream gradient to bfloat16 (both
+routers still compute their gate in fp32).
+
 Usage::
 
-    PYTHONPATH=. /work/venv/bin/python bench/bench_moe_layer.py            # full run (~8 min on 2 cores)
-    PYTHONPATH=. /work/venv/bin/python bench/bench_moe_layer.py --sizes 2048 --repeats 2   # smoke
+    PYTHONPATH=. python bench/bench_moe_layer.py                      # CPU, fp32 (~8 min on 2 cores)
+    PYTHONPATH=. python bench/bench_moe_layer.py --sizes 2048 --repeats 2   # smoke
+    PYTHONPATH=. python bench/bench_moe_layer.py --device cuda        # one GPU, fp32
+    PYTHONPATH=. python bench/bench_moe_layer.py --device cuda --dtype bf16
 
-Writes raw results to ``bench/results/moe_layer.json`` and prints a markdown table.
+Writes raw results to ``bench/results/moe_layer.json`` (CPU fp32) or
+``bench/results/moe_layer_<device>[_bf16].json`` and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -48,7 +61,38 @@ REPEATS = {2048: 5, 4096: 3, 8192: 3, 16384: 2, 32768: 2}
 PAIRED_TOKENS = 8192
 PAIRED_REPEATS = 5
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "moe_layer.json"
+RESULTS_DIR = ROOT / "bench" / "results"
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # --dtype -> torch dtype name
+CUDA_REPEATS = 20  # GPU steps take milliseconds: many repeats for a stable median
+CUDA_WARMUP = 3
+
+
+def results_path(device: str, dtype: str) -> Path:
+    """CPU fp32 keeps the historical name ``moe_layer.json``; every other run names its device/dtype."""
+    if device == "cpu" and dtype == "fp32":
+        return RESULTS_DIR / "moe_layer.json"
+    return RESULTS_DIR / f"moe_layer_{device}{'_bf16' if dtype == 'bf16' else ''}.json"
+
+
+def _torch_dtype(dtype: str):
+    import torch
+    return getattr(torch, DTYPES[dtype])
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+
+
+def _inputs(tokens: int, device: str, dtype: str):
+    """The fixed input (requires grad) and upstream gradient, drawn on the CPU so every device sees the same."""
+    import torch
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(tokens, HIDDEN, generator=g)
+    gy = torch.randn(tokens, HIDDEN, generator=g)
+    kind = _torch_dtype(dtype)
+    return x.to(device=device, dtype=kind).requires_grad_(True), gy.to(device=device, dtype=kind)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,7 +116,7 @@ def _router_weight():
     return torch.randn(NUM_EXPERTS, HIDDEN, generator=g) * 0.02
 
 
-def build_ours():
+def build_ours(device: str = "cpu", dtype: str = "fp32"):
     import torch
     from torch import nn
 
@@ -105,6 +149,7 @@ def build_ours():
     )
     with torch.no_grad():
         layer.router.gate.weight.copy_(_router_weight())
+    layer.to(device=device, dtype=_torch_dtype(dtype))
     layer.train()
 
     def step(x, gy):
@@ -116,21 +161,38 @@ def build_ours():
     return layer, step
 
 
-def init_deepspeed_single_process():
+def init_deepspeed_single_process(device: str = "cpu") -> str:
+    """World-size-1 process group: gloo on CPU, the accelerator's own backend (NCCL) on a GPU.
+
+    Returns:
+        The backend name.
+    """
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     import deepspeed
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    backend = "gloo"
+    if device == "cuda":
+        import torch
+        from deepspeed.accelerator import get_accelerator
+        accelerator = get_accelerator()
+        if accelerator.device_name() != "cuda":
+            raise RuntimeError(f"--device cuda: DeepSpeed chose the {accelerator.device_name()!r} accelerator; "
+                               "unset DS_ACCELERATOR or set DS_ACCELERATOR=cuda")
+        torch.cuda.set_device(0)
+        backend = accelerator.communication_backend_name()
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return backend
 
 
-def build_deepspeed():
+def build_deepspeed(device: str = "cpu", dtype: str = "fp32"):
     import torch
     from deepspeed.moe.layer import MoE
 
-    init_deepspeed_single_process()
+    init_deepspeed_single_process(device)
     layer = MoE(hidden_size=HIDDEN, expert=_mlp(), num_experts=NUM_EXPERTS, ep_size=1, k=TOP_K,
                 capacity_factor=CAPACITY_FACTOR, min_capacity=MIN_CAPACITY,
                 # Deterministic top-2 like ours (the default adds Gumbel noise to pick the 2nd expert).
@@ -140,6 +202,7 @@ def build_deepspeed():
         for i, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
             expert.load_state_dict(_seeded_mlp(i).state_dict())
         layer.deepspeed_moe.gate.wg.weight.copy_(_router_weight())
+    layer.to(device=device, dtype=_torch_dtype(dtype))  # TopKGate computes its logits in fp32 itself
     layer.train()
 
     def step(x, gy):
@@ -170,16 +233,38 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def worker(variant: str, tokens: int, repeats: int, warmup: int) -> dict:
+def _timed_step(step, x, gy, device: str) -> tuple[float, float, int]:
+    """One forward+backward: (wall s, process CPU s, transient peak bytes of this step)."""
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = step(x, gy)
+        torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        del out
+        return wall, cpu, torch.cuda.max_memory_allocated() - before
+    before = _proc_status()["VmRSS"]
+    _reset_peak()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = step(x, gy)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    del out
+    return wall, cpu, _proc_status()["VmHWM"] - before
+
+
+def worker(variant: str, tokens: int, repeats: int, warmup: int, device: str = "cpu", dtype: str = "fp32") -> dict:
     import torch
 
     torch.manual_seed(0)
-    layer, step = build_ours() if variant == "ours" else build_deepspeed()
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(tokens, HIDDEN, generator=g).requires_grad_(True)
-    gy = torch.randn(tokens, HIDDEN, generator=g)
-    # Warm up on a small batch (allocates parameter gradients, oneDNN/MKL init) to keep big points cheap.
-    n_warm = min(tokens, 2048)
+    layer, step = build_ours(device, dtype) if variant == "ours" else build_deepspeed(device, dtype)
+    x, gy = _inputs(tokens, device, dtype)
+    # CPU: warm up on a small batch (allocates parameter gradients, oneDNN/MKL init) to keep big
+    # points cheap. GPU: at full size, so kernels, cuBLAS workspaces and the allocator's pool for
+    # this shape are ready before timing.
+    n_warm = tokens if device == "cuda" else min(tokens, 2048)
     x_warm = x[:n_warm].detach().clone().requires_grad_(True)
     for _ in range(warmup):
         step(x_warm, gy[:n_warm])
@@ -188,16 +273,15 @@ def worker(variant: str, tokens: int, repeats: int, warmup: int) -> dict:
     for _ in range(repeats):
         layer.zero_grad(set_to_none=False)
         x.grad = None
-        before = _proc_status()["VmRSS"]
-        _reset_peak()
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = step(x, gy)
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-        del out
-        peaks.append(_proc_status()["VmHWM"] - before)
+        wall, cpu, peak = _timed_step(step, x, gy, device)
+        times.append(wall)
+        cpu_times.append(cpu)
+        peaks.append(peak)
     return {
         "variant": variant,
+        "device": device,
+        "dtype": dtype,
+        "warmup": warmup,
         "tokens": tokens,
         "repeats": repeats,
         "times_s": times,
@@ -210,18 +294,15 @@ def worker(variant: str, tokens: int, repeats: int, warmup: int) -> dict:
     }
 
 
-def paired(tokens: int, repeats: int) -> dict:
+def paired(tokens: int, repeats: int, warmup: int = 1, device: str = "cpu", dtype: str = "fp32") -> dict:
     """Both layers in one process, steps interleaved ours/DS/DS/ours/...: the ratio sees the same load."""
-    import torch
-
-    ours, ours_step = build_ours()
-    ds, ds_step = build_deepspeed()
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(tokens, HIDDEN, generator=g).requires_grad_(True)
-    gy = torch.randn(tokens, HIDDEN, generator=g)
-    n_warm = min(tokens, 2048)
-    for fn in (ours_step, ds_step):
-        fn(x[:n_warm].detach().clone().requires_grad_(True), gy[:n_warm])
+    ours, ours_step = build_ours(device, dtype)
+    ds, ds_step = build_deepspeed(device, dtype)
+    x, gy = _inputs(tokens, device, dtype)
+    n_warm = tokens if device == "cuda" else min(tokens, 2048)
+    for _ in range(warmup):
+        for fn in (ours_step, ds_step):
+            fn(x[:n_warm].detach().clone().requires_grad_(True), gy[:n_warm])
     wall = {"ours": [], "deepspeed": []}
     cpu = {"ours": [], "deepspeed": []}
     for i in range(repeats):
@@ -229,8 +310,10 @@ def paired(tokens: int, repeats: int) -> dict:
         for name, layer, fn in (order if i % 2 == 0 else order[::-1]):
             layer.zero_grad(set_to_none=False)
             x.grad = None
+            _sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             fn(x, gy)
+            _sync(device)
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     ratios = [a / b for a, b in zip(wall["ours"], wall["deepspeed"])]
@@ -247,17 +330,15 @@ def paired(tokens: int, repeats: int) -> dict:
     }
 
 
-def check_equivalence(tokens: int = 2048) -> dict:
-    """Same weights, same input: outputs and input gradients of the two layers agree on kept tokens."""
+def check_equivalence(tokens: int = 2048, device: str = "cpu", dtype: str = "fp32") -> dict:
+    """Same weights, same input: outputs and expert weight gradients of the two layers agree on kept tokens."""
     import torch
 
-    ours, ours_step = build_ours()
-    ds, ds_step = build_deepspeed()
-    g = torch.Generator().manual_seed(7)
-    x = torch.randn(tokens, HIDDEN, generator=g)
-    gy = torch.randn(tokens, HIDDEN, generator=g)
-    xa = x.clone().requires_grad_(True)
-    xb = x.clone().requires_grad_(True)
+    ours, ours_step = build_ours(device, dtype)
+    ds, ds_step = build_deepspeed(device, dtype)
+    x, gy = _inputs(tokens, device, dtype)
+    xa = x.detach().clone().requires_grad_(True)
+    xb = x.detach().clone().requires_grad_(True)
     out_a = ours_step(xa, gy)
     out_b = ds_step(xb, gy).reshape(tokens, HIDDEN)
     routed = ~out_a.route.fully_dropped
@@ -265,11 +346,13 @@ def check_equivalence(tokens: int = 2048) -> dict:
     w_b = torch.cat([p.grad.flatten() for p in ds.deepspeed_moe.experts.deepspeed_experts.parameters()])
     return {
         "tokens": tokens,
+        "device": device,
+        "dtype": dtype,
         "capacity": out_a.route.capacity,
         "assignments_dropped": int(out_a.route.dropped_per_expert.sum()),
         "tokens_fully_dropped": int(out_a.route.fully_dropped.sum()),
-        "max_abs_diff_output_routed_tokens": float((out_a.output - out_b.detach())[routed].abs().max()),
-        "max_abs_diff_expert_weight_grads": float((w_a - w_b).abs().max()),
+        "max_abs_diff_output_routed_tokens": float((out_a.output.float() - out_b.detach().float())[routed].abs().max()),
+        "max_abs_diff_expert_weight_grads": float((w_a.float() - w_b.float()).abs().max()),
         "max_abs_expert_weight_grad": float(w_b.abs().max()),
     }
 
@@ -291,8 +374,13 @@ def _run_child(args: list[str]) -> dict:
     raise RuntimeError(f"worker {args} printed no result:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
-def dispatch_tensor_sizes(tokens: int) -> dict:
-    """Analytic sizes (bytes) of routing/dispatch state at this batch size (fp32 activations)."""
+def dispatch_tensor_sizes(tokens: int, activation_bytes: int = 4) -> dict:
+    """Analytic sizes (bytes) of routing/dispatch state at this batch size.
+
+    Args:
+        tokens: T.
+        activation_bytes: bytes per activation element (4 for fp32, 2 for bf16).
+    """
     import math
     capacity = max(MIN_CAPACITY, math.ceil(CAPACITY_FACTOR * tokens * TOP_K / NUM_EXPERTS))
     tec = tokens * NUM_EXPERTS * capacity
@@ -301,11 +389,11 @@ def dispatch_tensor_sizes(tokens: int) -> dict:
         "capacity": capacity,
         # Classic GShard/DeepSpeed dense path: combine_weights (T,E,C) fp32 + dispatch_mask (T,E,C) bool.
         "dense_sec_bytes": tec * 4 + tec * 1,
-        # DeepSpeed's padded expert buffer (E, C, M) fp32: dispatched input, also the expert output.
-        "ds_ecm_buffer_bytes": NUM_EXPERTS * capacity * HIDDEN * 4,
+        # DeepSpeed's padded expert buffer (E, C, M): dispatched input, also the expert output.
+        "ds_ecm_buffer_bytes": NUM_EXPERTS * capacity * HIDDEN * activation_bytes,
         # Ours: plan index tensors (token, choice, expert) int64 per kept assignment + (A, M) rows.
         "ours_index_bytes": 3 * assignments * 8,
-        "ours_rows_bytes": assignments * HIDDEN * 4,
+        "ours_rows_bytes": assignments * HIDDEN * activation_bytes,
     }
 
 
@@ -313,17 +401,59 @@ def mib(n: float) -> float:
     return n / 2**20
 
 
+def method_text(results: dict) -> str:
+    """One paragraph saying what was measured and how, printed above the table."""
+    m, c = results["machine"], results["config"]
+    if c["device"] == "cuda":
+        where = f"GPU {m['gpu']} (torch {m['torch']}, CUDA {m['cuda']}, deepspeed {m['deepspeed']}, backend {m['dist_backend']})"
+        how = (f"wall time of one forward+backward with torch.cuda.synchronize() before and after, median of "
+               f"{c['repeats_note']} after {c['warmup']} warm-up steps at full size; peak = "
+               "torch.cuda.max_memory_allocated() after reset_peak_memory_stats() minus memory_allocated() before the "
+               "step (the step's transient bytes on top of the model, its gradients and the input)")
+    else:
+        where = (f"CPU {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads; torch {m['torch']}, "
+                 f"deepspeed {m['deepspeed']}, backend {m['dist_backend']})")
+        how = (f"wall and process CPU time of one forward+backward, median of {c['repeats_note']} after "
+               f"{c['warmup']} warm-up step(s) on min(T, 2048) tokens; peak = VmHWM - VmRSS before the step "
+               "(RSS, MALLOC_MMAP_THRESHOLD_=131072)")
+    return (f"Device: {where}; dtype {c['dtype']}; each (layer, T) point in a fresh subprocess.\n"
+            f"Method: {how}.")
+
+
 def render(results: dict) -> str:
-    lines = ["| tokens | capacity | ours fwd+bwd wall (s) | DS fwd+bwd wall (s) | wall ours/DS | CPU-time ours/DS | "
-             "ours peak (MiB) | DS peak (MiB) | mem ours/DS | dense T*E*C (MiB, not allocated by DS 0.19.8) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cuda = results["config"]["device"] == "cuda"
+    unit, scale = ("ms", 1e3) if cuda else ("s", 1.0)
+    peak = "peak (MiB, CUDA allocator)" if cuda else "peak (MiB, RSS)"
+    header = (f"| tokens | capacity | ours fwd+bwd wall ({unit}) | DS fwd+bwd wall ({unit}) | wall ours/DS | "
+              + ("" if cuda else "CPU-time ours/DS | ")
+              + f"ours {peak} | DS {peak} | mem ours/DS | dense T*E*C (MiB, not allocated by DS 0.19.8) |")
+    lines = [method_text(results), "", header, "|---:" * (9 if cuda else 10) + "|"]
     for row in results["points"]:
         lines.append(
-            f"| {row['tokens']} | {row['capacity']} | {row['ours']['median_s']:.3f} | {row['deepspeed']['median_s']:.3f} | "
-            f"{row['time_ratio']:.2f} | {row['cpu_time_ratio']:.2f} | {mib(row['ours']['median_peak_bytes']):.0f} | "
-            f"{mib(row['deepspeed']['median_peak_bytes']):.0f} | {row['mem_ratio']:.2f} | "
-            f"{mib(row['sizes']['dense_sec_bytes']):.0f} |")
+            f"| {row['tokens']} | {row['capacity']} | {row['ours']['median_s'] * scale:.3f} | "
+            f"{row['deepspeed']['median_s'] * scale:.3f} | {row['time_ratio']:.2f} | "
+            + ("" if cuda else f"{row['cpu_time_ratio']:.2f} | ")
+            + f"{mib(row['ours']['median_peak_bytes']):.0f} | {mib(row['deepspeed']['median_peak_bytes']):.0f} | "
+            f"{row['mem_ratio']:.2f} | {mib(row['sizes']['dense_sec_bytes']):.0f} |")
     return "\n".join(lines)
+
+
+def machine_info(device: str) -> dict:
+    import deepspeed
+    import torch
+    cpu = "?"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "dist_backend": "gloo", "loadavg_start": os.getloadavg()}
+    if device == "cuda":
+        from deepspeed.accelerator import get_accelerator
+        info.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
+                    dist_backend=get_accelerator().communication_backend_name(),
+                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_cudnn=torch.backends.cudnn.allow_tf32)
+    return info
 
 
 def main() -> None:
@@ -331,73 +461,94 @@ def main() -> None:
     parser.add_argument("--worker", choices=["ours", "deepspeed"])
     parser.add_argument("--check", action="store_true", help="(internal) equivalence check worker")
     parser.add_argument("--paired", action="store_true", help="(internal) interleaved timing worker")
-    parser.add_argument("--paired-repeats", type=int, default=PAIRED_REPEATS)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU (cuda:0)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="bf16 casts both layers, the input and the upstream gradient")
+    parser.add_argument("--paired-repeats", type=int, default=None,
+                        help=f"pairs in the interleaved run (default {PAIRED_REPEATS} on CPU, {CUDA_REPEATS} on "
+                             "cuda; 0 skips it)")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    parser.add_argument("--repeats", type=int, default=0, help="timed steps per point (0: per-size default)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--repeats", type=int, default=0,
+                        help=f"timed steps per point (0: per-size default on CPU, {CUDA_REPEATS} on cuda)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help=f"untimed steps before timing (default 1 on CPU, {CUDA_WARMUP} on cuda)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default bench/results/moe_layer.json on CPU fp32, else "
+                             "moe_layer_<device>[_bf16].json)")
     args = parser.parse_args()
+    cuda = args.device == "cuda"
+    warmup = args.warmup if args.warmup is not None else (CUDA_WARMUP if cuda else 1)
+    device_args = ["--device", args.device, "--dtype", args.dtype]
 
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.tokens, args.repeats, args.warmup)))
+        print("RESULT " + json.dumps(worker(args.worker, args.tokens, args.repeats, warmup, args.device, args.dtype)))
         return
     if args.check:
-        print("RESULT " + json.dumps(check_equivalence(args.tokens)))
+        print("RESULT " + json.dumps(check_equivalence(args.tokens, args.device, args.dtype)))
         return
     if args.paired:
-        print("RESULT " + json.dumps(paired(args.tokens, args.repeats)))
+        print("RESULT " + json.dumps(paired(args.tokens, args.repeats, warmup, args.device, args.dtype)))
         return
 
     import torch
-    import deepspeed
+    if cuda and not torch.cuda.is_available():
+        sys.exit(f"bench_moe_layer.py: --device cuda: no CUDA GPU visible to torch {torch.__version__} "
+                 f"(torch.cuda.is_available() is False); run it on a GPU machine or use --device cpu")
+    out_path = args.out or results_path(args.device, args.dtype)
+    paired_repeats = args.paired_repeats if args.paired_repeats is not None else (CUDA_REPEATS if cuda else PAIRED_REPEATS)
     started = time.time()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    repeats_for = {t: args.repeats or (CUDA_REPEATS if cuda else REPEATS.get(t, 3)) for t in args.sizes}
     results = {
         "config": {"hidden": HIDDEN, "ffn": FFN, "experts": NUM_EXPERTS, "top_k": TOP_K,
-                   "capacity_factor": CAPACITY_FACTOR, "min_capacity": MIN_CAPACITY, "dtype": "float32"},
-        "machine": {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                    "loadavg_start": os.getloadavg()},
-        "equivalence": _run_child(["--check", "--tokens", "2048"]),
+                   "capacity_factor": CAPACITY_FACTOR, "min_capacity": MIN_CAPACITY, "dtype": DTYPES[args.dtype],
+                   "device": args.device, "warmup": warmup, "repeats": repeats_for,
+                   "repeats_note": "/".join(str(repeats_for[t]) for t in args.sizes) + " timed steps"},
+        "machine": machine_info(args.device),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "equivalence": _run_child(["--check", "--tokens", "2048", *device_args]),
         "points": [],
     }
     print("equivalence check:", json.dumps(results["equivalence"]), flush=True)
+    activation_bytes = 2 if args.dtype == "bf16" else 4
     for tokens in args.sizes:
-        repeats = args.repeats or REPEATS.get(tokens, 3)
         row = {"tokens": tokens}
         # Alternate which variant goes first so slow phases of a shared machine hit both.
         order = ["ours", "deepspeed"] if (tokens.bit_length() % 2) else ["deepspeed", "ours"]
         for variant in order:
-            row[variant] = _run_child(["--worker", variant, "--tokens", str(tokens), "--repeats", str(repeats),
-                                       "--warmup", str(args.warmup)])
-            print(f"  {variant:9s} T={tokens:6d}: median {row[variant]['median_s']:.3f}s "
-                  f"times {[round(t, 3) for t in row[variant]['times_s']]} "
+            row[variant] = _run_child(["--worker", variant, "--tokens", str(tokens), "--repeats",
+                                       str(repeats_for[tokens]), "--warmup", str(warmup), *device_args])
+            print(f"  {variant:9s} T={tokens:6d}: median {row[variant]['median_s']:.4f}s "
+                  f"times {[round(t, 4) for t in row[variant]['times_s']]} "
                   f"peak {mib(row[variant]['median_peak_bytes']):.0f} MiB", flush=True)
-        row["sizes"] = dispatch_tensor_sizes(tokens)
+        row["sizes"] = dispatch_tensor_sizes(tokens, activation_bytes)
         row["capacity"] = row["sizes"]["capacity"]
         row["time_ratio"] = row["ours"]["median_s"] / row["deepspeed"]["median_s"]
         row["cpu_time_ratio"] = row["ours"]["median_cpu_s"] / row["deepspeed"]["median_cpu_s"]
         row["mem_ratio"] = row["ours"]["median_peak_bytes"] / row["deepspeed"]["median_peak_bytes"]
         results["points"].append(row)
-    if args.paired_repeats > 0:
-        results["paired"] = _run_child(["--paired", "--tokens", str(PAIRED_TOKENS), "--repeats", str(args.paired_repeats)])
+    if paired_repeats > 0:
+        results["paired"] = _run_child(["--paired", "--tokens", str(PAIRED_TOKENS), "--repeats", str(paired_repeats),
+                                        "--warmup", str(warmup), *device_args])
         pr = results["paired"]
-        print(f"  paired T={PAIRED_TOKENS}: ours {pr['median_wall_s']['ours']:.3f}s DS {pr['median_wall_s']['deepspeed']:.3f}s "
+        print(f"  paired T={PAIRED_TOKENS}: ours {pr['median_wall_s']['ours']:.4f}s DS {pr['median_wall_s']['deepspeed']:.4f}s "
               f"median pairwise ratio {pr['median_pairwise_wall_ratio']:.2f} (cpu-time ratio {pr['cpu_ratio_of_medians']:.2f})",
               flush=True)
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["wall_s"] = time.time() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=1))
     print()
+    print(f"Command: {results['command']}")
     print(render(results))
     if "paired" in results:
         pr = results["paired"]
-        print(f"\npaired interleaved T={PAIRED_TOKENS} x{pr['repeats']}: ours {pr['median_wall_s']['ours']:.3f}s, "
-              f"DS {pr['median_wall_s']['deepspeed']:.3f}s, median pairwise ratio {pr['median_pairwise_wall_ratio']:.2f}, "
-              f"CPU-time ratio {pr['cpu_ratio_of_medians']:.2f}")
-    print(f"\nwall {results['wall_s']:.0f}s; raw results in {args.out}")
+        paired_line = (f"\npaired interleaved T={PAIRED_TOKENS} x{pr['repeats']}: ours {pr['median_wall_s']['ours']:.4f}s, "
+                       f"DS {pr['median_wall_s']['deepspeed']:.4f}s, median pairwise ratio "
+                       f"{pr['median_pairwise_wall_ratio']:.2f}")
+        # Host CPU time says nothing about GPU work.
+        print(paired_line + ("" if cuda else f", CPU-time ratio {pr['cpu_ratio_of_medians']:.2f}"))
+    print(f"\nwall {results['wall_s']:.0f}s; raw results in {out_path}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 COMMAND_MODULES = (  # modules with an add_parser(subparsers) function, in help order
     "mgmoe_ds.data.cli_shards",
+    "mgmoe_ds.cli_models",
 )
 
 

@@ -249,6 +249,9 @@ class Trainer:
         self.config, ds_config = load_run_config(args.deepspeed_config, args.overrides)
         self.dist = setup_distributed()
         self.ds_config = adjust_precision(ds_config, self.dist.rank)
+        # DeepSpeed casts the model for bf16/fp16 but not its inputs.
+        self.input_dtype = (torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else
+                            torch.float16 if self.ds_config.get("fp16", {}).get("enabled") else torch.float32)
         self.is_main = self.dist.rank == 0
         if args.resume is not None:
             self.run_dir = Path(args.resume)
@@ -378,6 +381,9 @@ class Trainer:
         for _ in range(count):
             yield next(iterator, None)
 
+    def _images(self, batch: dict) -> torch.Tensor:
+        return batch["images"].to(self.dist.device, dtype=self.input_dtype, non_blocking=True)
+
     def _empty_batch(self) -> dict:
         size = self.config.model.img_size
         return {"images": torch.zeros(0, 3, size, size), "labels": torch.zeros(0, dtype=torch.long)}
@@ -388,7 +394,7 @@ class Trainer:
         feats = []
         for batch in self._equalised(self.train_features_loader, "max"):
             batch = batch or self._empty_batch()
-            feats.append(self.model.forward_features(batch["images"].to(self.dist.device))["pooled"].float().cpu())
+            feats.append(self.model.forward_features(self._images(batch))["pooled"].float().cpu())
         return torch.cat(feats) if feats else torch.zeros(0, self.model.backbone.info.pooled_dim)
 
     @torch.no_grad()
@@ -399,7 +405,7 @@ class Trainer:
         for batch in self._equalised(self.val_loader, "max"):
             batch = batch or self._empty_batch()
             labels = batch["labels"].to(self.dist.device)
-            out = self.model(batch["images"].to(self.dist.device), mode="dense")
+            out = self.model(self._images(batch), mode="dense")
             per_expert = torch.zeros(labels.shape[0], self.model.num_experts, out.expert_logits.shape[-1],
                                      device=labels.device)  # (B, E, C)
             per_expert.scatter_(1, out.route.expert_indices[:, :, None].expand_as(out.expert_logits),
@@ -434,7 +440,7 @@ class Trainer:
         for batch in self._equalised(loader, "max"):
             batch = batch or self._empty_batch()
             labels = batch["labels"].to(self.dist.device)
-            out = self.model(batch["images"].to(self.dist.device), **routing)
+            out = self.model(self._images(batch), **routing)
             if labels.numel():
                 top1, top5 = topk_correct(out.logits.float(), labels, (1, 5))
                 loss = F.cross_entropy(out.logits.float(), labels, reduction="sum")
@@ -637,7 +643,7 @@ class Trainer:
         return weights
 
     def _train_step(self, engine, plan: StagePlan, batch: dict, routing: dict[str, Any], window: "_Window") -> None:
-        images = batch["images"].to(self.dist.device, non_blocking=True)
+        images = self._images(batch)
         labels = batch["labels"].to(self.dist.device, non_blocking=True)
         started = time.perf_counter()
         out = engine(images, labels, **routing)

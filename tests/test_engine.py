@@ -167,3 +167,24 @@ def test_malformed_mgmoe_block_fails_in_one_line(tmp_path):
     result = run_job(["--deepspeed", str(path)], timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {path}: mgmoe.moe.capacity_factor = 'big': expected number"
+
+
+@pytest.mark.slow
+def test_non_finite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(tiny_dataset, tmp_path):
+    # Stage 2's absurd learning rate blows the weights up after one step; every later loss is
+    # non-finite, so steps are skipped and, after max_bad_steps in a row, the run stops.
+    stages = [{"name": "warmup", "steps": 2},
+              {"name": "routing", "steps": 20, "lr": {"backbone": 1e30, "router": 1e30, "experts": 1e30}}]
+    config = write_tiny_config(tmp_path / "ds.json", curriculum={"stages": stages, "num_clusters": 2},
+                               train={"seed": 0, "log_every": 1, "max_bad_steps": 3})
+    run = tmp_path / "run"
+    result = run_job(["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)])
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: 3 non-finite losses in a row") and "stage0-warmup-end" in error, error
+    assert json.loads((run / "checkpoints" / "last_good.json").read_text())["tag"] == "stage0-warmup-end"
+    state = load_state(run, "stage0-warmup-end")
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+    skipped = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+               if '"non_finite_loss"' in line]
+    assert len(skipped) == 3

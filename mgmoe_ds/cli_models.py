@@ -1,0 +1,97 @@
+"""``mgmoe eval``, ``mgmoe ablate``, ``mgmoe export`` and ``mgmoe predict``: using a trained model.
+
+Every command runs in one process (no launcher, no process group) on a run folder written at
+any expert-parallel size, or (eval, ablate, predict) on an exported ``.safetensors`` file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Adds ``eval``, ``ablate``, ``export`` and ``predict`` to the ``mgmoe`` parser."""
+    evaluate = subparsers.add_parser("eval", help="accuracy, long-tail, efficiency and routing report")
+    _common(evaluate)
+    evaluate.add_argument("--out", type=Path, default=None, help="report folder (default RUN/eval)")
+    evaluate.add_argument("--head-min", type=float, default=None,
+                          help="training images per class from which a class is 'head' (default: upper tertile)")
+    evaluate.add_argument("--tail-max", type=float, default=None,
+                          help="training images per class up to which a class is 'tail' (default: lower tertile)")
+    evaluate.add_argument("--max-points", type=int, default=2000, help="images in the t-SNE figure")
+    evaluate.set_defaults(func=run_eval)
+
+    ablate = subparsers.add_parser("ablate", help="accuracy and FLOPs for K = 1..E and every subset of experts")
+    _common(ablate)
+    ablate.add_argument("--out", type=Path, default=None, help="output folder (default RUN/ablation)")
+    ablate.add_argument("--subset-k", type=int, default=None,
+                        help="experts fused within a subset (default: all of the subset)")
+    ablate.set_defaults(func=run_ablate)
+
+    export = subparsers.add_parser("export", help="consolidate a checkpoint into one .safetensors file")
+    export.add_argument("--checkpoint", required=True, type=Path, help="run folder (any expert-parallel size)")
+    export.add_argument("--tag", default=None, help="checkpoint tag (default: checkpoints/last_good.json)")
+    export.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
+    export.set_defaults(func=run_export)
+
+    predict = subparsers.add_parser("predict", help="top-5 species and routed experts, one JSON line per image")
+    predict.add_argument("--model", required=True, type=Path, help="an exported .safetensors file (or a run folder)")
+    predict.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
+    predict.add_argument("--batch-size", type=int, default=16)
+    predict.set_defaults(func=run_predict)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="run folder or exported .safetensors file")
+    parser.add_argument("--data", default=None, help="dataset folder (default: the run's dataset)")
+    parser.add_argument("--split", default="test", help="split to evaluate (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from mgmoe_ds.report import EvalArgs, evaluate_model
+
+    report = evaluate_model(EvalArgs(checkpoint=args.checkpoint, data=args.data, out=args.out, split=args.split,
+                                     batch_size=args.batch_size, num_workers=args.num_workers,
+                                     head_min=args.head_min, tail_max=args.tail_max, max_points=args.max_points,
+                                     progress=not args.no_progress, device=args.device))
+    print(f"top-1 {report['accuracy']['top1']:.4f}, top-5 {report['accuracy']['top5']:.4f} on "
+          f"{report['images']} images", file=sys.stderr)
+    return 0
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    from mgmoe_ds.ablate import AblateArgs, ablate_model
+
+    report = ablate_model(AblateArgs(checkpoint=args.checkpoint, data=args.data, out=args.out, split=args.split,
+                                     batch_size=args.batch_size, num_workers=args.num_workers,
+                                     subset_k=args.subset_k, progress=not args.no_progress,
+                                     device=args.device))
+    print(f"{len(report['rows'])} rows on {report['images']} images", file=sys.stderr)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from mgmoe_ds.export import export_model
+
+    path = export_model(args.checkpoint, args.out, tag=args.tag)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from mgmoe_ds.inference import load_trained
+    from mgmoe_ds.predict import expand_inputs, predict_files
+
+    model, meta = load_trained(args.model)
+    failed = 0
+    for record in predict_files(model, meta, expand_inputs(args.inputs), batch_size=args.batch_size):
+        failed += "error" in record
+        print(json.dumps(record), flush=True)
+    return 1 if failed else 0

@@ -1,0 +1,327 @@
+"""Loading a trained MG-MoE for inference in one process, and its inference routing.
+
+``load_trained`` accepts a run folder (DeepSpeed checkpoints written at any expert-parallel size)
+or an exported ``.safetensors`` file and returns the same thing for both: an ``MGMoE`` holding
+every expert (expert_parallel_size 1, no process group) with the weights loaded strictly, and an
+``InferenceMeta`` with the class names, the preprocessing and the routing policy. Eval, ablate,
+export and predict all go through it, so the routing a trained model uses is decided here once.
+
+Nothing is unpickled beyond tensors: checkpoints are read with ``torch.load(weights_only=True)``
+and exports with safetensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from mgmoe_ds.config import RunConfig, config_from_dict, config_to_dict
+from mgmoe_ds.curriculum import allowed_from_clusters, assign_clusters, top_experts_per_cluster
+
+CLUSTER_TOP_EXPERTS = 2  # the residual stage lets each image use its cluster's top-2 teacher experts
+STATE_PREFIX = "model."  # exported model tensors; routing tensors live under "routing."
+FORMAT_NAME = "mgmoe-ds/1"  # metadata "format" of an exported file
+
+
+class InferenceError(ValueError):
+    """A user-caused loading error (missing file, wrong format, refused pickle); one line."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The eval transform a trained model expects (timm's resize + centre crop + normalise)."""
+
+    img_size: int  # output side in pixels
+    mean: tuple[float, ...]  # per-channel normalisation mean
+    std: tuple[float, ...]  # per-channel normalisation std
+    interpolation: str = "bilinear"  # resize interpolation
+    crop_pct: float = 0.875  # resize to img_size / crop_pct, then crop
+    crop_mode: str = "center"  # timm crop mode
+
+    def transform_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``data.create_transform`` / ``make_loader(transform_options=)``."""
+        return {"mean": self.mean, "std": self.std, "interpolation": self.interpolation,
+                "crop_pct": self.crop_pct, "crop_mode": self.crop_mode}
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Preprocessing":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass
+class RoutingPolicy:
+    """How the trained model routes at inference.
+
+    Cluster-level frozen routing (after a residual stage): each image is assigned to its nearest
+    centroid and may use only that cluster's top experts; otherwise plain top-k.
+    """
+
+    top_k: int  # K of plain top-k routing (the configured moe.top_k)
+    centroids: Optional[Tensor] = None  # (C, D) cluster centroids of pooled backbone features
+    cluster_experts: Optional[Tensor] = None  # (C, k) each cluster's allowed experts, best first
+
+    @property
+    def kind(self) -> str:
+        return "cluster" if self.centroids is not None else "topk"
+
+    def head_kwargs(self, pooled: Tensor, num_experts: int) -> dict[str, Any]:
+        """Routing keyword arguments of ``MGMoE.forward_head`` for images with pooled features (B, D)."""
+        if self.centroids is None:
+            return {"mode": "topk", "top_k": self.top_k}
+        assigned = assign_clusters(pooled, self.centroids.to(pooled.device))  # (B,)
+        allowed = allowed_from_clusters(assigned, self.cluster_experts, num_experts)  # (B, E)
+        return {"mode": "topk", "allowed_experts": allowed,
+                "top_k": min(self.top_k, self.cluster_experts.shape[1])}
+
+    def forward_kwargs(self, num_experts: int) -> dict[str, Any]:
+        """Routing keyword arguments of ``MGMoE.forward``."""
+        if self.centroids is None:
+            return {"mode": "topk", "top_k": self.top_k}
+        return {"route_by": lambda pooled: self.head_kwargs(pooled, num_experts)}
+
+    def to_json(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"kind": self.kind, "top_k": self.top_k}
+        if self.centroids is not None:
+            record.update(num_clusters=int(self.centroids.shape[0]), cluster_experts=self.cluster_experts.tolist())
+        return record
+
+
+@dataclass
+class InferenceMeta:
+    """Everything besides the weights that inference needs."""
+
+    config: RunConfig  # the run's mgmoe block, with expert_parallel_size 1
+    class_names: list[str]  # label order
+    preprocessing: Preprocessing
+    routing: RoutingPolicy
+    source: str  # the run folder or exported file it was loaded from
+    checkpoint_tag: Optional[str] = None  # the DeepSpeed tag (run folders) or the tag it was exported from
+    dataset: Optional[str] = None  # the training dataset recorded in the run
+    final_stage: Optional[str] = None  # name of the curriculum stage the checkpoint ended
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe tensor loading
+
+
+def load_tensors(path: Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers; anything else is refused in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InferenceError(f"{path}: refused to load: it holds objects other than tensors ({first})") from None
+    except FileNotFoundError:
+        raise InferenceError(f"{path}: no such file") from None
+
+
+def _consolidated_state(checkpoint_dir: Path, tag: str) -> dict[str, Tensor]:
+    from mgmoe_ds.moe.deepspeed_compat import consolidate_expert_checkpoint  # DeepSpeed only for run folders
+
+    try:
+        return consolidate_expert_checkpoint(str(checkpoint_dir), tag)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InferenceError(f"{checkpoint_dir / tag}: refused to load: a checkpoint file holds objects other "
+                             f"than tensors ({first})") from None
+    except FileNotFoundError as err:
+        raise InferenceError(str(err)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the single-process model
+
+
+def inference_config(config: RunConfig) -> RunConfig:
+    """The run config for one process: every expert local, no pretrained download, no drops.
+
+    Capacity limits exist to bound all-to-all buffers in distributed training; in one process
+    they would only make an image's prediction depend on which other images share its batch, so
+    inference is dropless.
+    """
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, pretrained=None),
+        moe=dataclasses.replace(config.moe, expert_parallel_size=1, dropless=True),
+    )
+
+
+def build_model(config: RunConfig, num_classes: int, state: Optional[dict[str, Tensor]] = None,
+                source: str = "<state>"):
+    """An ``MGMoE`` in eval mode with every expert; ``state`` (if given) is loaded strictly."""
+    from mgmoe_ds.model import MGMoE
+
+    model = MGMoE(config.model, config.moe, num_classes)
+    if state is not None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            summary = " ".join(str(err).split())[:300]
+            raise InferenceError(f"{source}: weights do not match the configured model: {summary}") from None
+    return model.eval()
+
+
+def preprocessing_for(config: RunConfig) -> Preprocessing:
+    """The eval transform the data loaders applied during training (timm's defaults at img_size)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from mgmoe_ds.data.transforms import DEFAULT_CROP_PCT
+
+    return Preprocessing(img_size=config.model.img_size, mean=tuple(IMAGENET_DEFAULT_MEAN),
+                         std=tuple(IMAGENET_DEFAULT_STD), crop_pct=DEFAULT_CROP_PCT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders
+
+
+def _run_class_names(run: dict[str, Any], num_classes: int) -> list[str]:
+    """Class names from the run's dataset when it is still readable, else "class_<i>"."""
+    dataset = run.get("dataset")
+    if dataset:
+        try:
+            from mgmoe_ds.data import resolve_source
+
+            _, names, _ = resolve_source(dataset, "train")
+            if len(names) == num_classes:
+                return list(names)
+        except (ValueError, OSError):
+            pass
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def _load_run(run_dir: Path, tag: Optional[str]):
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise InferenceError(f"{run_dir}: not a run folder (no config.json); pass a run folder or a .safetensors file")
+    run = json.loads(config_path.read_text())
+    config = inference_config(config_from_dict(run["mgmoe"], str(config_path)))
+    pointer = run_dir / "checkpoints" / "last_good.json"
+    if tag is None:
+        if not pointer.is_file():
+            raise InferenceError(f"{pointer}: missing; the run saved no complete checkpoint (or pass a tag)")
+        tag = json.loads(pointer.read_text())["tag"]
+    folder = run_dir / "checkpoints" / tag
+    if not folder.is_dir():
+        raise InferenceError(f"{folder}: no such checkpoint")
+    state = _consolidated_state(run_dir / "checkpoints", tag)
+    num_classes = int(run.get("num_classes") or config.model.num_classes)
+    model = build_model(config, num_classes, state, str(folder))
+
+    progress = load_tensors(folder / "progress.pt") if (folder / "progress.pt").is_file() else {}
+    stage_index = int(progress.get("stage_index", len(config.curriculum.stages) - 1))
+    final_stage = config.curriculum.stages[stage_index].name
+    clusters = progress.get("clusters")
+    routing = RoutingPolicy(top_k=config.moe.top_k)
+    if final_stage == "residual" and clusters is not None:
+        k = min(CLUSTER_TOP_EXPERTS, model.num_experts)
+        routing = RoutingPolicy(top_k=config.moe.top_k, centroids=clusters["centroids"].float(),
+                                cluster_experts=top_experts_per_cluster(clusters["teacher"], k))
+    meta = InferenceMeta(config=config, class_names=_run_class_names(run, num_classes),
+                         preprocessing=preprocessing_for(config), routing=routing, source=str(run_dir),
+                         checkpoint_tag=tag, dataset=run.get("dataset"), final_stage=final_stage)
+    return model, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Exported files
+
+
+def _load_safetensors(path: Path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise InferenceError(f"{path}: not a readable safetensors file ({err})") from None
+    if metadata.get("format") != FORMAT_NAME:
+        raise InferenceError(f"{path}: metadata format = {metadata.get('format')!r}: expected {FORMAT_NAME!r} "
+                             f"(a file written by `mgmoe export`)")
+    config = inference_config(config_from_dict(json.loads(metadata["mgmoe_config"]), f"{path} metadata"))
+    class_names = json.loads(metadata["class_names"])
+    state = {k[len(STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
+    model = build_model(config, len(class_names), state, str(path))
+    routing_json = json.loads(metadata["routing"])
+    routing = RoutingPolicy(top_k=int(routing_json["top_k"]))
+    if routing_json["kind"] == "cluster":
+        routing = RoutingPolicy(top_k=int(routing_json["top_k"]), centroids=tensors["routing.centroids"].float(),
+                                cluster_experts=tensors["routing.cluster_experts"].long())
+    source_info = json.loads(metadata.get("source", "{}"))
+    meta = InferenceMeta(config=config, class_names=class_names,
+                         preprocessing=Preprocessing.from_json(json.loads(metadata["preprocessing"])),
+                         routing=routing, source=str(path), checkpoint_tag=source_info.get("checkpoint_tag"),
+                         dataset=source_info.get("dataset"), final_stage=source_info.get("final_stage"))
+    return model, meta
+
+
+def load_trained(path: str | Path, *, tag: Optional[str] = None):
+    """Loads a trained MG-MoE into this process.
+
+    Args:
+        path: a run folder (``RUN/config.json`` and ``RUN/checkpoints``; any expert-parallel size)
+            or a ``.safetensors`` file written by ``mgmoe export``.
+        tag: checkpoint tag in a run folder; default ``checkpoints/last_good.json``.
+
+    Returns:
+        ``(model, meta)``: an ``MGMoE`` on the CPU in eval mode with every expert, and its
+        ``InferenceMeta``.
+
+    Raises:
+        InferenceError: the path is neither, a file is missing, holds non-tensor objects, or the
+            weights do not match the configured model.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_run(path, tag)
+    if path.is_file():
+        return _load_safetensors(path)
+    raise InferenceError(f"{path}: no such run folder or .safetensors file")
+
+
+def export_tensors(model, meta: InferenceMeta) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and string metadata of an export (see ``mgmoe_ds.export``)."""
+    tensors = {STATE_PREFIX + k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if meta.routing.centroids is not None:
+        tensors["routing.centroids"] = meta.routing.centroids.float().contiguous().clone()  # (C, D)
+        tensors["routing.cluster_experts"] = meta.routing.cluster_experts.long().contiguous().clone()  # (C, k)
+    metadata = {
+        "format": FORMAT_NAME,
+        "mgmoe_config": json.dumps(config_to_dict(meta.config)),
+        "class_names": json.dumps(meta.class_names),
+        "preprocessing": json.dumps(meta.preprocessing.to_json()),
+        "routing": json.dumps(meta.routing.to_json()),
+        "source": json.dumps({"path": meta.source, "checkpoint_tag": meta.checkpoint_tag, "dataset": meta.dataset,
+                              "final_stage": meta.final_stage}),
+    }
+    return tensors, metadata
+
+
+@torch.no_grad()
+def routed_forward(model, meta: InferenceMeta, images: Tensor):
+    """One forward with the trained model's inference routing -> ``ModelOutput``."""
+    return model(images, **meta.routing.forward_kwargs(model.num_experts))
+
+
+def eval_transform(preprocessing: Preprocessing) -> Callable:
+    """PIL image -> (3, H, W) tensor, exactly as the eval loaders transform."""
+    from mgmoe_ds.data import create_transform
+
+    return create_transform(preprocessing.img_size, False, **preprocessing.transform_options())
