@@ -98,9 +98,11 @@ def adjust_precision(ds_config: dict[str, Any], rank: int) -> dict[str, Any]:
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
-    supported = {"fp16": accelerator.is_fp16_supported(), "bf16": accelerator.is_bf16_supported()}
+    supported = {"fp16": accelerator.is_fp16_supported(), "bf16": accelerator.is_bf16_supported(),
+                 "torch_autocast": accelerator.is_bf16_supported()}
     if accelerator.device_name() == "cpu":
-        supported = {"fp16": False, "bf16": False}  # CPU ZeRO-1/2 trains in fp32 here
+        # CPU training here is fp32: low-precision kernels on CPU are slower, not faster.
+        supported = {"fp16": False, "bf16": False, "torch_autocast": False}
     for key, ok in supported.items():
         section = ds_config.get(key)
         if isinstance(section, dict) and section.get("enabled") and not ok:
