@@ -25,7 +25,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import timm
 import torch
@@ -273,6 +273,15 @@ class Backbone(nn.Module):
 
     def _available(self) -> frozenset[str]:
         return FEATURE_KEYS if self.is_cls_vit else FEATURE_KEYS - VIT_ONLY_KEYS
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The normalisation and resize the weights expect (timm's data config of this model),
+        as keyword arguments for ``timm.data.create_transform`` (``input_size`` excluded)."""
+        from timm.data import resolve_model_data_config
+
+        cfg = resolve_model_data_config(self.model)
+        return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "interpolation": cfg["interpolation"],
+                "crop_pct": cfg["crop_pct"], "crop_mode": cfg.get("crop_mode", "center")}
 
     def forward(self, images: Tensor, need: set[str] | frozenset[str]) -> dict[str, Tensor]:
         """Runs the backbone once and returns the requested features.

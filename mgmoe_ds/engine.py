@@ -268,8 +268,9 @@ class Trainer:
         self.micro_batch = int(self.ds_config.get("train_micro_batch_size_per_gpu", 32))
         self.base_lr = float(self.ds_config.get("optimizer", {}).get("params", {}).get("lr", 1e-3))
         seed_everything(self.config.train.seed)
-        self._build_data()
+        self._read_label_space()
         self._build_model()
+        self._build_data()
         seed_everything(self.config.train.seed + 1000 * self.dist.rank)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
         if self.is_main:
@@ -289,18 +290,25 @@ class Trainer:
                            num_workers=data.num_workers, epoch_seed=self.config.train.seed,
                            resampled=data.resampled and train, balance=data.balance if train else None,
                            shuffle=shuffle, shuffle_buffer=data.shuffle_buffer,
-                           pin_memory=self.dist.device.type == "cuda")
+                           pin_memory=self.dist.device.type == "cuda",
+                           transform_options=self.model.backbone.preprocessing())
+
+    def _read_label_space(self) -> None:
+        from mgmoe_ds.data import resolve_source
+
+        _, classes, counts = resolve_source(self.dataset, "train")
+        self.num_classes = self.config.model.num_classes or len(classes)
+        self.class_names = classes
+        self.class_counts = counts
+        if self.num_classes != len(classes):
+            raise TrainingError(f"mgmoe.model.num_classes = {self.num_classes} but the dataset {self.dataset} "
+                                f"has {len(classes)} classes")
 
     def _build_data(self) -> None:
-        self.train_loader, info = self._loader("train", train=True)
+        """Loaders with the backbone's own normalisation (e.g. mean = std = 0.5 for Lite0)."""
+        self.train_loader, _ = self._loader("train", train=True)
         self.train_features_loader, _ = self._loader("train", train=False, shuffle=False)
-        self.val_loader, val_info = self._loader(self.config.data.val_split, train=False)
-        self.num_classes = self.config.model.num_classes or info.num_classes
-        self.class_names = info.class_names
-        self.class_counts = info.class_counts
-        if self.num_classes != info.num_classes:
-            raise TrainingError(f"mgmoe.model.num_classes = {self.num_classes} but the dataset {self.dataset} "
-                                f"has {info.num_classes} classes")
+        self.val_loader, _ = self._loader(self.config.data.val_split, train=False)
 
     def _build_model(self) -> None:
         from mgmoe_ds.model import MGMoE

@@ -225,11 +225,13 @@ def plot_routing_heatmap(mean_weight: np.ndarray, expert_names: Sequence[str], c
                          path: Path) -> None:
     """(E, classes) mean routing weight per expert and category."""
     plt = _pyplot()
-    width = min(24.0, 3.0 + 0.35 * len(class_names))
-    fig, ax = plt.subplots(figsize=(width, 1.2 + 0.5 * len(expert_names)))
+    width = min(24.0, 4.0 + 0.35 * len(class_names))
+    show_names = len(class_names) <= 60
+    label_room = 0.075 * max(map(len, class_names)) if show_names else 0.3  # rotated species names
+    fig, ax = plt.subplots(figsize=(width, 1.5 + 0.45 * len(expert_names) + label_room))
     image = ax.imshow(mean_weight, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-6, float(mean_weight.max())))
     ax.set_yticks(range(len(expert_names)), expert_names)
-    if len(class_names) <= 60:
+    if show_names:
         ax.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
     ax.set_xlabel("species")
     ax.set_title("mean routing weight per expert and species")
@@ -255,10 +257,12 @@ def plot_tsne(backbone: np.ndarray, fused: np.ndarray, labels: np.ndarray, path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, points, title in zip(axes, (backbone, fused), ("backbone (pooled) features", "fused (routed) logits")):
-        ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab20", s=6)
+        scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab20", s=6)
         ax.set_title(title)
         ax.set_xticks([])
         ax.set_yticks([])
+    if len(np.unique(labels)) <= 20:
+        axes[1].legend(*scatter.legend_elements(), title="class", fontsize=7, loc="best")
     fig.suptitle(f"t-SNE of {len(labels)} images, coloured by species")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -403,10 +407,11 @@ def evaluate_model(args: EvalArgs) -> dict[str, Any]:
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     with open(out_dir / "predictions.jsonl", "w") as handle:
-        top = routed.logits.topk(min(5, meta.num_classes), dim=-1).indices
+        top = torch.softmax(routed.logits, dim=-1).topk(min(5, meta.num_classes), dim=-1)  # (N, 5)
         for i, key in enumerate(outputs.keys):
-            handle.write(json.dumps({"key": key, "label": int(labels[i]), "predicted": int(top[i, 0]),
-                                     "top5": top[i].tolist()}) + "\n")
+            handle.write(json.dumps({"key": key, "label": int(labels[i]), "predicted": int(top.indices[i, 0]),
+                                     "top5": top.indices[i].tolist(),
+                                     "top5_probabilities": [round(float(p), 6) for p in top.values[i]]}) + "\n")
     plot_routing_heatmap(mean_weight.numpy(), expert_ids, names, out_dir / "routing_heatmap.png")
     sample = outputs.sample_index
     plot_tsne(tsne_embedding(outputs.pooled_sample.numpy()), tsne_embedding(routed.logits[sample].numpy()),

@@ -180,8 +180,9 @@ def test_non_finite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(ti
     run = tmp_path / "run"
     result = run_job(["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)])
     assert result.returncode == 2, result.stderr[-3000:]
-    error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith("error: 3 non-finite losses in a row") and "stage0-warmup-end" in error, error
+    errors = [line[line.index("error: "):] for line in result.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith("error: 3 non-finite losses in a row") and "stage0-warmup-end" in errors[0], errors
     assert json.loads((run / "checkpoints" / "last_good.json").read_text())["tag"] == "stage0-warmup-end"
     state = load_state(run, "stage0-warmup-end")
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())

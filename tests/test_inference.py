@@ -229,6 +229,10 @@ def test_predict_on_the_export_agrees_with_eval_and_reports_bad_files(trained_ru
     for row in evaluated:
         record = predicted[row["key"].replace("/", "_")]
         assert record["top5"][0]["index"] == row["predicted"], row["key"]
+        # the same preprocessing and routing: the same ranking and probabilities, not only the same top-1
+        assert [s["index"] for s in record["top5"]] == row["top5"], row["key"]
+        probabilities = [s["probability"] for s in record["top5"]]
+        assert probabilities == pytest.approx(row["top5_probabilities"], abs=1e-4), row["key"]
         assert len(record["top5"]) == 4 and abs(sum(s["probability"] for s in record["top5"]) - 1) < 1e-4
         assert len(record["experts"]) == 2 and abs(sum(e["weight"] for e in record["experts"]) - 1) < 1e-4
 
