@@ -101,12 +101,21 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    mode: Literal["auto", "off"] = "auto"  # "auto": stages with a frozen backbone train from cached features
+    views: int = 1  # 1: eval-transform features; N > 1: N augmented train-transform views per sample
+    memory_limit_gb: float = 8.0  # per rank; a larger cache is memory-mapped files in RUN/feature_cache
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage dtype of the cached features
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     @property
     def num_experts(self) -> int:
@@ -273,6 +282,8 @@ def _validate(config: RunConfig, source: str) -> None:
     check(config.train.checkpoint_every >= 0, "train.checkpoint_every", config.train.checkpoint_every,
           "an integer >= 0")
     check(config.train.max_bad_steps >= 1, "train.max_bad_steps", config.train.max_bad_steps, "an integer >= 1")
+    check(config.cache.views >= 1, "cache.views", config.cache.views, "an integer >= 1")
+    check(config.cache.memory_limit_gb >= 0, "cache.memory_limit_gb", config.cache.memory_limit_gb, "a number >= 0")
 
 
 def config_from_dict(block: dict[str, Any], source: str = "<dict>") -> RunConfig:

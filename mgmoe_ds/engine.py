@@ -271,6 +271,9 @@ class Trainer:
         self._read_label_space()
         self._build_model()
         self._build_data()
+        self._cache_store = None  # FeatureCacheStore, made by the first stage that trains from cached features
+        self._augmented_loader = None  # train-transform loader without shuffling, for cache.views > 1
+        self._stage_cache_record: Optional[dict[str, Any]] = None  # the current stage's cache, for its JSON
         seed_everything(self.config.train.seed + 1000 * self.dist.rank)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
         if self.is_main:
@@ -306,7 +309,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         """Loaders with the backbone's own normalisation (e.g. mean = std = 0.5 for Lite0)."""
-        self.train_loader, _ = self._loader("train", train=True)
+        self.train_loader, self.train_info = self._loader("train", train=True)
         self.train_features_loader, _ = self._loader("train", train=False, shuffle=False)
         self.val_loader, _ = self._loader(self.config.data.val_split, train=False)
 
@@ -476,6 +479,94 @@ class Trainer:
             return {"mode": "topk", "route_by": route_by}
         return {"mode": "topk"}
 
+    # -- feature cache (stages with a frozen backbone) --------------------------------------------
+
+    def _cache_refusal(self, plan: StagePlan) -> Optional[str]:
+        """Why this stage trains from images rather than from cached features; None: it can use the cache."""
+        from mgmoe_ds.experts import expert_class
+
+        if "backbone" in plan.group_lr:
+            return "it trains the backbone"
+        if self.config.cache.mode == "off":
+            return "mgmoe.cache.mode is \"off\""
+        if self.config.data.resampled or self.config.data.balance is not None:
+            return "data.resampled / data.balance draw samples the cache's epochs do not reproduce"
+        raw = [spec.name for spec in self.config.model.experts if expert_class(spec.name).needs_raw_images]
+        if raw:
+            return f"expert(s) {', '.join(raw)} need the raw image in training"
+        return None
+
+    def _stage_feature_cache(self, plan: StagePlan):
+        """The feature cache this stage trains from (built, or reused from an earlier stage or an
+        earlier run in this folder), or None with a logged reason when it trains from images."""
+        from mgmoe_ds.data.transforms import create_transform
+        from mgmoe_ds.feature_cache import FeatureCacheStore, cache_key, describe, manifest_bytes
+
+        refusal = self._cache_refusal(plan)
+        self._stage_cache_record = None
+        if refusal is not None:
+            if self.is_main and "backbone" not in plan.group_lr:
+                LOG.info("stage %s: backbone frozen but no feature cache: %s", plan.name, refusal)
+            return None
+        settings = self.config.cache
+        if self._cache_store is None:
+            self._cache_store = FeatureCacheStore(self.run_dir / "feature_cache", dtype=settings.dtype,
+                                                  memory_limit_bytes=int(settings.memory_limit_gb * 2**30),
+                                                  progress=self.is_main)
+        augmented = settings.views > 1
+        options = self.model.backbone.preprocessing()
+        transform = repr(create_transform(self.config.model.img_size, augmented, **options))
+        key = cache_key(self.model.backbone, transform=f"{transform}|input={self.input_dtype}",
+                        manifest=manifest_bytes(self.dataset), features=self.model.features | {"pooled"},
+                        rank=self.dist.rank, world_size=self.dist.world_size, views=settings.views,
+                        dtype=settings.dtype, seed=self.config.train.seed)
+        capacity = self.train_info.samples_per_rank[self.dist.rank]
+        started = time.perf_counter()
+
+        def compute(images: torch.Tensor) -> dict[str, torch.Tensor]:
+            return self.model.forward_features(images.to(self.dist.device, dtype=self.input_dtype))
+
+        self.model.eval()  # the cached features are the frozen backbone's inference outputs
+        cache, reused = self._cache_store.get(key, views=settings.views, capacity=capacity,
+                                              view_batches=self._cache_view_batches, compute=compute)
+        self.model.train()
+        self._stage_cache_record = {"key": key, "storage": cache.storage, "views": cache.num_views,
+                                    "dtype": cache.dtype, "samples": cache.num_samples, "reused": reused}
+        if self.is_main:
+            LOG.info("stage %s: training from the feature cache %s (%s; %s in %.1fs)", plan.name, key[:12],
+                     describe(cache), "reused" if reused else "built", time.perf_counter() - started)
+            self._log_cached_experts()
+        return cache
+
+    def _log_cached_experts(self) -> None:
+        from mgmoe_ds.experts import expert_class
+
+        for spec in self.config.model.experts:
+            note = expert_class(spec.name).cached_training_note
+            if note:
+                LOG.info("feature cache: expert %s: %s", spec.name, note)
+
+    def _cache_view_batches(self, view: int) -> Iterator[dict]:
+        """This rank's training samples in a fixed order: view 0 of ``cache.views == 1`` through the
+        eval transform, else view ``view`` through the training transform (augmentation seeded by it)."""
+        if self.config.cache.views == 1:
+            self.train_features_loader.set_epoch(0)
+            yield from self.train_features_loader
+            return
+        if self._augmented_loader is None:
+            self._augmented_loader, _ = self._loader("train", train=True, shuffle=False)
+        self._augmented_loader.set_epoch(view)
+        with torch.random.fork_rng(devices=[]):  # in-process workers draw from the global generator
+            torch.manual_seed(self.config.train.seed * 1_000_003 + view)
+            yield from self._augmented_loader
+
+    def _cached_batches(self, cache, epoch: int, steps_per_epoch: int, start: int = 0) -> Iterator[dict]:
+        """One epoch of cached batches ``{"features", "labels"}``; ``steps_per_epoch`` is already the
+        minimum over ranks (as ``_equalised(..., "min")`` gives for images), so ranks step together."""
+        for features, labels in cache.batches(self.micro_batch, steps_per_epoch, seed=self.config.train.seed,
+                                              epoch=epoch, start=start):
+            yield {"features": features, "labels": labels}
+
     # -- checkpoints -----------------------------------------------------------------------------
 
     def _save(self, engine, tag: str, stage_complete: bool) -> None:
@@ -541,8 +632,14 @@ class Trainer:
         return self.evaluate(test_loader, self._routing_kwargs(plan_stage(self.config.curriculum.stages[-1],
                                                                            self.base_lr)))
 
-    def _stage_length(self, stage) -> tuple[int, int]:
-        steps_per_epoch = all_reduce_int(len(self.train_loader), "min")
+    def _stage_length(self, stage, cached: bool = False) -> tuple[int, int]:
+        if cached:  # the manifest's count of this rank's samples, known before the cache is built
+            from mgmoe_ds.feature_cache import batches_per_epoch
+
+            local = batches_per_epoch(self.train_info.samples_per_rank[self.dist.rank], self.micro_batch)
+        else:
+            local = len(self.train_loader)
+        steps_per_epoch = all_reduce_int(local, "min")
         if steps_per_epoch == 0:
             raise TrainingError(f"dataset {self.dataset}: a rank has no training batch; use fewer ranks or a "
                                 f"smaller train_micro_batch_size_per_gpu")
@@ -553,7 +650,8 @@ class Trainer:
         stage = self.config.curriculum.stages[stage_index]
         plan = plan_stage(stage, self.base_lr)
         pending_rng: Optional[dict[str, Any]] = None
-        steps_per_epoch, total_steps = self._stage_length(stage)
+        use_cache = self._cache_refusal(plan) is None
+        steps_per_epoch, total_steps = self._stage_length(stage, cached=use_cache)
         tag_prefix = f"stage{stage_index}-{stage.name}"
         carried_clusters = self.progress.clusters
         if resume is not None:
@@ -577,6 +675,7 @@ class Trainer:
             if full:  # applied after the resumed epoch's trained batches are replayed (see below)
                 pending_rng = torch.load(self.ckpt_dir / resume["tag"] / f"rng_rank{self.dist.rank}.pt",
                                          weights_only=True)
+        cache = self._stage_feature_cache(plan)  # after the checkpoint load: keyed by the loaded weights
         self._write_stage_json(stage_index, plan, trained)
         if self.is_main:
             LOG.info("stage %d/%d %s: %d steps (%d per epoch), training %s", stage_index + 1,
@@ -597,9 +696,13 @@ class Trainer:
             routing = self._routing_kwargs(plan)
             self.train_loader.set_epoch(1000 * stage_index + self.progress.epoch)
             self.model.train()
-            batches = self._equalised(self.train_loader, "min")
-            for _ in range(self.progress.step_in_epoch):
-                next(batches)  # resuming inside an epoch: replay the data order past the trained batches
+            if cache is not None:
+                batches = self._cached_batches(cache, 1000 * stage_index + self.progress.epoch, steps_per_epoch,
+                                               start=self.progress.step_in_epoch)
+            else:
+                batches = self._equalised(self.train_loader, "min")
+                for _ in range(self.progress.step_in_epoch):
+                    next(batches)  # resuming inside an epoch: replay the data order past the trained batches
             if pending_rng is not None:
                 # Restored only now, so the replay's augmentation draws do not shift the stream.
                 set_rng_state(pending_rng)
@@ -653,10 +756,14 @@ class Trainer:
         return weights
 
     def _train_step(self, engine, plan: StagePlan, batch: dict, routing: dict[str, Any], window: "_Window") -> None:
-        images = self._images(batch)
         labels = batch["labels"].to(self.dist.device, non_blocking=True)
         started = time.perf_counter()
-        out = engine(images, labels, **routing)
+        if "features" in batch:  # from the feature cache: the engine's forward skips the backbone
+            features = {k: v.to(self.dist.device, dtype=self.input_dtype, non_blocking=True)
+                        for k, v in batch["features"].items()}
+            out = engine(None, labels, features=features, **routing)
+        else:
+            out = engine(self._images(batch), labels, **routing)
         losses = dict(out.losses)
         if plan.uses_teacher and self.progress.clusters is not None:
             clusters = self.progress.clusters
@@ -711,6 +818,7 @@ class Trainer:
             "trained_groups": {g["name"]: g["lr"] for g in trained},
             "experts": self.model.expert_names,
             "clusters": None if self.progress.clusters is None else self.progress.clusters.to_json(),
+            "feature_cache": self._stage_cache_record,
             "epoch": self.progress.epoch, "global_step": self.progress.global_step,
         }
         if plan.frozen_routing:

@@ -176,14 +176,13 @@ def build_model(config: RunConfig, num_classes: int, state: Optional[dict[str, T
     return model.eval()
 
 
-def preprocessing_for(config: RunConfig) -> Preprocessing:
-    """The eval transform the data loaders applied during training (timm's defaults at img_size)."""
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    from mgmoe_ds.data.transforms import DEFAULT_CROP_PCT
-
-    return Preprocessing(img_size=config.model.img_size, mean=tuple(IMAGENET_DEFAULT_MEAN),
-                         std=tuple(IMAGENET_DEFAULT_STD), crop_pct=DEFAULT_CROP_PCT)
+def preprocessing_for(model) -> Preprocessing:
+    """The eval transform the training loaders applied: the backbone's own normalisation and
+    resize (``Backbone.preprocessing``, as the engine passes it) at the configured img_size."""
+    options = model.backbone.preprocessing()
+    return Preprocessing(img_size=model.model_config.img_size, mean=tuple(float(m) for m in options["mean"]),
+                         std=tuple(float(x) for x in options["std"]), interpolation=str(options["interpolation"]),
+                         crop_pct=float(options["crop_pct"]), crop_mode=str(options["crop_mode"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +232,7 @@ def _load_run(run_dir: Path, tag: Optional[str]):
         routing = RoutingPolicy(top_k=config.moe.top_k, centroids=clusters["centroids"].float(),
                                 cluster_experts=top_experts_per_cluster(clusters["teacher"], k))
     meta = InferenceMeta(config=config, class_names=_run_class_names(run, num_classes),
-                         preprocessing=preprocessing_for(config), routing=routing, source=str(run_dir),
+                         preprocessing=preprocessing_for(model), routing=routing, source=str(run_dir),
                          checkpoint_tag=tag, dataset=run.get("dataset"), final_stage=final_stage)
     return model, meta
 

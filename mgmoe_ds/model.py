@@ -118,18 +118,23 @@ class MGMoE(nn.Module):
         return ModelOutput(logits=out.output, route=out.route, pooled=pooled, losses=losses, aux_loss=out.aux_loss,
                            moe_output=out)
 
-    def forward(self, images: Tensor, targets: Optional[Tensor] = None,
-                route_by: Optional[Callable[[Tensor], dict]] = None, **routing) -> ModelOutput:
-        """Full forward.
+    def forward(self, images: Optional[Tensor], targets: Optional[Tensor] = None,
+                route_by: Optional[Callable[[Tensor], dict]] = None, *,
+                features: Optional[dict[str, Tensor]] = None, **routing) -> ModelOutput:
+        """Full forward, or the head alone on precomputed features.
 
         Args:
-            images: (B, 3, H, W).
+            images: (B, 3, H, W), or None when ``features`` is given.
             targets: (B,) class indices, or None.
             route_by: optional callable mapping the pooled features (B, D) to extra routing
                 keyword arguments (e.g. per-image ``allowed_experts`` from cluster-level routing).
+            features: precomputed ``forward_features`` output (a feature cache of a frozen
+                backbone); the backbone is then skipped. Passing them here rather than calling
+                ``forward_head`` keeps the call inside a DeepSpeed engine's forward.
             **routing: see ``forward_head``.
         """
-        features = self.forward_features(images)
+        if features is None:
+            features = self.forward_features(images)
         if route_by is not None:
             routing = dict(routing, **route_by(features[ROUTER_INPUT].detach()))
         return self.forward_head(features, targets, **routing)

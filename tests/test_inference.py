@@ -68,7 +68,7 @@ def tiny_model_and_meta(seed: int = 0):
     routing = RoutingPolicy(top_k=2, centroids=torch.randn(3, model.backbone.info.pooled_dim),
                             cluster_experts=torch.tensor([[0, 1], [2, 3], [1, 3]]))
     meta = InferenceMeta(config=config, class_names=["wren", "robin", "finch", "tit"],
-                         preprocessing=preprocessing_for(config), routing=routing, source="<test>")
+                         preprocessing=preprocessing_for(model), routing=routing, source="<test>")
     return model, meta
 
 
@@ -81,6 +81,9 @@ def test_export_round_trip_keeps_weights_metadata_and_cluster_routing(tmp_path):
     loaded, loaded_meta = load_trained(path)
     assert loaded_meta.class_names == meta.class_names
     assert loaded_meta.preprocessing == meta.preprocessing
+    # the transform the training loaders use (the backbone's own normalisation), at the trained size
+    assert loaded_meta.preprocessing.transform_options() == model.backbone.preprocessing()
+    assert loaded_meta.preprocessing.img_size == 32
     assert loaded_meta.routing.kind == "cluster"
     assert torch.equal(loaded_meta.routing.cluster_experts, meta.routing.cluster_experts)
     for key, value in model.state_dict().items():

@@ -35,6 +35,11 @@ class Expert(nn.Module):
 
     required_features: ClassVar[frozenset[str]] = frozenset()
     default_options: ClassVar[dict[str, Any]] = {}
+    # Training from a feature cache (frozen backbone): an expert that needs the raw image in
+    # training sets needs_raw_images, and its stages then run uncached; one that trains on a
+    # cached substitute of an image-space step says which in cached_training_note (logged).
+    needs_raw_images: ClassVar[bool] = False
+    cached_training_note: ClassVar[Optional[str]] = None
 
     @classmethod
     def features_for(cls, info, **options: Any) -> frozenset[str]:

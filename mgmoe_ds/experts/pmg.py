@@ -90,6 +90,8 @@ class PMGExpert(Expert):
     required_features = frozenset(PMG_LEVELS)
     default_options = dict(mid_channels=128, out_channels=256, hidden=256, granularities=(4, 2, 1),
                            level_weight=1.0, concat_weight=1.0)
+    cached_training_note = ("its jigsaw shuffles the cached feature maps (the feature-space substitute it also "
+                            "uses uncached); no raw image needed")
 
     def __init__(self, *, info: BackboneInfo, num_classes: int, mid_channels: int, out_channels: int, hidden: int,
                  granularities, level_weight: float, concat_weight: float):
