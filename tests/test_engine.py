@@ -127,6 +127,23 @@ def test_two_ranks_with_expert_parallelism_two(tiny_dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_four_ranks_with_expert_parallelism_four_and_zero1(tiny_dataset, tmp_path):
+    config = write_tiny_config(tmp_path / "ds.json", moe={"expert_parallel_size": 4},
+                               curriculum={"stages": [{"name": "warmup", "steps": 2}, {"name": "routing", "steps": 2},
+                                                      {"name": "residual", "steps": 2}], "num_clusters": 2})
+    ds = json.loads(config.read_text())
+    ds["zero_optimization"] = {"stage": 1}
+    config.write_text(json.dumps(ds))
+    run = tmp_path / "run"
+    launcher = [DEEPSPEED, "--num_gpus", "4", "--master_port", str(free_port())]
+    checked(run_job(["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)], launcher=launcher))
+    saved = load_state(run, "stage2-residual-end")
+    assert {k.split(".")[4] for k in saved if k.startswith("moe.deepspeed_moe.")} == {"0", "1", "2", "3"}
+    assert json.loads((run / "config.json").read_text())["world_size"] == 4
+    assert json.loads((run / "final_metrics.json").read_text())["val"]["images"] == 24
+
+
+@pytest.mark.slow
 def test_two_simulated_nodes_on_loopback(tiny_dataset, tmp_path):
     config = write_tiny_config(tmp_path / "ds.json", moe={"expert_parallel_size": 2},
                                curriculum={"stages": [{"name": "warmup", "steps": 2}, {"name": "routing", "steps": 2}],
