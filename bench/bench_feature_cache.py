@@ -109,7 +109,8 @@ def main() -> None:
         "batch": trainer.micro_batch, "train_images": args.train_images, "epochs_timed": args.epochs,
         "steps_uncached": uncached[0][1], "steps_cached": cached[0][1], "uncached_epoch_s": uncached_s,
         "cached_epoch_s": cached_s, "uncached_epochs_s": [s for s, _ in uncached],
-        "cached_epochs_s": [s for s, _ in cached], "speedup": speedup, "cache_build_s": build_s, "cache_reuse_s": reuse_s,
+        "cached_epochs_s": [s for s, _ in cached], "speedup": speedup, "cache_build_s": build_s,
+        "cache_reuse_s": reuse_s,
         "cache": record, "load_before": load_before, "load_after": load_after,
     }
     print(json.dumps(result, indent=2))

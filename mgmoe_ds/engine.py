@@ -394,6 +394,13 @@ class Trainer:
         for _ in range(count):
             yield next(iterator, None)
 
+    def _train_mode(self, plan: StagePlan) -> None:
+        """Training mode, except a frozen backbone: its BatchNorm statistics must not drift either
+        (and it then computes exactly what the feature cache stores)."""
+        self.model.train()
+        if "backbone" not in plan.group_lr:
+            self.model.backbone.eval()
+
     def _images(self, batch: dict) -> torch.Tensor:
         return batch["images"].to(self.dist.device, dtype=self.input_dtype, non_blocking=True)
 
@@ -695,7 +702,7 @@ class Trainer:
                 self._write_stage_json(stage_index, plan, trained)
             routing = self._routing_kwargs(plan)
             self.train_loader.set_epoch(1000 * stage_index + self.progress.epoch)
-            self.model.train()
+            self._train_mode(plan)
             if cache is not None:
                 batches = self._cached_batches(cache, 1000 * stage_index + self.progress.epoch, steps_per_epoch,
                                                start=self.progress.step_in_epoch)
@@ -730,7 +737,7 @@ class Trainer:
             self.progress.epoch += 1
             self.progress.step_in_epoch = 0
             val = self.evaluate(self.val_loader, routing)
-            self.model.train()
+            self._train_mode(plan)
             result = {"val": val}
             self.logger.log({"event": "validation", "stage": stage.name, "epoch": self.progress.epoch,
                              "step": self.progress.global_step, "val_top1": val["top1"], "val_top5": val["top5"],

@@ -280,29 +280,31 @@ class FeatureCacheStore:
         bar = tqdm(total=capacity * views, desc="feature cache", unit="img", disable=not self.progress,
                    dynamic_ncols=True)
         writer: Optional[_Writer] = None
-        rows_of: dict[str, int] = {}  # sample key -> row, fixed by view 0
+        order: list[str] = []  # sample keys in row order, fixed by view 0; later views must match it
         for view in range(views):
+            position = 0
             for batch in view_batches(view):
                 keys = list(batch["keys"])
                 if view == 0:
-                    if len(rows_of) + len(keys) > capacity:
+                    if len(order) + len(keys) > capacity:
                         raise FeatureCacheError(f"feature cache {key[:12]}: more samples than the manifest's "
                                                 f"{capacity} for this rank; the dataset changed under its manifest")
-                    rows_of.update((k, len(rows_of) + i) for i, k in enumerate(keys))
-                keep = [i for i, k in enumerate(keys) if k in rows_of]  # a sample skipped in view 0 stays out
+                    order += keys
+                elif keys != order[position:position + len(keys)]:
+                    raise FeatureCacheError(f"feature cache {key[:12]}: view {view} reads the samples in another "
+                                            f"order than view 0 (at sample {position}); the loader must not shuffle")
                 features = compute(batch["images"])
                 if writer is None:
                     writer = _Writer(key, features, views=views, capacity=capacity, dtype=self.dtype,
                                      memory_limit_bytes=self.memory_limit_bytes, folder=self.root / key)
-                rows = np.asarray([rows_of[keys[i]] for i in keep], dtype=np.int64)
-                index = torch.tensor(keep, dtype=torch.long)
-                writer.write(view, rows, {n: t[index.to(t.device)] for n, t in features.items()},
-                             batch["labels"][index])
+                rows = np.arange(position, position + len(keys), dtype=np.int64)
+                writer.write(view, rows, features, batch["labels"])
+                position += len(keys)
                 bar.update(len(keys))
         bar.close()
         if writer is None:
             raise FeatureCacheError(f"feature cache {key[:12]}: this rank has no training sample to cache")
-        return writer.finish(len(rows_of))
+        return writer.finish(len(order))
 
 
 def describe(cache: FeatureCache) -> str:

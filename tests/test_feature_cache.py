@@ -1,0 +1,184 @@
+"""The feature cache of frozen-backbone stages: keys, reuse, storage, iteration, equal losses, the trainer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_MGMOE, write_tiny_config
+from mgmoe_ds.config import config_from_dict
+from mgmoe_ds.data import make_loader
+from mgmoe_ds.data.transforms import create_transform
+from mgmoe_ds.feature_cache import FeatureCache, FeatureCacheStore, cache_key, load_feature_cache, manifest_bytes
+from mgmoe_ds.model import MGMoE
+
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dataset):
+    torch.manual_seed(0)
+    config = config_from_dict(TINY_MGMOE)
+    model = MGMoE(config.model, config.moe, num_classes=4)
+    model.backbone.requires_grad_(False)
+    return model
+
+
+def eval_loader(dataset, model):
+    loader, info = make_loader(dataset, "train", batch_size=BATCH, img_size=32, train=False, shuffle=False,
+                               transform_options=model.backbone.preprocessing())
+    return loader, info.samples_per_rank[0]
+
+
+def key_for(model, dataset, **changes):
+    args = dict(transform=repr(create_transform(32, False, **model.backbone.preprocessing())),
+                manifest=manifest_bytes(dataset), features=model.features | {"pooled"}, rank=0, world_size=1,
+                views=1, dtype="float16", seed=0)
+    return cache_key(model.backbone, **dict(args, **changes))
+
+
+def get_cache(store, model, dataset, key=None):
+    loader, capacity = eval_loader(dataset, model)
+    model.eval()
+    cache, reused = store.get(key or key_for(model, dataset), views=1, capacity=capacity,
+                              view_batches=lambda view: iter(loader), compute=model.forward_features)
+    return cache, reused
+
+
+@pytest.mark.parametrize("memory_limit_bytes", [1 << 30, 0], ids=["memory", "memmap"])
+def test_a_cache_built_twice_is_reused(tiny_model, tiny_dataset, tmp_path, memory_limit_bytes):
+    store = FeatureCacheStore(tmp_path, memory_limit_bytes=memory_limit_bytes)
+    first, reused_first = get_cache(store, tiny_model, tiny_dataset)
+    second, reused_second = get_cache(store, tiny_model, tiny_dataset)
+    assert (reused_first, reused_second, store.builds) == (False, True, 1)
+    assert first.storage == ("memory" if memory_limit_bytes else "memmap") and first.num_samples == 96
+    assert set(first.features) == tiny_model.features | {"pooled"}
+    if memory_limit_bytes == 0:  # a new process (a resumed run) finds the finished files
+        fresh = FeatureCacheStore(tmp_path, memory_limit_bytes=0)
+        third, reused_third = get_cache(fresh, tiny_model, tiny_dataset)
+        assert reused_third and fresh.builds == 0
+        assert all(np.array_equal(np.asarray(first.features[k]), np.asarray(third.features[k])) for k in first.features)
+
+
+def test_an_unfinished_memmap_build_is_not_read(tiny_model, tiny_dataset, tmp_path):
+    store = FeatureCacheStore(tmp_path, memory_limit_bytes=0)
+    cache, _ = get_cache(store, tiny_model, tiny_dataset)
+    (cache.folder / "index.json").unlink()  # as if the build was killed before its last write
+    assert load_feature_cache(cache.folder) is None
+    _, reused = get_cache(FeatureCacheStore(tmp_path, memory_limit_bytes=0), tiny_model, tiny_dataset)
+    assert not reused
+
+
+def test_the_key_changes_with_weights_transform_and_manifest(tiny_model, tiny_dataset, tmp_path):
+    base = key_for(tiny_model, tiny_dataset)
+    assert key_for(tiny_model, tiny_dataset) == base
+    other_transform = repr(create_transform(32, False, **dict(tiny_model.backbone.preprocessing(), crop_pct=1.0)))
+    assert key_for(tiny_model, tiny_dataset, transform=other_transform) != base
+    changed_dataset = tmp_path / "changed"
+    shutil.copytree(tiny_dataset, changed_dataset)
+    manifest = json.loads((changed_dataset / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][1:]
+    (changed_dataset / "manifest.json").write_text(json.dumps(manifest))
+    assert key_for(tiny_model, changed_dataset) != base
+    assert key_for(tiny_model, tiny_dataset, rank=1, world_size=2) != base
+    weight = next(tiny_model.backbone.parameters())
+    with torch.no_grad():
+        weight[(0,) * weight.dim()] += 1e-3
+        try:
+            assert key_for(tiny_model, tiny_dataset) != base
+        finally:
+            weight[(0,) * weight.dim()] -= 1e-3
+
+
+def test_a_stale_key_rebuilds(tiny_model, tiny_dataset, tmp_path):
+    store = FeatureCacheStore(tmp_path, memory_limit_bytes=0)
+    get_cache(store, tiny_model, tiny_dataset)
+    _, reused = get_cache(store, tiny_model, tiny_dataset, key=key_for(tiny_model, tiny_dataset, seed=1, views=2))
+    assert not reused and store.builds == 2
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float16", 5e-3)])
+def test_cached_and_uncached_training_steps_give_the_same_losses(tiny_model, tiny_dataset, tmp_path, dtype,
+                                                                 tolerance):
+    store = FeatureCacheStore(tmp_path, dtype=dtype, memory_limit_bytes=1 << 30)
+    cache, _ = get_cache(store, tiny_model, tiny_dataset)
+    loader, _ = eval_loader(tiny_dataset, tiny_model)
+    batch = next(iter(loader))  # rows 0..B-1 of the cache, in the loader's order
+    cached = cache.gather(torch.arange(BATCH), torch.zeros(BATCH, dtype=torch.long))
+    assert torch.equal(cache.labels[:BATCH], batch["labels"])
+    tiny_model.train()  # experts draw their training randomness (PMG's jigsaw) from the same seed
+    torch.manual_seed(5)
+    uncached_out = tiny_model(batch["images"], batch["labels"])
+    torch.manual_seed(5)
+    cached_out = tiny_model(None, batch["labels"], features={k: v.float() for k, v in cached.items()})
+    assert uncached_out.losses.keys() == cached_out.losses.keys()
+    for name, value in uncached_out.losses.items():
+        assert torch.allclose(value, cached_out.losses[name], rtol=tolerance, atol=tolerance), name
+
+
+def test_batches_reshuffle_per_epoch_and_cover_every_sample(tmp_path):
+    n, views = 20, 3
+    features = {"pooled": torch.arange(views * n, dtype=torch.float32).reshape(views, n, 1)}  # value = view * n + i
+    cache = FeatureCache("k", features, torch.arange(n), "float32")
+    epoch0 = list(cache.batches(6, 4, seed=0, epoch=0))
+    labels = torch.cat([labels for _, labels in epoch0])
+    assert [len(b) for _, b in epoch0] == [6, 6, 6, 2] and sorted(labels.tolist()) == list(range(n))
+    for feats, batch_labels in epoch0:  # each row is its own sample, in one of its views
+        assert torch.equal(feats["pooled"][:, 0].long() % n, batch_labels)
+    chosen_views = torch.cat([f["pooled"][:, 0].long() // n for f, _ in epoch0])
+    assert len(set(chosen_views.tolist())) > 1
+    again = torch.cat([labels for _, labels in cache.batches(6, 4, seed=0, epoch=0)])
+    other = torch.cat([labels for _, labels in cache.batches(6, 4, seed=0, epoch=1)])
+    assert torch.equal(again, labels) and not torch.equal(other, labels)
+    resumed = torch.cat([labels for _, labels in cache.batches(6, 4, seed=0, epoch=0, start=2)])
+    assert torch.equal(resumed, labels[12:])
+    assert [len(b) for _, b in cache.batches(6, 2, seed=0, epoch=0)] == [6, 6]  # truncated to the ranks' minimum
+    assert [len(b) for _, b in cache.batches(8, 4, seed=0, epoch=0)] == [8, 8, 8, 1]  # wraps past a skipped sample
+
+
+def test_bfloat16_memmap_round_trip(tiny_model, tiny_dataset, tmp_path):
+    cache, _ = get_cache(FeatureCacheStore(tmp_path, dtype="bfloat16", memory_limit_bytes=0), tiny_model,
+                         tiny_dataset)
+    loader, _ = eval_loader(tiny_dataset, tiny_model)
+    tiny_model.eval()
+    with torch.no_grad():
+        expected = tiny_model.forward_features(next(iter(loader))["images"])["pooled"].to(torch.bfloat16)
+    got = cache.gather(torch.arange(BATCH), torch.zeros(BATCH, dtype=torch.long))["pooled"]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+
+
+@pytest.mark.slow
+def test_trainer_caches_frozen_stages_only_and_shares_the_cache(tiny_dataset, tmp_path):
+    from test_engine import checked, run_job
+
+    stages = [{"name": "warmup", "steps": 2}, {"name": "residual", "steps": 2}, {"name": "residual", "steps": 2}]
+    config = write_tiny_config(tmp_path / "ds.json", curriculum={"stages": stages, "num_clusters": 2})
+    run = tmp_path / "run"
+    result = checked(run_job(["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)]))
+    records = [json.loads((run / "stages" / name).read_text())["feature_cache"]
+               for name in ("0_warmup.json", "1_residual.json", "2_residual.json")]
+    assert records[0] is None  # the warm-up trains the backbone
+    assert records[1]["storage"] == "memory" and records[1]["samples"] == 96 and not records[1]["reused"]
+    assert records[2]["reused"] and records[2]["key"] == records[1]["key"]
+    log = result.stdout + result.stderr
+    assert "training from the feature cache" in log and "expert pmg: its jigsaw" in log
+    assert (run / "final_metrics.json").is_file()
+
+
+def test_several_views_are_stored_per_sample_and_must_read_the_same_samples(tiny_model, tiny_dataset, tmp_path):
+    loader, capacity = eval_loader(tiny_dataset, tiny_model)
+    tiny_model.eval()
+    store = FeatureCacheStore(tmp_path, memory_limit_bytes=0)
+    cache, _ = store.get(key_for(tiny_model, tiny_dataset, views=2), views=2, capacity=capacity,
+                         view_batches=lambda view: iter(loader), compute=tiny_model.forward_features)
+    assert cache.num_views == 2 and cache.features["pooled"].shape[:2] == (2, 96)
+    shuffled, _ = make_loader(tiny_dataset, "train", batch_size=BATCH, img_size=32, train=False, shuffle=True,
+                              transform_options=tiny_model.backbone.preprocessing())
+    with pytest.raises(Exception, match="another order than view 0"):
+        store.get(key_for(tiny_model, tiny_dataset, views=2, seed=3), views=2, capacity=capacity,
+                  view_batches=lambda view: iter(loader if view == 0 else shuffled),
+                  compute=tiny_model.forward_features)
