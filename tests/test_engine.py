@@ -144,8 +144,10 @@ def test_four_ranks_with_expert_parallelism_four_and_zero1(tiny_dataset, tmp_pat
 
 
 @pytest.mark.slow
-def test_two_simulated_nodes_on_loopback(tiny_dataset, tmp_path):
-    config = write_tiny_config(tmp_path / "ds.json", moe={"expert_parallel_size": 2},
+def test_two_simulated_nodes_on_loopback_with_replicated_experts(tiny_dataset, tmp_path):
+    # P = 1 on two ranks: every expert is replicated, its gradients reduced over DeepSpeed's
+    # expert-data-parallel group (degree 2) across the two "nodes".
+    config = write_tiny_config(tmp_path / "ds.json", moe={"expert_parallel_size": 1},
                                curriculum={"stages": [{"name": "warmup", "steps": 2}, {"name": "routing", "steps": 2}],
                                            "num_clusters": 2})
     run = tmp_path / "run"
