@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96, help="demo JPEG side in pixels")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs of each path (interleaved)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="mgmoe key=value override")
-    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "BENCHMARKS_cache.md")
+    parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "feature_cache.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(os.cpu_count() or 1)

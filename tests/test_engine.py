@@ -168,6 +168,22 @@ def test_two_simulated_nodes_on_loopback_with_replicated_experts(tiny_dataset, t
     assert (run / "final_metrics.json").is_file()
 
 
+@pytest.mark.slow
+def test_accelerate_launch_with_the_shipped_accelerate_config(tiny_dataset, tmp_path):
+    config = write_tiny_config(tmp_path / "ds.json", moe={"expert_parallel_size": 2},
+                               curriculum={"stages": [{"name": "warmup", "steps": 2}], "num_clusters": 2})
+    shipped = (ROOT / "jobs" / "accelerate_config.yaml").read_text()
+    assert "deepspeed_config_file: ds_configs/zero2.json" in shipped
+    accelerate_config = tmp_path / "accelerate.yaml"
+    accelerate_config.write_text(shipped.replace("ds_configs/zero2.json", str(config))
+                                 .replace("main_process_port: 29500", f"main_process_port: {free_port()}"))
+    run = tmp_path / "run"
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(accelerate_config)]
+    checked(run_job(["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)], launcher=launcher))
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    assert (run / "final_metrics.json").is_file()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "moe.top_kk=1"], "unknown key mgmoe.moe.top_kk"),
     (["--set", "moe.top_k=9"], "mgmoe.moe.top_k = 9"),
