@@ -13,7 +13,6 @@ resolution allows; that is part of what is measured.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import sys

@@ -17,16 +17,13 @@ from typing import Any, Optional
 
 import torch
 
-from mgmoe_ds.inference import load_trained
 from mgmoe_ds.report import (
     ROUTED,
     HeadRouting,
     accuracy_summary,
-    default_out,
-    eval_loader,
+    load_for_evaluation,
     long_tail_buckets,
     pass_flops,
-    resolve_device,
     router_flops,
     run_passes,
 )
@@ -71,12 +68,9 @@ def ablation_rows(model, meta, subset_k: Optional[int] = None,
 
 def ablate_model(args: AblateArgs) -> dict[str, Any]:
     """Runs ``mgmoe ablate``; writes ``ablation.json`` and ``ablation.md`` to ``args.out``."""
-    model, meta = load_trained(args.checkpoint)
-    device = resolve_device(args.device)
-    model.to(device)
-    out_dir = Path(args.out) if args.out is not None else default_out(args.checkpoint, "ablation")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    loader, _, train_counts = eval_loader(meta, args.data, args.split, args.batch_size, args.num_workers)
+    run = load_for_evaluation(args, "ablation")
+    model, meta, device, out_dir = run.model, run.meta, run.device, run.out_dir
+    loader, train_counts = run.loader, run.train_counts
     rows = ablation_rows(model, meta, args.subset_k, args.min_subset_size)
     passes = {row["row"]: routing for row, routing in rows}
     outputs = run_passes(model, loader, passes, max_points=0, progress=args.progress, desc=f"ablate {args.split}",

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor
 
 

@@ -321,6 +321,36 @@ def eval_loader(meta: InferenceMeta, data: Optional[str], split: str, batch_size
     return loader, info, list(train_counts)
 
 
+@dataclass
+class LoadedRun:
+    """What ``eval`` and ``ablate`` both start from."""
+
+    model: Any
+    meta: InferenceMeta
+    device: torch.device
+    out_dir: Path
+    loader: Any
+    info: Any
+    train_counts: list[int]
+
+
+def load_for_evaluation(args: Any, default_name: str) -> LoadedRun:
+    """Loads the model onto its device, makes the output folder and the split's loader.
+
+    Args:
+        args: ``EvalArgs`` or ``AblateArgs`` (checkpoint, device, out, data, split, batch_size,
+            num_workers).
+        default_name: the output folder's name when ``args.out`` is not given.
+    """
+    model, meta = load_trained(args.checkpoint)
+    device = resolve_device(args.device)
+    model.to(device)
+    out_dir = Path(args.out) if args.out is not None else default_out(args.checkpoint, default_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loader, info, train_counts = eval_loader(meta, args.data, args.split, args.batch_size, args.num_workers)
+    return LoadedRun(model, meta, device, out_dir, loader, info, train_counts)
+
+
 def routing_passes(model, meta: InferenceMeta) -> dict[str, HeadRouting]:
     """The trained routing, dense fusion, and each single expert."""
     num_experts = model.num_experts
@@ -335,12 +365,9 @@ def routing_passes(model, meta: InferenceMeta) -> dict[str, HeadRouting]:
 
 def evaluate_model(args: EvalArgs) -> dict[str, Any]:
     """Runs ``mgmoe eval``; returns the report dict (also written to ``args.out``)."""
-    model, meta = load_trained(args.checkpoint)
-    device = resolve_device(args.device)
-    model.to(device)
-    out_dir = Path(args.out) if args.out is not None else default_out(args.checkpoint, "eval")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    loader, info, train_counts = eval_loader(meta, args.data, args.split, args.batch_size, args.num_workers)
+    run = load_for_evaluation(args, "eval")
+    model, meta, device, out_dir = run.model, run.meta, run.device, run.out_dir
+    loader, train_counts = run.loader, run.train_counts
     outputs = run_passes(model, loader, routing_passes(model, meta), max_points=args.max_points,
                          progress=args.progress, desc=f"eval {args.split}", device=device)
     buckets, thresholds = long_tail_buckets(train_counts, args.head_min, args.tail_max)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import tarfile
 from collections import Counter
 
 import pytest
