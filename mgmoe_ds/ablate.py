@@ -12,13 +12,13 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from mgmoe_ds.report import (
     ROUTED,
+    EvaluationArgs,
     HeadRouting,
     accuracy_summary,
     load_for_evaluation,
@@ -30,17 +30,9 @@ from mgmoe_ds.report import (
 
 
 @dataclass
-class AblateArgs:
-    checkpoint: Path
-    data: Optional[str] = None
-    out: Optional[Path] = None
-    split: str = "test"
-    batch_size: int = 32
-    num_workers: int = 0
+class AblateArgs(EvaluationArgs):
     subset_k: Optional[int] = None  # K within a subset; None: every expert of the subset
     min_subset_size: int = 2
-    progress: bool = True
-    device: Optional[str] = None  # default: "cuda" when available, else "cpu"
 
 
 def ablation_rows(model, meta, subset_k: Optional[int] = None,

@@ -274,18 +274,24 @@ def plot_tsne(backbone: np.ndarray, fused: np.ndarray, labels: np.ndarray, path:
 
 
 @dataclass
-class EvalArgs:
-    checkpoint: Path
-    data: Optional[str] = None
-    out: Optional[Path] = None
+class EvaluationArgs:
+    """What ``eval`` and ``ablate`` both take."""
+
+    checkpoint: Path  # a run folder or an exported .safetensors file
+    data: Optional[str] = None  # dataset folder; default: the one the run trained on
+    out: Optional[Path] = None  # output folder; default: next to the checkpoint
     split: str = "test"
     batch_size: int = 32
     num_workers: int = 0
-    head_min: Optional[float] = None
-    tail_max: Optional[float] = None
-    max_points: int = MAX_TSNE_POINTS
     progress: bool = True
     device: Optional[str] = None  # default: "cuda" when available, else "cpu"
+
+
+@dataclass
+class EvalArgs(EvaluationArgs):
+    head_min: Optional[float] = None  # long-tail bucket thresholds (training images per class)
+    tail_max: Optional[float] = None
+    max_points: int = MAX_TSNE_POINTS  # images in the t-SNE figure
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
