@@ -13,6 +13,7 @@ written by DeepSpeed: one file per (layer, global expert), whatever P is, so the
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
@@ -123,11 +124,6 @@ def moe_param_groups(named_groups: Iterable[dict[str, Any]]) -> list[dict[str, A
     return [g for g in split if len(g["params"]) > 0]
 
 
-def is_expert_param(param: torch.Tensor) -> bool:
-    """True for parameters reduced over the expert-data-parallel group."""
-    return getattr(param, "allreduce", True) is False
-
-
 def consolidate_expert_checkpoint(checkpoint_dir: str, tag: Optional[str] = None) -> dict[str, torch.Tensor]:
     """Reads a DeepSpeed checkpoint written at any P into one full state dict (global expert ids).
 
@@ -140,8 +136,6 @@ def consolidate_expert_checkpoint(checkpoint_dir: str, tag: Optional[str] = None
     Returns:
         The model's state dict with every expert at ``...deepspeed_experts.<global id>``.
     """
-    from pathlib import Path
-
     root = Path(checkpoint_dir)
     if tag is None:
         latest = root / "latest"

@@ -91,7 +91,7 @@ class RouteOutput:
     expert_indices: Tensor  # (T, K) chosen experts, best first
     weights: Tensor  # (T, K) combine weights, renormalised over the kept choices
     kept: Tensor  # (T, K) bool: the choice got a capacity slot
-    capacity: int  # slots per expert for this step (the largest load when dropless)
+    capacity: int  # slots per expert for this step (this rank's largest load when unlimited)
     load_per_expert: Tensor  # (E,) assignments requested
     dropped_per_expert: Tensor  # (E,) assignments dropped for capacity
     fully_dropped: Tensor  # (T,) bool: tokens that lost every choice and got the fallback
@@ -324,8 +324,9 @@ class RoutedExperts(nn.Module):
             # Keep the fallback head in every step's graph so data-parallel reducers see it.
             fused = fused + 0.0 * sum(p.sum() for p in self.fallback_head.parameters()).to(fused.dtype)
 
-        capacity_used = capacity if capacity is not None else int(
-            self.comm.max_int(int(slots.load_per_expert.max()) if num_tokens else 0, device))
+        # Without a limit there is no agreed capacity: report this rank's largest load (no extra
+        # collective on the hot path just for a statistic).
+        capacity_used = capacity if capacity is not None else (int(slots.load_per_expert.max()) if num_tokens else 0)
         route = RouteOutput(
             logits=selection.logits,
             probs=selection.probs,
