@@ -29,6 +29,7 @@ Usage::
 
     PYTHONPATH=. python bench/bench_moe_layer.py                      # CPU, fp32 (~8 min on 2 cores)
     PYTHONPATH=. python bench/bench_moe_layer.py --sizes 2048 --repeats 2   # smoke
+    PYTHONPATH=. python bench/bench_moe_layer.py --threads 1 --sizes 8192 --out bench/results/moe_layer_1thread.json
     PYTHONPATH=. python bench/bench_moe_layer.py --device cuda        # one GPU, fp32
     PYTHONPATH=. python bench/bench_moe_layer.py --device cuda --dtype bf16
 
@@ -473,13 +474,19 @@ def main() -> None:
                         help=f"timed steps per point (0: per-size default on CPU, {CUDA_REPEATS} on cuda)")
     parser.add_argument("--warmup", type=int, default=None,
                         help=f"untimed steps before timing (default 1 on CPU, {CUDA_WARMUP} on cuda)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads for both layers (0: torch's default, one per core); on a shared "
+                             "machine 1 thread makes the CPU-time ratio less sensitive to other processes")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default bench/results/moe_layer.json on CPU fp32, else "
                              "moe_layer_<device>[_bf16].json)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     warmup = args.warmup if args.warmup is not None else (CUDA_WARMUP if cuda else 1)
-    device_args = ["--device", args.device, "--dtype", args.dtype]
+    device_args = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)  # this process and, through device_args, every child
 
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.tokens, args.repeats, warmup, args.device, args.dtype)))

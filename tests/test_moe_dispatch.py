@@ -83,3 +83,24 @@ def test_payload_pack_round_trip_keeps_shapes_and_integer_dtypes():
     for name, tensor in payload.items():
         assert back[name].dtype == tensor.dtype
         torch.testing.assert_close(back[name], tensor[rows])
+
+
+def test_combine_matches_autograd_indexing_in_values_and_gradients():
+    torch.manual_seed(0)
+    num_tokens, num_experts = 9, 3
+    idx = torch.randint(0, num_experts, (num_tokens, 2))
+    kept = torch.rand(num_tokens, 2) > 0.2  # some dropped choices, possibly a fully dropped token
+    plan = plan_dispatch(idx, kept, num_experts)
+    rows = torch.randn(plan.token_index.numel(), 2, 3, requires_grad=True)  # (A, 2, 3): a non-flat output
+    w = torch.rand(num_tokens, 2, requires_grad=True)
+    loss_weights = torch.randn(num_tokens, 2, 3)
+
+    out = combine(rows, plan, w, num_tokens)
+    grad_rows, grad_w = torch.autograd.grad((out * loss_weights).sum(), (rows, w))
+
+    row_weights = w[plan.token_index, plan.choice_index]  # (A,)
+    reference = torch.zeros(num_tokens, 2, 3).index_add(0, plan.token_index, rows * row_weights[:, None, None])
+    ref_grad_rows, ref_grad_w = torch.autograd.grad((reference * loss_weights).sum(), (rows, w))
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(grad_rows, ref_grad_rows)
+    torch.testing.assert_close(grad_w, ref_grad_w)

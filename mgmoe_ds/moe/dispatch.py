@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -156,12 +156,18 @@ def payload_spec(payload: dict[str, Tensor]) -> PayloadSpec:
 
 
 def pack_rows(payload: dict[str, Tensor], spec: PayloadSpec, rows: Tensor) -> list[Tensor]:
-    """Gathers ``rows`` of every payload tensor into one (A, F_dtype) buffer per dtype."""
+    """Gathers ``rows`` of every payload tensor into one (A, F_dtype) buffer per dtype.
+
+    Columns are packed per token first and gathered once: ``rows`` usually repeats each token K
+    times, and ``index_select``'s backward (``index_add``) is far cheaper than advanced indexing's
+    (an accumulating ``index_put``).
+    """
     buffers = []
     for dtype, _ in spec.widths:
-        parts = [payload[e.name][rows].reshape(rows.numel(), e.width)  # (A, F_e)
-                 for e in spec.entries if e.dtype == dtype]
-        buffers.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))  # (A, F_dtype)
+        columns = [payload[e.name].reshape(payload[e.name].shape[0], e.width)  # (T, F_e)
+                   for e in spec.entries if e.dtype == dtype]
+        per_token = columns[0] if len(columns) == 1 else torch.cat(columns, dim=1)  # (T, F_dtype)
+        buffers.append(per_token.index_select(0, rows))  # (A, F_dtype)
     return buffers
 
 
@@ -171,8 +177,41 @@ def unpack_rows(buffers: list[Tensor], spec: PayloadSpec) -> dict[str, Tensor]:
     payload = {}
     for e in spec.entries:
         buffer = by_dtype[e.dtype]
-        payload[e.name] = buffer[:, e.offset:e.offset + e.width].reshape(buffer.shape[0], *e.shape)  # (n, *shape)
+        # An entry that fills its buffer is the buffer itself: a column slice's backward would
+        # zero-fill a buffer-sized gradient and copy into it.
+        columns = buffer if e.width == buffer.shape[1] else buffer[:, e.offset:e.offset + e.width]  # (n, F_e)
+        payload[e.name] = columns.reshape(buffer.shape[0], *e.shape)  # (n, *shape)
     return payload
+
+
+class _WeightedIndexAdd(torch.autograd.Function):
+    """``out[t] = sum_a w[a] * rows[a]`` over the kept assignments a of token t.
+
+    Autograd's own multiply + ``index_add`` would allocate two more (A, F) tensors in backward
+    (the scaled gradient and the product summed for the weight gradient); here the gathered
+    output gradient is scaled in place and the weight gradient is a row-wise dot product.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor, row_weights: Tensor, token_index: Tensor, num_tokens: int) -> Tensor:
+        width = math.prod(rows.shape[1:])  # F
+        out = rows.new_zeros((num_tokens, *rows.shape[1:]))  # (T, *out)
+        weighted = rows.reshape(rows.shape[0], width) * row_weights[:, None]  # (A, F)
+        out.view(num_tokens, width).index_add_(0, token_index, weighted)
+        ctx.save_for_backward(rows, row_weights, token_index)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None, None]:
+        rows, row_weights, token_index = ctx.saved_tensors
+        num_rows, width = rows.shape[0], math.prod(rows.shape[1:])  # A, F
+        grad_rows = grad_out.reshape(grad_out.shape[0], width).index_select(0, token_index)  # (A, F)
+        grad_weights = None
+        if ctx.needs_input_grad[1]:
+            flat_rows = rows.reshape(num_rows, width, 1)  # (A, F, 1)
+            grad_weights = torch.bmm(grad_rows.unsqueeze(1), flat_rows).reshape(num_rows)  # (A,)
+        grad_rows.mul_(row_weights[:, None])  # (A, F) now d out / d rows
+        return grad_rows.reshape(rows.shape), grad_weights, None, None
 
 
 def combine(expert_rows: Tensor, plan: DispatchPlan, weights: Tensor, num_tokens: int) -> Tensor:
@@ -188,9 +227,7 @@ def combine(expert_rows: Tensor, plan: DispatchPlan, weights: Tensor, num_tokens
         (T, *out_shape); rows of tokens with no kept assignment are zero.
     """
     row_weights = weights[plan.token_index, plan.choice_index].to(expert_rows.dtype)  # (A,)
-    weighted = expert_rows * row_weights.reshape(-1, *([1] * (expert_rows.dim() - 1)))  # (A, *out)
-    out = expert_rows.new_zeros((num_tokens, *expert_rows.shape[1:]))  # (T, *out)
-    return out.index_add(0, plan.token_index, weighted)
+    return _WeightedIndexAdd.apply(expert_rows, row_weights, plan.token_index, num_tokens)
 
 
 def per_choice_outputs(expert_rows: Tensor, plan: DispatchPlan, num_tokens: int, top_k: int) -> Tensor:

@@ -313,16 +313,19 @@ class RoutedExperts(nn.Module):
         expert_rows, expert_losses = self._run_local_experts(received, recv_counts, spec, router_input.dtype)
         returned = self.comm.exchange(expert_rows, send_splits, recv_splits)  # (A, *out) in plan order
 
-        fused = combine(returned, plan, slots.weights, num_tokens)  # (T, *out)
         dropped_tokens = torch.nonzero(slots.fully_dropped, as_tuple=True)[0]  # (D,)
+        combine_weights = slots.weights  # (T, K)
+        if dropped_tokens.numel() == 0 and self.fallback_head is not None and self.training:
+            # Keep the fallback head in every step's graph so data-parallel reducers see it; a
+            # zero term on the (T, K) weights costs nothing next to one on the (T, *out) output.
+            unused_head = sum(p.sum() for p in self.fallback_head.parameters())
+            combine_weights = combine_weights + 0.0 * unused_head
+        fused = combine(returned, plan, combine_weights, num_tokens)  # (T, *out)
         if dropped_tokens.numel() > 0:
             if self.fallback_head is None:
                 raise RuntimeError("tokens lost every expert to capacity and the layer has no fallback_head")
             fallback = self.fallback_head(router_input[dropped_tokens]).to(fused.dtype)  # (D, *out)
-            fused = fused.index_copy(0, dropped_tokens, fallback)
-        elif self.fallback_head is not None and self.training:
-            # Keep the fallback head in every step's graph so data-parallel reducers see it.
-            fused = fused + 0.0 * sum(p.sum() for p in self.fallback_head.parameters()).to(fused.dtype)
+            fused.index_copy_(0, dropped_tokens, fallback)  # in place: fused is combine's fresh buffer
 
         # Without a limit there is no agreed capacity: report this rank's largest load (no extra
         # collective on the hot path just for a statistic).
@@ -365,10 +368,12 @@ class RoutedExperts(nn.Module):
             local_of_row = torch.arange(num_local, device=device).repeat(num_sources)  # (P*L,)
             row_expert = torch.repeat_interleave(local_of_row, counts_flat)  # (R,)
             by_expert = torch.argsort(row_expert, stable=True)  # (R,) rows grouped by local expert
-            grouped = [b[by_expert] for b in received]  # (R, F) each
+            grouped = [b.index_select(0, by_expert) for b in received]  # (R, F) each
         per_expert = recv_counts.sum(0).tolist()  # (L,) rows per local expert
+        # One split per buffer: its backward concatenates the experts' gradients once, where
+        # per-expert slices would each zero-fill and add a gradient of the whole buffer.
+        expert_slices = [g.split(per_expert) for g in grouped]  # per buffer: L tensors (count, F)
         outputs, losses = [], {}
-        start = 0
         for local_id, (expert, count) in enumerate(zip(self.local_experts, per_expert)):
             if count == 0:
                 # An idle expert still joins the graph with a zero term so that every replica's
@@ -377,7 +382,7 @@ class RoutedExperts(nn.Module):
                 if isinstance(idle, Tensor):
                     losses["moe.idle_experts"] = losses.get("moe.idle_experts", 0.0) + 0.0 * idle
                 continue
-            rows = unpack_rows([g[start:start + count] for g in grouped], spec)
+            rows = unpack_rows([slices[local_id] for slices in expert_slices], spec)
             targets = rows.pop(TARGETS_KEY, None)
             with variable_batch_kernels(device):
                 result = expert(rows, targets)
@@ -388,7 +393,6 @@ class RoutedExperts(nn.Module):
             outputs.append(logits.to(out_dtype))
             for name, value in result.aux_losses.items():
                 losses[name] = losses[name] + value if name in losses else value
-            start += count
         if outputs:
             grouped_out = torch.cat(outputs, dim=0)  # (R, *out) grouped by local expert
         else:
@@ -396,14 +400,14 @@ class RoutedExperts(nn.Module):
         if isinstance(losses.get("moe.idle_experts"), float):
             losses.pop("moe.idle_experts")
         tied = [b for b in received if b.requires_grad]
-        if torch.is_grad_enabled() and tied:
+        if self.comm.size > 1 and torch.is_grad_enabled() and tied:
             # Keeps the received buffers in the graph even when no local expert used them, so the
             # payload all-to-all's backward runs on every rank (see the anchor in ``forward``).
             grouped_out = grouped_out + sum(b.sum() for b in tied).to(grouped_out.dtype) * 0.0
         if single_source:
             return grouped_out, losses
         # Back to received order: row by_expert[i] of the received buffer is grouped row i.
-        in_received_order = grouped_out.new_empty(grouped_out.shape).index_copy(0, by_expert, grouped_out)
+        in_received_order = grouped_out.new_empty(grouped_out.shape).index_copy_(0, by_expert, grouped_out)
         return in_received_order, losses
 
 
