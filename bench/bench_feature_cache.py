@@ -71,7 +71,7 @@ def main() -> None:
         plan = plan_stage(StageConfig("residual", epochs=1, lr=stages[stage_index].lr), trainer.base_lr)
         assert "backbone" not in plan.group_lr, "the timed stage must freeze the backbone"
         trainer.progress = Progress(stage_index=stage_index)
-        trainer.progress.clusters = trainer._recompute_clusters()  # the residual stage's frozen routing
+        trainer.progress.clusters = trainer._recompute_clusters(None)  # the residual stage's frozen routing
         steps_uncached, _ = trainer._stage_length(stages[stage_index], cached=False)
         steps_cached, _ = trainer._stage_length(stages[stage_index], cached=True)
         engine, _ = trainer._engine_for(plan, (steps_uncached + steps_cached) * args.epochs)

@@ -106,6 +106,7 @@ class CacheConfig:
     views: int = 1  # 1: eval-transform features; N > 1: N augmented train-transform views per sample
     memory_limit_gb: float = 8.0  # per rank; a larger cache is memory-mapped files in RUN/feature_cache
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage dtype of the cached features
+    dir: Optional[str] = None  # a folder shared by runs (sweeps): caches are memory-mapped there and reused by any run with the same key
 
 
 @dataclass(frozen=True)

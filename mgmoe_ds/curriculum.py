@@ -9,7 +9,8 @@ Stages (set in the ``"mgmoe"`` block as ``curriculum.stages``):
   images, with a temperature); the router trains with the task loss plus
   ``kl_weight * KL(teacher || router)``.
 - ``residual`` (stage 2): routing is frozen at cluster level (each image may use only its
-  cluster's top-2 teacher experts; the router only re-weights them); the classification heads
+  cluster's top-2 teacher experts, top-K when ``moe.top_k`` > 2; the router only re-weights
+  them); the classification heads
   of those experts are unfrozen, the other experts stay frozen; router and heads train with
   their own learning rates.
 
@@ -170,6 +171,12 @@ def teacher_kl(router_probs: Tensor, teacher: Tensor) -> Tensor:
     log_router = torch.log(router_probs.clamp_min(1e-9))
     log_teacher = torch.log(teacher.clamp_min(1e-9))
     return (teacher * (log_teacher - log_router)).sum(-1).mean()
+
+
+def cluster_expert_count(top_k: int, num_experts: int) -> int:
+    """How many teacher experts each cluster keeps in the residual stage: its top 2 (the MG-MoE
+    recipe), or its top K when the model routes to more (Top-3 stays Top-3)."""
+    return min(num_experts, max(2, top_k))
 
 
 def top_experts_per_cluster(teacher: Tensor, k: int = 2) -> Tensor:

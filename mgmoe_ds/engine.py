@@ -31,6 +31,7 @@ from mgmoe_ds.curriculum import (
     StagePlan,
     allowed_from_clusters,
     assign_clusters,
+    cluster_expert_count,
     cluster_expert_scores,
     cluster_teacher,
     kmeans,
@@ -274,6 +275,7 @@ class Trainer:
         self._cache_store = None  # FeatureCacheStore, made by the first stage that trains from cached features
         self._augmented_loader = None  # train-transform loader without shuffling, for cache.views > 1
         self._stage_cache_record: Optional[dict[str, Any]] = None  # the current stage's cache, for its JSON
+        self._eval_caches: dict[str, Any] = {}  # split -> eval-transform FeatureCache or None, for this stage's weights
         seed_everything(self.config.train.seed + 1000 * self.dist.rank)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
         if self.is_main:
@@ -311,7 +313,7 @@ class Trainer:
         """Loaders with the backbone's own normalisation (e.g. mean = std = 0.5 for Lite0)."""
         self.train_loader, self.train_info = self._loader("train", train=True)
         self.train_features_loader, _ = self._loader("train", train=False, shuffle=False)
-        self.val_loader, _ = self._loader(self.config.data.val_split, train=False)
+        self.val_loader, self.val_info = self._loader(self.config.data.val_split, train=False)
 
     def _build_model(self) -> None:
         from mgmoe_ds.model import MGMoE
@@ -382,7 +384,10 @@ class Trainer:
         clusters = self.progress.clusters
         if clusters is None:
             return set()
-        return set(top_experts_per_cluster(clusters.teacher, min(2, self.model.num_experts)).flatten().tolist())
+        return set(top_experts_per_cluster(clusters.teacher, self._cluster_experts()).flatten().tolist())
+
+    def _cluster_experts(self) -> int:
+        return cluster_expert_count(self.config.moe.top_k, self.model.num_experts)
 
     # -- passes ----------------------------------------------------------------------------------
 
@@ -408,24 +413,53 @@ class Trainer:
         size = self.config.model.img_size
         return {"images": torch.zeros(0, 3, size, size), "labels": torch.zeros(0, dtype=torch.long)}
 
+    def _forward(self, batch: dict, targets: Optional[torch.Tensor] = None, *, module=None, **routing) -> Any:
+        """``module`` (the model, or its DeepSpeed engine) on a batch of images or of cached
+        features (``"features"``: the backbone is skipped)."""
+        module = module or self.model
+        if "features" in batch:
+            features = {k: v.to(self.dist.device, dtype=self.input_dtype, non_blocking=True)
+                        for k, v in batch["features"].items()}
+            return module(None, targets, features=features, **routing)
+        return module(self._images(batch), targets, **routing)
+
+    def _eval_batches(self, split: str, plan: Optional[StagePlan]) -> Iterator[dict]:
+        """``split`` through the eval transform, the same number of batches on every rank (a rank
+        that runs out gets empty batches): cached backbone features while ``plan`` keeps the
+        backbone frozen (see ``_eval_cache``), else images."""
+        cache = self._eval_cache(split, plan)
+        if cache is None:
+            loader = {"train": self.train_features_loader, self.config.data.val_split: self.val_loader,
+                      "test": getattr(self, "test_loader", None)}[split]
+            for batch in self._equalised(loader, "max"):
+                yield batch or self._empty_batch()
+            return
+        from mgmoe_ds.feature_cache import batches_per_epoch
+
+        count = all_reduce_int(batches_per_epoch(cache.num_samples, self.micro_batch), "max")
+        for b in range(count):
+            n = cache.num_samples
+            rows = torch.arange(min(b * self.micro_batch, n), min((b + 1) * self.micro_batch, n))  # (B,), empty past the end
+            yield {"features": cache.gather(rows, torch.zeros_like(rows)), "labels": cache.labels[rows]}
+
     @torch.no_grad()
-    def _pooled_features(self) -> torch.Tensor:
+    def _pooled_features(self, plan: Optional[StagePlan]) -> torch.Tensor:
         self.model.eval()
         feats = []
-        for batch in self._equalised(self.train_features_loader, "max"):
-            batch = batch or self._empty_batch()
-            feats.append(self.model.forward_features(self._images(batch))["pooled"].float().cpu())
+        for batch in self._eval_batches("train", plan):
+            pooled = (batch["features"]["pooled"] if "features" in batch
+                      else self.model.forward_features(self._images(batch))["pooled"])
+            feats.append(pooled.float().cpu())
         return torch.cat(feats) if feats else torch.zeros(0, self.model.backbone.info.pooled_dim)
 
     @torch.no_grad()
-    def _val_expert_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _val_expert_stats(self, plan: Optional[StagePlan]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per validation image: pooled features (N, D) and each expert's log p(true class) (N, E)."""
         self.model.eval()
         pooled, loglik = [], []
-        for batch in self._equalised(self.val_loader, "max"):
-            batch = batch or self._empty_batch()
+        for batch in self._eval_batches(self.config.data.val_split, plan):
             labels = batch["labels"].to(self.dist.device)
-            out = self.model(self._images(batch), mode="dense")
+            out = self._forward(batch, mode="dense")
             per_expert = torch.zeros(labels.shape[0], self.model.num_experts, out.expert_logits.shape[-1],
                                      device=labels.device)  # (B, E, C)
             per_expert.scatter_(1, out.route.expert_indices[:, :, None].expand_as(out.expert_logits),
@@ -435,9 +469,9 @@ class Trainer:
             pooled.append(out.pooled.float().cpu())
         return torch.cat(pooled), torch.cat(loglik)
 
-    def _recompute_clusters(self) -> ClusterState:
+    def _recompute_clusters(self, plan: Optional[StagePlan]) -> ClusterState:
         cur = self.config.curriculum
-        train_pooled = self._pooled_features()
+        train_pooled = self._pooled_features(plan)
         initial = torch.zeros(cur.num_clusters, train_pooled.shape[1])
         if self.is_main:
             g = torch.Generator().manual_seed(self.config.train.seed + self.progress.global_step)
@@ -447,20 +481,20 @@ class Trainer:
         centroids = kmeans(train_pooled, cur.num_clusters, all_reduce=all_reduce_sum, initial=initial)
         train_counts = all_reduce_sum(torch.bincount(assign_clusters(train_pooled, centroids),
                                                      minlength=cur.num_clusters).float())
-        val_pooled, loglik = self._val_expert_stats()
+        val_pooled, loglik = self._val_expert_stats(plan)
         scores, val_counts = cluster_expert_scores(loglik, assign_clusters(val_pooled, centroids), cur.num_clusters,
                                                    all_reduce_sum)
         teacher = cluster_teacher(scores, cur.teacher_temperature)
         return ClusterState(centroids, teacher, scores, val_counts, train_counts)
 
     @torch.no_grad()
-    def evaluate(self, loader, routing: dict[str, Any]) -> dict[str, float]:
+    def evaluate(self, split: str, routing: dict[str, Any], plan: Optional[StagePlan] = None) -> dict[str, float]:
+        """Top-1/top-5/loss on ``split``; from the eval feature cache while ``plan`` keeps the backbone frozen."""
         self.model.eval()
         totals = torch.zeros(4, dtype=torch.float64)  # images, top1, top5, loss sum
-        for batch in self._equalised(loader, "max"):
-            batch = batch or self._empty_batch()
+        for batch in self._eval_batches(split, plan):
             labels = batch["labels"].to(self.dist.device)
-            out = self.model(self._images(batch), **routing)
+            out = self._forward(batch, **routing)
             if labels.numel():
                 top1, top5 = topk_correct(out.logits.float(), labels, (1, 5))
                 loss = F.cross_entropy(out.logits.float(), labels, reduction="sum")
@@ -475,7 +509,7 @@ class Trainer:
             return {"mode": "dense", "uniform_weights": plan.uniform_weights}
         clusters = self.progress.clusters
         if plan.frozen_routing and clusters is not None:
-            cluster_experts = top_experts_per_cluster(clusters.teacher, min(2, self.model.num_experts))
+            cluster_experts = top_experts_per_cluster(clusters.teacher, self._cluster_experts())
             centroids = clusters.centroids.to(self.dist.device)
 
             def route_by(pooled: torch.Tensor) -> dict[str, Any]:
@@ -503,11 +537,36 @@ class Trainer:
             return f"expert(s) {', '.join(raw)} need the raw image in training"
         return None
 
+    def _feature_cache_store(self):
+        from mgmoe_ds.feature_cache import FeatureCacheStore
+
+        if self._cache_store is None:
+            settings = self.config.cache
+            shared = settings.dir is not None  # kept on disk for other runs: always memory-mapped
+            self._cache_store = FeatureCacheStore(
+                Path(settings.dir) if shared else self.run_dir / "feature_cache", dtype=settings.dtype,
+                memory_limit_bytes=0 if shared else int(settings.memory_limit_gb * 2**30),
+                progress=self.is_main, delete_replaced=not shared)
+        return self._cache_store
+
+    def _feature_cache_key(self, split: str, views: int) -> str:
+        from mgmoe_ds.data.transforms import create_transform
+        from mgmoe_ds.feature_cache import cache_key, manifest_bytes
+
+        options = self.model.backbone.preprocessing()
+        transform = repr(create_transform(self.config.model.img_size, views > 1, **options))
+        return cache_key(self.model.backbone, transform=f"{transform}|input={self.input_dtype}",
+                         manifest=manifest_bytes(self.dataset), split=split, features=self.model.features | {"pooled"},
+                         rank=self.dist.rank, world_size=self.dist.world_size, views=views,
+                         dtype=self.config.cache.dtype, seed=self.config.train.seed)
+
+    def _compute_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.forward_features(images.to(self.dist.device, dtype=self.input_dtype))
+
     def _stage_feature_cache(self, plan: StagePlan):
         """The feature cache this stage trains from (built, or reused from an earlier stage or an
         earlier run in this folder), or None with a logged reason when it trains from images."""
-        from mgmoe_ds.data.transforms import create_transform
-        from mgmoe_ds.feature_cache import FeatureCacheStore, cache_key, describe, manifest_bytes
+        from mgmoe_ds.feature_cache import describe
 
         refusal = self._cache_refusal(plan)
         self._stage_cache_record = None
@@ -515,27 +574,15 @@ class Trainer:
             if self.is_main and "backbone" not in plan.group_lr:
                 LOG.info("stage %s: backbone frozen but no feature cache: %s", plan.name, refusal)
             return None
-        settings = self.config.cache
-        if self._cache_store is None:
-            self._cache_store = FeatureCacheStore(self.run_dir / "feature_cache", dtype=settings.dtype,
-                                                  memory_limit_bytes=int(settings.memory_limit_gb * 2**30),
-                                                  progress=self.is_main)
-        augmented = settings.views > 1
-        options = self.model.backbone.preprocessing()
-        transform = repr(create_transform(self.config.model.img_size, augmented, **options))
-        key = cache_key(self.model.backbone, transform=f"{transform}|input={self.input_dtype}",
-                        manifest=manifest_bytes(self.dataset), features=self.model.features | {"pooled"},
-                        rank=self.dist.rank, world_size=self.dist.world_size, views=settings.views,
-                        dtype=settings.dtype, seed=self.config.train.seed)
+        views = self.config.cache.views
+        key = self._feature_cache_key("train", views)
         capacity = self.train_info.samples_per_rank[self.dist.rank]
         started = time.perf_counter()
-
-        def compute(images: torch.Tensor) -> dict[str, torch.Tensor]:
-            return self.model.forward_features(images.to(self.dist.device, dtype=self.input_dtype))
-
         self.model.eval()  # the cached features are the frozen backbone's inference outputs
-        cache, reused = self._cache_store.get(key, views=settings.views, capacity=capacity,
-                                              view_batches=self._cache_view_batches, compute=compute)
+        cache, reused = self._feature_cache_store().get(key, views=views, capacity=capacity,
+                                                        view_batches=self._cache_view_batches,
+                                                        compute=self._compute_features, slot="train",
+                                                        description="feature cache (train)")
         self.model.train()
         self._stage_cache_record = {"key": key, "storage": cache.storage, "views": cache.num_views,
                                     "dtype": cache.dtype, "samples": cache.num_samples, "reused": reused}
@@ -544,6 +591,54 @@ class Trainer:
                      describe(cache), "reused" if reused else "built", time.perf_counter() - started)
             self._log_cached_experts()
         return cache
+
+    def _eval_cache(self, split: str, plan: Optional[StagePlan]):
+        """Eval-transform features of ``split`` (``"train"`` or the validation split) from the frozen
+        backbone, built once and read by every validation pass and cluster recomputation of the
+        stages that keep the backbone frozen; None (images are used) when ``plan`` trains the
+        backbone, caching is off, or ``split`` is another split (the final test reads images).
+
+        With ``cache.views == 1`` the training split's eval cache is the training cache itself.
+        """
+        if (plan is None or "backbone" in plan.group_lr or self.config.cache.mode == "off"
+                or split not in ("train", self.config.data.val_split)):
+            return None
+        if split not in self._eval_caches:
+            from mgmoe_ds.feature_cache import describe
+
+            loader, info = ((self.train_features_loader, self.train_info) if split == "train"
+                            else (self.val_loader, self.val_info))
+
+            def view_batches(view: int) -> Iterator[dict]:
+                loader.set_epoch(0)
+                yield from loader
+
+            started = time.perf_counter()
+            was_training = self.model.training
+            self.model.eval()
+            key, capacity = self._feature_cache_key(split, 1), info.samples_per_rank[self.dist.rank]
+            if capacity == 0:  # this rank holds none of the split's shards: an empty cache of the right shapes
+                cache, reused = self._empty_feature_cache(key), False
+            else:
+                cache, reused = self._feature_cache_store().get(
+                    key, views=1, capacity=capacity, view_batches=view_batches, compute=self._compute_features,
+                    slot=f"eval:{split}", description=f"feature cache ({split})")
+            self.model.train(was_training)
+            if self.is_main:
+                LOG.info("%s passes of stage %s read the feature cache %s (%s; %s in %.1fs)", split, plan.name,
+                         cache.key[:12], describe(cache), "reused" if reused else "built",
+                         time.perf_counter() - started)
+            self._eval_caches[split] = cache
+        return self._eval_caches[split]
+
+    @torch.no_grad()
+    def _empty_feature_cache(self, key: str):
+        from mgmoe_ds.feature_cache import CACHE_DTYPES, FeatureCache
+
+        size, dtype = self.config.model.img_size, self.config.cache.dtype
+        features = self._compute_features(torch.zeros(0, 3, size, size))  # zero-row features of the right shapes
+        return FeatureCache(key, {k: v[None].to("cpu", CACHE_DTYPES[dtype]) for k, v in features.items()},
+                            torch.zeros(0, dtype=torch.long), dtype)
 
     def _log_cached_experts(self) -> None:
         from mgmoe_ds.experts import expert_class
@@ -632,12 +727,13 @@ class Trainer:
         return summary
 
     def _final_test(self) -> Optional[dict[str, float]]:
+        """Test metrics from images (never from the fp16 feature cache), or None without a test split."""
         try:
-            test_loader, _ = self._loader("test", train=False)
+            self.test_loader, _ = self._loader("test", train=False)
         except Exception:  # a dataset without a test split
             return None
-        return self.evaluate(test_loader, self._routing_kwargs(plan_stage(self.config.curriculum.stages[-1],
-                                                                           self.base_lr)))
+        return self.evaluate("test", self._routing_kwargs(plan_stage(self.config.curriculum.stages[-1],
+                                                                     self.base_lr)))
 
     def _stage_length(self, stage, cached: bool = False) -> tuple[int, int]:
         if cached:  # the manifest's count of this rank's samples, known before the cache is built
@@ -656,6 +752,7 @@ class Trainer:
     def _run_stage(self, stage_index: int, resume: Optional[dict[str, Any]]) -> dict[str, Any]:
         stage = self.config.curriculum.stages[stage_index]
         plan = plan_stage(stage, self.base_lr)
+        self._eval_caches.clear()  # keyed by the weights this stage starts from
         pending_rng: Optional[dict[str, Any]] = None
         use_cache = self._cache_refusal(plan) is None
         steps_per_epoch, total_steps = self._stage_length(stage, cached=use_cache)
@@ -673,7 +770,7 @@ class Trainer:
             self.progress = Progress(stage_index=stage_index, global_step=self.progress.global_step,
                                      clusters=carried_clusters)
         if plan.frozen_routing and self.progress.clusters is None:
-            self.progress.clusters = self._recompute_clusters()
+            self.progress.clusters = self._recompute_clusters(plan)
         engine, trained = self._engine_for(plan, total_steps)
         if resume is not None:
             full = not resume["stage_complete"]
@@ -682,6 +779,7 @@ class Trainer:
             if full:  # applied after the resumed epoch's trained batches are replayed (see below)
                 pending_rng = torch.load(self.ckpt_dir / resume["tag"] / f"rng_rank{self.dist.rank}.pt",
                                          weights_only=True)
+        self._eval_caches.clear()
         cache = self._stage_feature_cache(plan)  # after the checkpoint load: keyed by the loaded weights
         self._write_stage_json(stage_index, plan, trained)
         if self.is_main:
@@ -698,7 +796,7 @@ class Trainer:
         result: dict[str, Any] = {}
         while self.progress.stage_step < total_steps:
             if plan.uses_teacher and self.progress.step_in_epoch == 0:
-                self.progress.clusters = self._recompute_clusters()
+                self.progress.clusters = self._recompute_clusters(plan)
                 self._write_stage_json(stage_index, plan, trained)
             routing = self._routing_kwargs(plan)
             self.train_loader.set_epoch(1000 * stage_index + self.progress.epoch)
@@ -736,7 +834,7 @@ class Trainer:
                     return {"stopped": True, "global_step": self.progress.global_step}
             self.progress.epoch += 1
             self.progress.step_in_epoch = 0
-            val = self.evaluate(self.val_loader, routing)
+            val = self.evaluate(self.config.data.val_split, routing, plan)
             self._train_mode(plan)
             result = {"val": val}
             self.logger.log({"event": "validation", "stage": stage.name, "epoch": self.progress.epoch,
@@ -750,7 +848,7 @@ class Trainer:
         engine.destroy()
         self._mask_frozen_heads(plan_stage(self.config.curriculum.stages[0], self.base_lr))  # removes the masks
         if "val" not in result:
-            result = {"val": self.evaluate(self.val_loader, self._routing_kwargs(plan))}
+            result = {"val": self.evaluate(self.config.data.val_split, self._routing_kwargs(plan), plan)}
         return result
 
     def _loss_weights(self, plan: StagePlan, stage_weights: dict[str, float]) -> dict[str, float]:
@@ -765,12 +863,7 @@ class Trainer:
     def _train_step(self, engine, plan: StagePlan, batch: dict, routing: dict[str, Any], window: "_Window") -> None:
         labels = batch["labels"].to(self.dist.device, non_blocking=True)
         started = time.perf_counter()
-        if "features" in batch:  # from the feature cache: the engine's forward skips the backbone
-            features = {k: v.to(self.dist.device, dtype=self.input_dtype, non_blocking=True)
-                        for k, v in batch["features"].items()}
-            out = engine(None, labels, features=features, **routing)
-        else:
-            out = engine(self._images(batch), labels, **routing)
+        out = self._forward(batch, labels, module=engine, **routing)
         losses = dict(out.losses)
         if plan.uses_teacher and self.progress.clusters is not None:
             clusters = self.progress.clusters

@@ -64,8 +64,8 @@ def manifest_bytes(source: str | Path) -> bytes:
     return (path if path.is_file() else path / "manifest.json").read_bytes()
 
 
-def cache_key(backbone: nn.Module, *, transform: str, manifest: bytes, features: Iterable[str], rank: int,
-              world_size: int, views: int, dtype: str, seed: int) -> str:
+def cache_key(backbone: nn.Module, *, transform: str, manifest: bytes, split: str, features: Iterable[str],
+              rank: int, world_size: int, views: int, dtype: str, seed: int) -> str:
     """The sha256 (hex) of what cached features depend on.
 
     Args:
@@ -75,6 +75,7 @@ def cache_key(backbone: nn.Module, *, transform: str, manifest: bytes, features:
             resolution, crop, interpolation and normalisation), plus anything else the caller
             wants keyed (e.g. the input dtype).
         manifest: :func:`manifest_bytes` of the dataset.
+        split: the dataset split the cache holds.
         features: names of the cached features.
         rank, world_size: this rank's share of the shards.
         views: augmented views per sample (1: the eval transform).
@@ -86,7 +87,7 @@ def cache_key(backbone: nn.Module, *, transform: str, manifest: bytes, features:
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    meta = {"transform": transform, "features": sorted(features), "rank": rank, "world_size": world_size,
+    meta = {"transform": transform, "split": split, "features": sorted(features), "rank": rank, "world_size": world_size,
             "views": views, "dtype": dtype, "seed": seed if views > 1 else None}
     digest.update(json.dumps(meta, sort_keys=True).encode())
     digest.update(hashlib.sha256(manifest).digest())
@@ -228,26 +229,35 @@ class _Writer:
 
 
 class FeatureCacheStore:
-    """Finds or builds the cache for a key; keeps the last one so consecutive stages share it.
+    """Finds or builds the cache for a key, and keeps one cache per slot in memory so consecutive
+    stages share them (slots: e.g. the training views, the validation split).
+
+    When a slot's cache is replaced by one of another key (the backbone changed between stages),
+    the replaced cache is dropped before the new one is allocated, and its memory-mapped folder,
+    stale from then on, is deleted.
 
     Args:
-        root: folder of the memory-mapped caches (``RUN/feature_cache``).
+        root: folder of the memory-mapped caches (``RUN/feature_cache``, or ``cache.dir``).
         dtype: storage dtype name (a key of ``CACHE_DTYPES``).
         memory_limit_bytes: a cache larger than this (this rank's share) is memory-mapped.
         progress: show a progress bar while building.
+        delete_replaced: delete a replaced cache's files (False for a folder shared by several
+            runs, where another run may still want them).
     """
 
     def __init__(self, root: Path, *, dtype: str = "float16", memory_limit_bytes: int = 8 << 30,
-                 progress: bool = False) -> None:
+                 progress: bool = False, delete_replaced: bool = True) -> None:
         if dtype not in CACHE_DTYPES:
             raise FeatureCacheError(f"cache dtype {dtype!r}: expected one of {', '.join(CACHE_DTYPES)}")
         self.root, self.dtype = Path(root), dtype
         self.memory_limit_bytes, self.progress = memory_limit_bytes, progress
-        self.current: Optional[FeatureCache] = None
+        self.delete_replaced = delete_replaced
+        self.slots: dict[str, FeatureCache] = {}
         self.builds = 0  # caches built (not found) by this store
 
     def get(self, key: str, *, views: int, capacity: int, view_batches: Callable[[int], Iterable[dict]],
-            compute: Callable[[Tensor], dict[str, Tensor]]) -> tuple[FeatureCache, bool]:
+            compute: Callable[[Tensor], dict[str, Tensor]], slot: str = "train",
+            description: str = "feature cache") -> tuple[FeatureCache, bool]:
         """The cache of ``key``: the one in memory, the one on disk, or a new build.
 
         Args:
@@ -257,27 +267,39 @@ class FeatureCacheStore:
             view_batches: ``view -> batches {"images", "labels", "keys"}`` of this rank's samples
                 in a deterministic order (view 0: the eval transform when ``views == 1``).
             compute: images -> the features to cache (under ``no_grad``, the backbone in eval mode).
+            slot: which of the store's caches this one replaces.
+            description: the progress bar's label.
 
         Returns:
             ``(cache, reused)``.
         """
-        if self.current is not None and self.current.key == key:
-            return self.current, True
+        held = next((cache for cache in self.slots.values() if cache.key == key), None)
+        if held is not None:
+            self.slots[slot] = held
+            return held, True
+        self._drop(slot)
         found = load_feature_cache(self.root / key)
         if found is not None and found.key == key:
-            self.current = found
+            self.slots[slot] = found
             return found, True
-        self.current = None  # a stale cache is dropped before the new one is allocated
-        self.current = self._build(key, views, capacity, view_batches, compute)
+        self.slots[slot] = self._build(key, views, capacity, view_batches, compute, description)
         self.builds += 1
-        return self.current, False
+        return self.slots[slot], False
+
+    def _drop(self, slot: str) -> None:
+        replaced = self.slots.pop(slot, None)
+        if replaced is None or any(cache.key == replaced.key for cache in self.slots.values()):
+            return
+        if replaced.folder is not None and self.delete_replaced:
+            replaced.features.clear()  # close the memory maps before their files go
+            shutil.rmtree(replaced.folder, ignore_errors=True)
 
     @torch.no_grad()
     def _build(self, key: str, views: int, capacity: int, view_batches: Callable[[int], Iterable[dict]],
-               compute: Callable[[Tensor], dict[str, Tensor]]) -> FeatureCache:
+               compute: Callable[[Tensor], dict[str, Tensor]], description: str) -> FeatureCache:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=capacity * views, desc="feature cache", unit="img", disable=not self.progress,
+        bar = tqdm(total=capacity * views, desc=description, unit="img", disable=not self.progress,
                    dynamic_ncols=True)
         writer: Optional[_Writer] = None
         order: list[str] = []  # sample keys in row order, fixed by view 0; later views must match it

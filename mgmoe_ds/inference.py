@@ -23,9 +23,8 @@ import torch
 from torch import Tensor
 
 from mgmoe_ds.config import RunConfig, config_from_dict, config_to_dict
-from mgmoe_ds.curriculum import allowed_from_clusters, assign_clusters, top_experts_per_cluster
+from mgmoe_ds.curriculum import allowed_from_clusters, assign_clusters, cluster_expert_count, top_experts_per_cluster
 
-CLUSTER_TOP_EXPERTS = 2  # the residual stage lets each image use its cluster's top-2 teacher experts
 STATE_PREFIX = "model."  # exported model tensors; routing tensors live under "routing."
 FORMAT_NAME = "mgmoe-ds/1"  # metadata "format" of an exported file
 
@@ -228,7 +227,7 @@ def _load_run(run_dir: Path, tag: Optional[str]):
     clusters = progress.get("clusters")
     routing = RoutingPolicy(top_k=config.moe.top_k)
     if final_stage == "residual" and clusters is not None:
-        k = min(CLUSTER_TOP_EXPERTS, model.num_experts)
+        k = cluster_expert_count(config.moe.top_k, model.num_experts)
         routing = RoutingPolicy(top_k=config.moe.top_k, centroids=clusters["centroids"].float(),
                                 cluster_experts=top_experts_per_cluster(clusters["teacher"], k))
     meta = InferenceMeta(config=config, class_names=_run_class_names(run, num_classes),

@@ -56,6 +56,6 @@ def write_tiny_config(path: Path, **mgmoe_changes) -> Path:
     """Writes the tiny DeepSpeed JSON; keyword arguments replace top-level sections of its mgmoe block."""
     block = copy.deepcopy(TINY_MGMOE)
     for key, value in mgmoe_changes.items():
-        block[key] = dict(block[key], **value) if isinstance(value, dict) else value
+        block[key] = dict(block.get(key, {}), **value) if isinstance(value, dict) else value
     path.write_text(json.dumps({**TINY_DS, "mgmoe": block}, indent=2))
     return path

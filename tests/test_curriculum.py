@@ -7,6 +7,7 @@ from mgmoe_ds.config import StageConfig
 from mgmoe_ds.curriculum import (
     allowed_from_clusters,
     assign_clusters,
+    cluster_expert_count,
     cluster_expert_scores,
     cluster_teacher,
     kmeans,
@@ -72,3 +73,8 @@ def test_kmeans_finds_separated_clusters_and_reduces_sums():
 def test_allowed_mask_from_clusters():
     mask = allowed_from_clusters(torch.tensor([1, 0]), torch.tensor([[0, 3], [2, 1]]), 4)
     assert mask.tolist() == [[False, True, True, False], [True, False, False, True]]
+
+
+def test_the_residual_stage_keeps_top_2_experts_per_cluster_or_top_k_above_2():
+    assert [cluster_expert_count(k, 4) for k in (1, 2, 3, 4)] == [2, 2, 3, 4]
+    assert cluster_expert_count(2, 1) == 1

@@ -48,3 +48,19 @@ def test_demo_classes_are_not_separable_by_global_colour(tmp_path):
     centroids = np.stack([features[:half][labels[:half] == c].mean(0) for c in range(6)])  # (C, 3)
     predicted = np.argmin(((features[half:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     assert (predicted == labels[half:]).mean() < 0.35  # chance is 1/6
+
+
+def test_demo_above_72_species_adds_crests_and_keeps_smaller_sets_unchanged():
+    from mgmoe_ds.data.demo import species_name, species_table
+
+    small = species_table(72, seed=0)
+    assert len(set(small)) == 72 and not any(crest for *_, crest in small)
+    large = species_table(100, seed=0)
+    assert len(set(large)) == 100 and any(crest for *_, crest in large)
+    names = [species_name(*attributes) for attributes in large]
+    assert len(set(names)) == 100 and any(name.endswith("_crested") for name in names)
+    crested = next(a for a in large if a[-1])
+    from mgmoe_ds.data.demo import render_image
+    with_crest, _ = render_image(0, "train", 0, 0, crested, 64)
+    without, _ = render_image(0, "train", 0, 0, (*crested[:-1], False), 64)
+    assert np.abs(np.asarray(with_crest, dtype=int) - np.asarray(without, dtype=int)).max() > 0

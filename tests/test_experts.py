@@ -155,6 +155,11 @@ def test_transfg_substitute_on_cnn_is_declared_and_logged(caplog):
     assert expert.required_features == {"tokens"}
     assert sum("learned queries" in r.getMessage() for r in caplog.records) == 1
     assert "Substitute" in transfg.__doc__ and "learned queries" in expert_class("transfg").__doc__
+    # the part block runs at the substitute's own width, not the backbone's (1280 on Lite0)
+    narrow = create_expert("transfg", info=backbone.info, num_classes=NUM_CLASSES, dim=16)
+    assert narrow.part_block.attn.qkv.in_features == 16 and narrow.queries.shape[1] == 16
+    tokens = torch.randn(3, 5, backbone.info.token_dim)
+    assert narrow({"tokens": tokens}, None).logits.shape == (3, NUM_CLASSES)
 
 
 def test_contrastive_loss_cases():

@@ -36,7 +36,8 @@ def eval_loader(dataset, model):
 
 def key_for(model, dataset, **changes):
     args = dict(transform=repr(create_transform(32, False, **model.backbone.preprocessing())),
-                manifest=manifest_bytes(dataset), features=model.features | {"pooled"}, rank=0, world_size=1,
+                manifest=manifest_bytes(dataset), split="train", features=model.features | {"pooled"}, rank=0,
+                world_size=1,
                 views=1, dtype="float16", seed=0)
     return cache_key(model.backbone, **dict(args, **changes))
 
@@ -85,6 +86,7 @@ def test_the_key_changes_with_weights_transform_and_manifest(tiny_model, tiny_da
     (changed_dataset / "manifest.json").write_text(json.dumps(manifest))
     assert key_for(tiny_model, changed_dataset) != base
     assert key_for(tiny_model, tiny_dataset, rank=1, world_size=2) != base
+    assert key_for(tiny_model, tiny_dataset, split="val") != base
     weight = next(tiny_model.backbone.parameters())
     with torch.no_grad():
         weight[(0,) * weight.dim()] += 1e-3
@@ -94,11 +96,26 @@ def test_the_key_changes_with_weights_transform_and_manifest(tiny_model, tiny_da
             weight[(0,) * weight.dim()] -= 1e-3
 
 
-def test_a_stale_key_rebuilds(tiny_model, tiny_dataset, tmp_path):
+def test_a_stale_key_rebuilds_and_its_files_are_deleted(tiny_model, tiny_dataset, tmp_path):
     store = FeatureCacheStore(tmp_path, memory_limit_bytes=0)
-    get_cache(store, tiny_model, tiny_dataset)
+    stale, _ = get_cache(store, tiny_model, tiny_dataset)
     _, reused = get_cache(store, tiny_model, tiny_dataset, key=key_for(tiny_model, tiny_dataset, seed=1, views=2))
     assert not reused and store.builds == 2
+    assert not stale.folder.exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_slots_hold_several_caches_at_once(tiny_model, tiny_dataset, tmp_path):
+    loader, capacity = eval_loader(tiny_dataset, tiny_model)
+    store = FeatureCacheStore(tmp_path, memory_limit_bytes=0)
+    train, _ = get_cache(store, tiny_model, tiny_dataset)
+    val_key = key_for(tiny_model, tiny_dataset, split="val")
+    val, reused = store.get(val_key, views=1, capacity=capacity, view_batches=lambda view: iter(loader),
+                            compute=tiny_model.forward_features, slot="val")
+    assert not reused and set(store.slots) == {"train", "val"} and train.folder.exists()
+    _, reused_train = get_cache(store, tiny_model, tiny_dataset)
+    _, reused_val = store.get(val_key, views=1, capacity=capacity, view_batches=lambda view: iter(()),
+                              compute=tiny_model.forward_features, slot="val")
+    assert reused_train and reused_val and store.builds == 2
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float16", 5e-3)])
@@ -162,10 +179,16 @@ def test_trainer_caches_frozen_stages_only_and_shares_the_cache(tiny_dataset, tm
     records = [json.loads((run / "stages" / name).read_text())["feature_cache"]
                for name in ("0_warmup.json", "1_residual.json", "2_residual.json")]
     assert records[0] is None  # the warm-up trains the backbone
-    assert records[1]["storage"] == "memory" and records[1]["samples"] == 96 and not records[1]["reused"]
+    assert records[1]["storage"] == "memory" and records[1]["samples"] == 96
     assert records[2]["reused"] and records[2]["key"] == records[1]["key"]
     log = result.stdout + result.stderr
     assert "training from the feature cache" in log and "expert pmg: its jigsaw" in log
+    # one backbone pass over train (clustering and both residual stages) and one over val
+    # (validation and the teacher's statistics): the warm-up trained the backbone, so its
+    # validation read images
+    assert log.count(" built in ") == 2
+    assert "train passes of stage residual read the feature cache" in log
+    assert "val passes of stage residual read the feature cache" in log
     assert (run / "final_metrics.json").is_file()
 
 
@@ -182,3 +205,39 @@ def test_several_views_are_stored_per_sample_and_must_read_the_same_samples(tiny
         store.get(key_for(tiny_model, tiny_dataset, views=2, seed=3), views=2, capacity=capacity,
                   view_batches=lambda view: iter(loader if view == 0 else shuffled),
                   compute=tiny_model.forward_features)
+
+
+def test_validation_and_clustering_read_the_eval_cache_with_the_same_results(tiny_dataset, tmp_path):
+    from mgmoe_ds.config import StageConfig
+    from mgmoe_ds.curriculum import plan_stage
+    from mgmoe_ds.engine import Trainer, TrainArgs
+
+    config = write_tiny_config(tmp_path / "ds.json", cache={"dtype": "float32"})
+    trainer = Trainer(TrainArgs(deepspeed_config=config, data=str(tiny_dataset), output=tmp_path / "run"))
+    frozen = plan_stage(StageConfig("residual", epochs=1), trainer.base_lr)
+    unfrozen = plan_stage(StageConfig("warmup", epochs=1), trainer.base_lr)
+    routing = {"mode": "dense"}
+    from_images = trainer.evaluate("val", routing, unfrozen)
+    assert trainer._feature_cache_store().builds == 0  # a stage that trains the backbone reads images
+    from_cache = trainer.evaluate("val", routing, frozen)
+    assert trainer._feature_cache_store().builds == 1 and set(trainer._eval_caches) == {"val"}
+    assert from_cache["images"] == from_images["images"] > 0 and from_cache["top1"] == from_images["top1"]
+    assert abs(from_cache["loss"] - from_images["loss"]) < 1e-4
+    assert torch.allclose(trainer._pooled_features(frozen), trainer._pooled_features(None), atol=1e-5)
+    assert trainer._feature_cache_store().builds == 2
+
+
+def test_a_shared_cache_dir_is_reused_by_another_run(tiny_dataset, tmp_path):
+    from mgmoe_ds.config import StageConfig
+    from mgmoe_ds.curriculum import plan_stage
+    from mgmoe_ds.engine import Trainer, TrainArgs
+
+    shared = tmp_path / "shared_cache"
+    config = write_tiny_config(tmp_path / "ds.json", cache={"dir": str(shared)})
+    builds = []
+    for run in ("one", "two"):
+        trainer = Trainer(TrainArgs(deepspeed_config=config, data=str(tiny_dataset), output=tmp_path / run))
+        trainer.evaluate("val", {"mode": "dense"}, plan_stage(StageConfig("residual", epochs=1), trainer.base_lr))
+        builds.append(trainer._feature_cache_store().builds)
+        assert trainer._eval_caches["val"].storage == "memmap" and trainer._eval_caches["val"].folder.parent == shared
+    assert builds == [1, 0] and not (tmp_path / "one" / "feature_cache").exists()

@@ -1,7 +1,9 @@
 """A synthetic fine-grained "birds" dataset, drawn with PIL, for runs without real data.
 
 Every species is a combination of four part attributes: beak (short, long, hooked, conical),
-wing bars (none, one, two), eye ring (absent, present) and tail (round, forked, long). Body,
+wing bars (none, one, two), eye ring (absent, present) and tail (round, forked, long): 72
+species. Above 72 species a fifth attribute, a head crest (absent, present), doubles the choice
+to 144 (at 72 or fewer every bird is crestless, so those sets are unchanged by it). Body,
 wing and beak colours are drawn per image from one palette shared by all species, so colour
 alone says nothing about the class; telling species apart means looking at small parts. Each
 image has a random pose (flip, rotation, scale, position), a cluttered background of branches,
@@ -30,6 +32,7 @@ BEAKS = ("short", "long", "hooked", "conical")
 WING_BARS = (0, 1, 2)
 EYE_RINGS = (False, True)
 TAILS = ("round", "forked", "long")
+CRESTS = (False, True)  # used only above len(BEAKS) * len(WING_BARS) * len(EYE_RINGS) * len(TAILS) species
 PALETTE = [  # body colours shared by every species
     (196, 160, 112), (120, 96, 72), (90, 110, 140), (150, 60, 50), (210, 190, 90),
     (80, 120, 80), (170, 170, 170), (60, 60, 70), (200, 120, 60), (130, 90, 150),
@@ -37,23 +40,26 @@ PALETTE = [  # body colours shared by every species
 CANVAS = 192  # the canonical bird is drawn on a CANVAS x CANVAS layer, facing right
 
 
-def species_table(num_classes: int, seed: int) -> list[tuple[str, int, bool, str]]:
-    """``num_classes`` distinct attribute combinations, chosen with ``seed``, in a fixed order."""
-    combos = list(itertools.product(BEAKS, WING_BARS, EYE_RINGS, TAILS))
+def species_table(num_classes: int, seed: int) -> list[tuple[str, int, bool, str, bool]]:
+    """``num_classes`` distinct attribute combinations ``(beak, bars, ring, tail, crest)``, chosen
+    with ``seed``, in a fixed order."""
+    crestless = [(*combo, False) for combo in itertools.product(BEAKS, WING_BARS, EYE_RINGS, TAILS)]
+    combos = crestless if num_classes <= len(crestless) else list(
+        itertools.product(BEAKS, WING_BARS, EYE_RINGS, TAILS, CRESTS))
     if not 2 <= num_classes <= len(combos):
-        raise ValueError(f"--num-classes = {num_classes}: expected 2..{len(combos)}")
+        raise ValueError(f"--num-classes = {num_classes}: expected 2..{len(crestless) * len(CRESTS)}")
     return random.Random(f"demo-species:{seed}").sample(combos, num_classes)
 
 
-def species_name(beak: str, bars: int, ring: bool, tail: str) -> str:
-    return f"{beak}-beak_{bars}-bar_{'ringed' if ring else 'plain'}-eye_{tail}-tail"
+def species_name(beak: str, bars: int, ring: bool, tail: str, crest: bool) -> str:
+    return f"{beak}-beak_{bars}-bar_{'ringed' if ring else 'plain'}-eye_{tail}-tail" + ("_crested" if crest else "")
 
 
 def _jitter(rng: random.Random, colour: tuple[int, int, int], amount: int = 25) -> tuple[int, int, int]:
     return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in colour)
 
 
-def draw_bird(rng: random.Random, beak: str, bars: int, ring: bool, tail: str) -> Image.Image:
+def draw_bird(rng: random.Random, beak: str, bars: int, ring: bool, tail: str, crest: bool) -> Image.Image:
     """The canonical bird (facing right) on a transparent CANVAS x CANVAS RGBA layer."""
     layer = Image.new("RGBA", (CANVAS, CANVAS), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
@@ -76,6 +82,8 @@ def draw_bird(rng: random.Random, beak: str, bars: int, ring: bool, tail: str) -
     for i in range(bars):
         x = 90 + 16 * i
         draw.line((x, 86, x - 6, 110), fill=bar_colour, width=6)
+    if crest:  # behind the head, so only the feathers above it show
+        draw.polygon([(124, 66), (116, 40), (132, 58), (134, 34), (144, 58), (154, 44), (152, 66)], fill=wing)
     draw.ellipse((118, 56, 162, 100), fill=body)  # head, centre (140, 78)
     if beak == "short":
         draw.polygon([(158, 72), (158, 86), (174, 79)], fill=beak_colour)
@@ -159,7 +167,7 @@ def build_demo(
     Args:
         out: the parent folder.
         name: the dataset name.
-        num_classes: species, 2..72.
+        num_classes: species, 2..144 (crests appear above 72).
         train_images: about this many training images, long-tailed over the species.
         val_per_class: validation images per species.
         test_per_class: test images per species.

@@ -8,9 +8,12 @@ on CLS give the logits. Auxiliary loss: TransFG's contrastive loss on the L2-nor
 features.
 
 Substitute on backbones without CLS attention (Swin, CNNs): there is no rollout, so
-``num_queries`` learned queries attend (softmax over tokens) over the final ``"tokens"``; each
-query's attention-pooled token is a soft "selected part". A learned CLS token plus the mean
-token is prepended, and a freshly initialised transformer block, LayerNorm and classifier follow.
+the final ``"tokens"`` are first projected to the substitute's width ``dim`` (a CNN's last stage
+is wide: 1280 channels on EfficientNet-Lite0, where a transformer block at full width would cost
+more than the backbone), then ``num_queries`` learned queries attend (softmax over tokens) over
+them; each query's attention-pooled token is a soft "selected part". A learned CLS token plus the
+mean token is prepended, and a freshly initialised transformer block, LayerNorm and classifier
+follow.
 The selection is soft (differentiable) rather than TransFG's hard argmax; a log line says so once.
 """
 
@@ -86,18 +89,20 @@ class TransFGExpert(Expert):
         contrastive_weight: weight of ``transfg.contrastive``.
         margin: cosine margin of the contrastive loss.
         num_queries: learned queries of the substitute (ignored on a ViT with CLS).
+        dim: width of the substitute's part block; the final tokens are projected to it (ignored on
+            a ViT with CLS, whose part block is a copy of the backbone's last block).
         dropout: dropout before the classifier (training only).
     """
 
     required_features = frozenset({"rollout", "pre_last"})
-    default_options = dict(contrastive_weight=1.0, margin=0.4, num_queries=4, dropout=0.0)
+    default_options = dict(contrastive_weight=1.0, margin=0.4, num_queries=4, dim=256, dropout=0.0)
 
     @classmethod
     def features_for(cls, info: BackboneInfo, **options) -> frozenset[str]:
         return cls.required_features if info.has_cls else frozenset({"tokens"})
 
     def __init__(self, *, info: BackboneInfo, num_classes: int, contrastive_weight: float, margin: float,
-                 num_queries: int, dropout: float):
+                 num_queries: int, dim: int, dropout: float):
         super().__init__()
         self.contrastive_weight, self.margin = contrastive_weight, margin
         self.uses_rollout = info.has_cls
@@ -108,10 +113,11 @@ class TransFGExpert(Expert):
             global _substitute_logged
             if not _substitute_logged:
                 logger.info("transfg: backbone %s (%s) has no CLS attention; using %d learned queries over the "
-                            "final tokens instead of the attention rollout", info.name, info.family, num_queries)
+                            "final tokens (projected %d -> %d) instead of the attention rollout", info.name,
+                            info.family, num_queries, info.token_dim, dim)
                 _substitute_logged = True
             self.required_features = self.features_for(info)
-            dim = info.token_dim
+            self.project = nn.Sequential(nn.LayerNorm(info.token_dim), nn.Linear(info.token_dim, dim))
             self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)  # (Q, C)
             self.key = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
             self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -121,6 +127,7 @@ class TransFGExpert(Expert):
         self.head = nn.Linear(dim, num_classes)
 
     def _substitute_parts(self, tokens: Tensor) -> Tensor:
+        tokens = self.project(tokens)  # (n, N, token_dim) -> (n, N, C)
         keys = self.key(tokens)  # (n, N, C)
         scores = torch.einsum("qc,nkc->nqk", self.queries, keys) / math.sqrt(keys.shape[-1])  # (n, Q, N)
         parts = scores.softmax(dim=-1) @ tokens  # (n, Q, C)

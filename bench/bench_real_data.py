@@ -1,0 +1,263 @@
+"""Issue 7 benchmark: accuracy on real photos with a frozen pretrained backbone, same budget for all.
+
+On an image-folder data set of real photos (default ``../shared/data/flowers12``: 12 flower
+species, ``train/`` 60 and ``test/`` 20 photos per species), with the frozen offline
+EfficientNet-Lite0 (ImageNet) backbone of ``ds_configs/cpu_small.json`` at its resolution:
+
+1. a validation split is carved from ``train/`` (``--val-per-class`` photos per species, seeded)
+   and the three splits are written as shards with ``mgmoe shards build``; the test photos are
+   never used for any choice;
+2. a linear probe on the pooled backbone features (eval transform): full-batch AdamW on the
+   cross-entropy, its weight decay chosen on the validation split;
+3. the product's training job (``python jobs/train.py --deepspeed CONFIG``), once per model, all
+   reading one shared feature cache (``cache.dir``) and all trained for the same number of
+   epochs, the sum of the config's stage epochs (W warm-up + R routing + S residual):
+   - each expert alone: that one expert, dense warm-up for W + R + S epochs;
+   - dense fusion: all experts, warm-up (every expert on every image, equal weights) for
+     W + R + S epochs, tested with equal weights;
+   - MG-MoE Top-K (K = 1, 2, 3) with the curriculum: the config's stages as they are;
+   - MG-MoE Top-K without the curriculum: warm-up W epochs, then R + S epochs of plain Top-K
+     training of router and experts together (the routing stage with ``kl_weight = 0``: no
+     cluster teacher, and no residual stage).
+
+Reports top-1 on the test split (and the validation split) and each model's wall time, as a
+markdown table, and writes ``bench/results/real_data.json``.
+
+Usage::
+
+    PYTHONPATH=. python bench/bench_real_data.py                        # flowers12, ~1 h on 2 cores
+    PYTHONPATH=. python bench/bench_real_data.py --only linear_probe top2 dense
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "flowers12"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+PROBE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+PROBE_STEPS = 300
+
+
+def carve_validation(src: Path, dst: Path, val_per_class: int, seed: int) -> dict[str, int]:
+    """``dst/{train,val,test}/<class>/`` as symlinks: ``val_per_class`` photos of each class of
+    ``src/train`` (a seeded draw) go to val; ``src/test`` is linked as it is. Returns split sizes."""
+    sizes = {"train": 0, "val": 0, "test": 0}
+    for class_dir in sorted(p for p in (src / "train").iterdir() if p.is_dir()):
+        photos = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if len(photos) <= val_per_class:
+            raise SystemExit(f"{class_dir}: {len(photos)} photos, need more than --val-per-class {val_per_class}")
+        random.Random(f"{seed}:{class_dir.name}").shuffle(photos)
+        for split, chosen in (("val", photos[:val_per_class]), ("train", photos[val_per_class:])):
+            (dst / split / class_dir.name).mkdir(parents=True, exist_ok=True)
+            for photo in chosen:
+                (dst / split / class_dir.name / photo.name).symlink_to(photo.resolve())
+            sizes[split] += len(chosen)
+    for class_dir in sorted(p for p in (src / "test").iterdir() if p.is_dir()):
+        (dst / "test").mkdir(parents=True, exist_ok=True)
+        (dst / "test" / class_dir.name).symlink_to(class_dir.resolve())
+        sizes["test"] += sum(1 for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sizes
+
+
+def stage_epochs(config: dict) -> dict[str, int]:
+    stages = config["mgmoe"]["curriculum"]["stages"]
+    epochs = {s["name"]: s.get("epochs") for s in stages}
+    if [s["name"] for s in stages] != ["warmup", "routing", "residual"] or None in epochs.values():
+        raise SystemExit("the config's curriculum must be warmup, routing, residual, each with epochs")
+    return epochs
+
+
+def model_runs(config: dict) -> dict[str, list[str]]:
+    """``--set`` overrides of the training job, by model name (see the module docstring)."""
+    stages = {s["name"]: s for s in config["mgmoe"]["curriculum"]["stages"]}
+    epochs = stage_epochs(config)
+    total = sum(epochs.values())
+    warmup_only = [dict(stages["warmup"], epochs=total)]
+    experts = config["mgmoe"]["model"]["experts"]
+    runs: dict[str, list[str]] = {}
+    for spec in experts:
+        name = spec if isinstance(spec, str) else spec["name"]
+        runs[f"expert_{name}"] = [f"model.experts={json.dumps([spec])}", "moe.top_k=1",
+                                  f"curriculum.stages={json.dumps(warmup_only)}"]
+    runs["dense"] = [f"curriculum.stages={json.dumps(warmup_only)}"]
+    no_curriculum = [stages["warmup"], dict(stages["routing"], epochs=epochs["routing"] + epochs["residual"])]
+    for k in (1, 2, 3):
+        if k > len(experts):
+            continue
+        runs[f"top{k}"] = [f"moe.top_k={k}"]
+        runs[f"top{k}_no_curriculum"] = [f"moe.top_k={k}", "curriculum.kl_weight=0",
+                                         f"curriculum.stages={json.dumps(no_curriculum)}"]
+    return runs
+
+
+def train_job(name: str, overrides: list[str], args, dataset: Path, work: Path) -> dict:
+    run_dir = work / "runs" / name
+    command = [sys.executable, str(ROOT / "jobs" / "train.py"), "--deepspeed", str(args.config), "--data",
+               str(dataset), "--output", str(run_dir), "--set", f"cache.dir={work / 'feature_cache'}",
+               "--set", "data.num_workers=1", *[part for o in overrides for part in ("--set", o)]]
+    log = work / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with log.open("w") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT))).returncode
+    seconds = time.perf_counter() - started
+    if code != 0:
+        raise SystemExit(f"{name}: the training job failed (exit {code}); see {log}")
+    metrics = json.loads((run_dir / "final_metrics.json").read_text())
+    return {"test_top1": metrics["test"]["top1"], "val_top1": metrics["val"]["top1"], "seconds": seconds,
+            "overrides": overrides, "log": str(log)}
+
+
+def linear_probe(args, dataset: Path) -> dict:
+    """Pooled features of the frozen backbone (eval transform), logistic regression, weight decay
+    chosen on val."""
+    import torch
+    import torch.nn.functional as F
+
+    from mgmoe_ds.config import load_run_config
+    from mgmoe_ds.data import make_loader
+    from mgmoe_ds.model import MGMoE
+
+    started = time.perf_counter()
+    config, _ = load_run_config(args.config, [])
+    backbone = MGMoE(config.model, config.moe, num_classes=2).backbone.eval()
+
+    @torch.no_grad()
+    def pooled(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        loader, _ = make_loader(dataset, split, batch_size=32, img_size=config.model.img_size, train=False,
+                                num_workers=1, transform_options=backbone.preprocessing())
+        feats, labels = [], []
+        for batch in loader:
+            feats.append(backbone(batch["images"], {"pooled"})["pooled"])
+            labels.append(batch["labels"])
+        return torch.cat(feats), torch.cat(labels)
+
+    data = {split: pooled(split) for split in ("train", "val", "test")}
+    mean, std = data["train"][0].mean(0), data["train"][0].std(0) + 1e-6
+    data = {split: ((x - mean) / std, y) for split, (x, y) in data.items()}
+    num_classes = int(data["train"][1].max()) + 1
+
+    def fit(weight_decay: float) -> torch.nn.Linear:
+        torch.manual_seed(0)
+        head = torch.nn.Linear(data["train"][0].shape[1], num_classes)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=weight_decay)
+        x, y = data["train"]
+        for _ in range(PROBE_STEPS):
+            optimizer.zero_grad()
+            F.cross_entropy(head(x), y).backward()
+            optimizer.step()
+        return head
+
+    @torch.no_grad()
+    def top1(head, split: str) -> float:
+        x, y = data[split]
+        return float((head(x).argmax(1) == y).float().mean())
+
+    val_by_decay = {wd: top1(fit(wd), "val") for wd in PROBE_WEIGHT_DECAYS}
+    best = max(PROBE_WEIGHT_DECAYS, key=lambda wd: (val_by_decay[wd], -wd))
+    head = fit(best)
+    return {"test_top1": top1(head, "test"), "val_top1": top1(head, "val"), "seconds": time.perf_counter() - started,
+            "weight_decay": best, "val_by_weight_decay": val_by_decay}
+
+
+LABELS = {
+    "linear_probe": "linear probe on pooled features",
+    "dense": "dense fusion of all experts (equal weights)",
+    "top1": "MG-MoE Top-1, curriculum", "top2": "**MG-MoE Top-2, curriculum (default)**",
+    "top3": "MG-MoE Top-3, curriculum", "top1_no_curriculum": "MG-MoE Top-1, no curriculum stages",
+    "top2_no_curriculum": "MG-MoE Top-2, no curriculum stages", "top3_no_curriculum": "MG-MoE Top-3, no curriculum stages",
+}
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"Command: {results['command']}",
+        f"Machine: {m['cpu']} ({m['cores']} cores); torch {m['torch']}, Python {m['python']}; load average "
+        f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end; total wall {results['wall_s'] / 60:.1f} min.",
+        f"Data: {results['data']} -> train {results['splits']['train']}, val {results['splits']['val']} (carved from "
+        f"train), test {results['splits']['test']} photos, {results['num_classes']} species. Budget: "
+        f"{results['epochs']} epochs per model; config {results['config']}.",
+        "",
+        "| model | test top-1 | val top-1 | wall (s) |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, r in results["models"].items():
+        label = LABELS.get(name, f"{name.removeprefix('expert_')} expert alone" if name.startswith("expert_") else name)
+        lines.append(f"| {label} | {r['test_top1']:.3f} | {r['val_top1']:.3f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="image folder with train/ and test/")
+    parser.add_argument("--config", type=Path, default=ROOT / "ds_configs" / "cpu_small.json")
+    parser.add_argument("--val-per-class", type=int, default=12)
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "real_data_work",
+                        help="shards, runs, logs and the shared feature cache")
+    parser.add_argument("--only", nargs="+", default=None, help="models to run (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not (args.data / "train").is_dir() or not (args.data / "test").is_dir():
+        sys.exit(f"--data {args.data}: expected an image folder with train/ and test/")
+    import shutil
+
+    import torch
+
+    config = json.loads(args.config.read_text())
+    runs = model_runs(config)
+    names = args.only or ["linear_probe", *runs]
+    unknown = sorted(set(names) - {"linear_probe", *runs})
+    if unknown:
+        sys.exit(f"--only {unknown[0]}: expected some of linear_probe, {', '.join(runs)}")
+    started = time.time()
+    shutil.rmtree(args.work, ignore_errors=True)
+    splits = carve_validation(args.data, args.work / "images", args.val_per_class, args.seed)
+    subprocess.run([sys.executable, "-m", "mgmoe_ds.cli", "shards", "build", str(args.work / "images"), "--format",
+                    "imagefolder", "--name", args.data.name, "--out", str(args.work / "shards"), "--shard-size", "64",
+                    "--no-progress"], check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    dataset = args.work / "shards" / args.data.name
+    results = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "data": str(args.data), "splits": splits, "config": str(args.config.relative_to(ROOT)),
+        "num_classes": len(json.loads((dataset / "manifest.json").read_text())["classes"]),
+        "epochs": sum(stage_epochs(config).values()),
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__, "loadavg_start": os.getloadavg()},
+        "models": {},
+    }
+    out = ROOT / "bench" / "results" / "real_data.json"
+    for name in names:
+        print(f"{name} ...", flush=True)
+        results["models"][name] = (linear_probe(args, dataset) if name == "linear_probe"
+                                   else train_job(name, runs[name], args, dataset, args.work))
+        r = results["models"][name]
+        print(f"  test top-1 {r['test_top1']:.3f}, val top-1 {r['val_top1']:.3f}, {r['seconds']:.0f} s", flush=True)
+        results["machine"]["loadavg_end"] = os.getloadavg()
+        results["wall_s"] = time.time() - started
+        out.write_text(json.dumps(results, indent=1))  # after every model: an interrupted run keeps its rows
+    print()
+    print(render(results))
+    print(f"\nraw results in {out}")
+
+
+def _cpu_name() -> str:
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    return platform.processor() or "?"
+
+
+if __name__ == "__main__":
+    main()
