@@ -149,7 +149,7 @@ def main() -> None:
         f"- Cache build (one eval pass of the backbone, once per backbone/transform/dataset): {build_s:.2f} s; "
         f"reuse by a later stage (key hash only): {reuse_s:.2f} s.",
         f"- Including the build: {amortised(1):.1f}x for a one-epoch stage, {amortised(2):.1f}x for two epochs "
-        f"(zero2.json's residual stage), {amortised(10):.1f}x for ten.",
+        f"(the length of zero2.json's residual stage), {amortised(10):.1f}x for ten.",
         f"- Target (>= {TARGET:.0f}x per epoch): {verdict} at this size.",
         "",
     ]
