@@ -1,11 +1,19 @@
 """Images/s of the mgmoe shard pipeline vs torchvision ImageFolder + DataLoader.
 
-Both read the same JPEGs with the same timm transform, batch size and number of workers; one
-"epoch" is one full pass over the set, timed from creating the iterator to the last batch
-(worker start-up included for both). Two sets: the flowers12 training images (224 px JPEGs) and
-a larger set made from them (re-encoded at --large-side px, replicated to --large-count images)
-in a temporary folder. Our pipeline decodes JPEGs at a reduced scale (PIL draft) when the target
-resolution allows; that is part of what is measured.
+Both read the same JPEGs with the same timm train transform (``timm.data.create_transform(
+input_size=S, is_training=True)``: random-resized crop, horizontal flip, colour jitter 0.4,
+ImageNet normalisation), the same batch size and number of workers, and both hand over float32
+(B, 3, S, S) normalised batches. The baseline is the standard recipe: ``ImageFolder(transform=
+that timm transform)`` (PIL decode, PIL transform, ToTensor and Normalize per image) and a
+``DataLoader(shuffle=True)`` (default collate). Ours reads tar shards and runs the same steps with
+the same parameters and random draws on uint8 tensors (torchvision v2 kernels; PIL decode, with
+reduced-size JPEG decode when the target resolution allows), batched inside the workers, with
+ToTensor + Normalize once per batch. One "epoch" is one full pass over the set, timed from
+creating the iterator to the last batch (worker start-up included for both); its CPU time (main
+process and workers) is measured too, which other processes' load on a shared machine disturbs
+less than wall time. Two sets: the flowers12 training images (224 px JPEGs) and a larger set
+made from them (re-encoded at --large-side px, replicated to --large-count images) in a
+temporary folder.
 
     /work/venv/bin/python bench/bench_pipeline.py
 """
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -22,11 +31,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from timm.data import create_transform
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mgmoe_ds.data import build_shards, create_transform, make_loader, read_listing  # noqa: E402
+from mgmoe_ds.data import build_shards, make_loader, read_listing  # noqa: E402
 
 
 def make_large_set(flowers: Path, out: Path, count: int, side: int) -> Path:
@@ -43,36 +53,42 @@ def make_large_set(flowers: Path, out: Path, count: int, side: int) -> Path:
     return out
 
 
-def time_epochs(make_iterable, epochs: int) -> tuple[float, int]:
-    """Mean seconds per epoch and images per epoch."""
-    seconds, images = [], 0
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        images = sum(int(batch[0].shape[0]) if isinstance(batch, (list, tuple)) else int(batch["images"].shape[0])
-                     for batch in make_iterable(epoch))
-        seconds.append(time.perf_counter() - start)
-    return sum(seconds) / len(seconds), images
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def bench(folder: Path, shards: Path, img_size: int, args: argparse.Namespace) -> tuple[float, float]:
-    transform = create_transform(img_size, train=True)
-    baseline = ImageFolder(str(folder), transform=transform)
+def time_epoch(iterable) -> tuple[float, float, int]:
+    """Wall seconds and CPU seconds (main process and workers) for one pass over ``iterable``,
+    and the images it gave; the workers have exited when the pass ends."""
+    start, start_cpu = time.perf_counter(), cpu_seconds()
+    images = sum(int(batch[0].shape[0]) if isinstance(batch, (list, tuple)) else int(batch["images"].shape[0])
+                 for batch in iterable)
+    return time.perf_counter() - start, cpu_seconds() - start_cpu, images
 
-    def baseline_epoch(epoch):
-        return DataLoader(baseline, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                          generator=torch.Generator().manual_seed(epoch))
 
+def bench(folder: Path, shards: Path, img_size: int, args: argparse.Namespace) -> dict[str, float]:
+    """Images/s and CPU ms per image of the baseline and of ours over ``args.epochs`` timed epochs
+    each, taken in turns (baseline, ours, baseline, ...) after one untimed warm-up epoch each, so
+    that a change in the machine's load hits both alike."""
+    baseline = ImageFolder(str(folder), transform=create_transform(input_size=img_size, is_training=True))
     loader, _ = make_loader(shards, "train", batch_size=args.batch_size, img_size=img_size, train=True,
                             num_workers=args.workers, shuffle_buffer=args.shuffle_buffer)
-
-    def ours_epoch(epoch):
+    totals = {"base_s": 0.0, "base_cpu": 0.0, "ours_s": 0.0, "ours_cpu": 0.0}
+    for epoch in range(args.epochs + 1):
+        base_s, base_cpu, base_n = time_epoch(DataLoader(baseline, batch_size=args.batch_size, shuffle=True,
+                                                         num_workers=args.workers,
+                                                         generator=torch.Generator().manual_seed(epoch)))
         loader.set_epoch(epoch)
-        return loader
-
-    base_s, base_n = time_epochs(baseline_epoch, args.epochs)
-    ours_s, ours_n = time_epochs(ours_epoch, args.epochs)
-    assert base_n == ours_n, (base_n, ours_n)
-    return base_n / base_s, ours_n / ours_s
+        ours_s, ours_cpu, ours_n = time_epoch(loader)
+        assert base_n == ours_n, (base_n, ours_n)
+        if epoch > 0:  # epoch 0 warms the page cache and the allocator
+            for key, value in (("base_s", base_s), ("base_cpu", base_cpu), ("ours_s", ours_s), ("ours_cpu", ours_cpu)):
+                totals[key] += value
+    images = base_n * args.epochs
+    return {"base": images / totals["base_s"], "ours": images / totals["ours_s"],
+            "base_cpu_ms": 1e3 * totals["base_cpu"] / images, "ours_cpu_ms": 1e3 * totals["ours_cpu"] / images}
 
 
 def main() -> None:
@@ -85,7 +101,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--shuffle-buffer", type=int, default=1000)
     parser.add_argument("--shard-size", type=int, default=100, help="samples per shard (>= workers shards needed)")
-    parser.add_argument("--epochs", type=int, default=2, help="timed epochs per loader (mean reported)")
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="timed epochs per loader, after a warm-up one (mean reported)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,16 +120,23 @@ def main() -> None:
             shards = build_shards(listing, tmp / "shards", f"set{len(rows)}", source=str(src),
                                   shard_size=args.shard_size, progress=False)
             for img_size in args.img_sizes:
-                base, ours = bench(folder, shards, img_size, args)
-                rows.append((label, img_size, base, ours))
-                print(f"{label} @ {img_size}px: ImageFolder {base:.0f} img/s, ours {ours:.0f} img/s, {ours / base:.2f}x",
-                      flush=True)
+                load_before = os.getloadavg()[0]
+                result = bench(folder, shards, img_size, args)
+                load = f"{load_before:.1f}-{os.getloadavg()[0]:.1f}"
+                rows.append((label, img_size, result, load))
+                print(f"{label} @ {img_size}px: ImageFolder {result['base']:.0f} img/s, ours {result['ours']:.0f} img/s, "
+                      f"{result['ours'] / result['base']:.2f}x; CPU ms/image {result['base_cpu_ms']:.2f} vs "
+                      f"{result['ours_cpu_ms']:.2f} (load average {load})", flush=True)
     print(f"\nmachine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch {torch.__version__}; "
-          f"workers {args.workers}, batch {args.batch_size}, shard size {args.shard_size}, timm train transform, {args.epochs} timed epochs (mean)\n")
-    print("| set | img_size | ImageFolder + DataLoader (img/s) | mgmoe shards (img/s) | ratio |")
-    print("|---|---|---|---|---|")
-    for label, img_size, base, ours in rows:
-        print(f"| {label} | {img_size} | {base:.0f} | {ours:.0f} | {ours / base:.2f}x |")
+          f"workers {args.workers}, batch {args.batch_size}, shard size {args.shard_size}, timm train transform, "
+          f"{args.epochs} timed epochs each after a warm-up, in turns (mean)\n")
+    print("| set | img_size | ImageFolder + DataLoader (img/s) | mgmoe shards (img/s) | ratio | "
+          "CPU ms/image ImageFolder / ours | CPU-time ratio | load average |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, img_size, result, load in rows:
+        print(f"| {label} | {img_size} | {result['base']:.0f} | {result['ours']:.0f} | "
+              f"{result['ours'] / result['base']:.2f}x | {result['base_cpu_ms']:.2f} / {result['ours_cpu_ms']:.2f} | "
+              f"{result['base_cpu_ms'] / result['ours_cpu_ms']:.2f}x | {load} |")
 
 
 if __name__ == "__main__":

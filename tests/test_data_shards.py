@@ -14,7 +14,7 @@ from PIL import Image
 
 from mgmoe_ds.cli import main
 from mgmoe_ds.data import DataError, build_shards, load_manifest, make_loader, read_listing, verify_dataset
-from mgmoe_ds.data.shards import Sample, write_dataset
+from mgmoe_ds.data.shards import Sample, shard_sizes, write_dataset
 
 SPLIT = {"train": 0.5, "val": 0.25, "test": 0.25}
 
@@ -78,6 +78,14 @@ def test_imagefolder_round_trip_with_stratified_split(tmp_path):
     assert len(seen) == 12
     species = {s["__key__"]: json.loads(s["json"])["species"] for s in stock_samples(out)}
     assert all(manifest["classes"][label] == species[key] for key, label in seen.items())
+
+
+def test_a_split_fills_the_fewest_shards_of_equal_size(tmp_path):
+    assert shard_sizes(720, 100) == [90] * 8 and shard_sizes(7, 3) == [3, 2, 2] and shard_sizes(4, 10) == [4]
+    src = make_imagefolder(tmp_path / "src", per_class=4)
+    out = build_shards(read_listing("imagefolder", src, {"train": 1.0}, seed=0), tmp_path / "out", "b",
+                       source=str(src), shard_size=5, progress=False)
+    assert [s["count"] for s in load_manifest(out)["shards"]] == [4, 4, 4]
 
 
 def test_imagefolder_split_folders_are_kept(tmp_path):

@@ -2,10 +2,12 @@
 
 One call, :func:`make_loader`, gives the training job an iterable of batches and a
 :class:`DataInfo`. Inside each DataLoader worker the pipeline is a webdataset ``DataPipeline`` of
-small stages: this worker's shard list, tar reading, optional class re-balancing, a shuffle
-buffer, decode + transform, batching. Errors are a parameter (``handler``): by default a bad
-shard or sample is skipped and counted, and the count travels with the batches, so after an
-epoch ``loader.skipped`` is the total over all workers of this rank.
+small stages: this worker's shard list, tar reading (:mod:`.tar_reader`), optional class
+re-balancing, a shuffle buffer, decode + per-image transform (uint8 tensors), batching with the
+conversion to normalised floats done once per batch, written straight into shared memory so that
+handing the batch to the main process copies nothing. Errors are a parameter (``handler``): by
+default a bad shard or sample is skipped and counted, and the count travels with the batches, so
+after an epoch ``loader.skipped`` is the total over all workers of this rank.
 
 What the loader guarantees (``resampled=False``, finite epochs):
   * shards are assigned to ranks once, greedily by sample count, so rank ``r`` always reads the
@@ -23,6 +25,7 @@ after ``ceil(num_samples / (world_size * batch_size))`` batches per rank, the sa
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import warnings
@@ -38,7 +41,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .formats import IMAGE_EXTENSIONS, DataError
 from .registry import DEFAULT_REGISTRY, dataset_path, load_registry, union_label_map
 from .shards import load_manifest
-from .transforms import create_transform, decode_image, draft_size
+from .tar_reader import tar_samples
+from .transforms import ImageTransform, create_transform, decode_image_tensor, draft_size
 
 BALANCE_MODES = ("class", "sqrt")
 MAX_REASONS = 20  # skip reasons kept per epoch (the count is always exact)
@@ -171,7 +175,7 @@ class ShardStream(IterableDataset):
         *,
         rank: int,
         batch_size: int,
-        transform: Callable,
+        transform: ImageTransform,
         min_side: Optional[int],
         shuffle: bool,
         shuffle_buffer: int,
@@ -235,8 +239,8 @@ class ShardStream(IterableDataset):
         image_keys = [k for k in sample if k in IMAGE_EXTENSIONS]
         if len(image_keys) != 1:
             raise ValueError(f"{sample.get('__url__')}: {sample.get('__key__')}: expected one image, got {sorted(sample)}")
-        image = decode_image(sample[image_keys[0]], self.min_side)
-        return self.transform(image), self._label(sample), sample["__key__"]  # (3, H, W)
+        image = decode_image_tensor(sample[image_keys[0]], self.min_side)  # (3, H, W) uint8
+        return self.transform.augment(image), self._label(sample), sample["__key__"]  # (3, H', W')
 
     def _batches(self, counter: SkipCounter, quota: Optional[int]) -> Callable[[Iterator], Iterator[dict]]:
         def stage(samples: Iterator[tuple[torch.Tensor, int, str]]) -> Iterator[dict]:
@@ -257,12 +261,14 @@ class ShardStream(IterableDataset):
                 yield {"skipped": count, "skip_reasons": reasons}
         return stage
 
-    @staticmethod
-    def _collate(buffer: list, counter: SkipCounter) -> dict:
+    def _collate(self, buffer: list, counter: SkipCounter) -> dict:
         images, labels, keys = zip(*buffer)
+        out = torch.empty((len(images), *images[0].shape), dtype=torch.float32)  # (B, 3, H, W)
+        if get_worker_info() is not None:  # the batch goes to the main process: build it in shared memory
+            out.share_memory_()
         count, reasons = counter.take()
         return {
-            "images": torch.stack(images),  # (B, 3, H, W)
+            "images": self.transform.collate(list(images), out),  # (B, 3, H, W)
             "labels": torch.tensor(labels, dtype=torch.long),  # (B,)
             "keys": list(keys),
             "skipped": count,
@@ -285,7 +291,7 @@ class ShardStream(IterableDataset):
         quota = self.worker_batches(worker, num_workers) if self.resampled else None
         pipeline = wds.DataPipeline(
             lambda: self._shard_urls(worker, num_workers),
-            wds.tarfile_to_samples(handler=handler),
+            functools.partial(tar_samples, handler=handler),
             self._rebalance(random.Random(seed + 1)) if self.factors is not None else None,
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=random.Random(seed))
             if self.shuffle and self.shuffle_buffer > 1 else None,

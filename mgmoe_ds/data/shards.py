@@ -3,9 +3,12 @@
 A dataset ``NAME`` built into ``OUT`` is the folder ``OUT/NAME`` with ``NAME-{split}-NNNNNN.tar``
 shards and a ``manifest.json``. Each sample has ``__key__``, the original image bytes under their
 real extension (``jpg``, ``png``, ...), ``cls`` (the class index, as ASCII) and ``json`` (species,
-dataset, original relative path, split, bbox when known). Shards are byte-for-byte reproducible:
+dataset, original relative path, split, bbox when known). A split fills the fewest shards of at
+most ``shard_size`` samples, all of (nearly) equal size. Shards are byte-for-byte reproducible:
 items are sorted, then shuffled with a fixed seed (so that each shard mixes classes), and every
-tar entry has the same mtime, owner and mode.
+tar entry has the same mtime, owner and mode. The mtime is a whole number of seconds, so each
+member is one plain ustar header (a float mtime makes ``tarfile`` add a PAX header, two more
+blocks, to every member).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -21,12 +25,12 @@ from typing import Any, Iterable, Optional
 
 from PIL import Image
 from tqdm import tqdm
-from webdataset import ShardWriter
+from webdataset import TarWriter
 
 from .formats import SPLIT_NAMES, DataError, Item, Listing, image_extension
 from .transforms import decode_image
 
-SHARD_MTIME = 946684800.0  # 2000-01-01T00:00:00Z on every tar entry, for reproducible shards
+SHARD_MTIME = 946684800  # 2000-01-01T00:00:00Z on every tar entry, for reproducible shards
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -58,6 +62,14 @@ def sha256_file(path: Path) -> str:
 
 def shard_pattern(out_dir: Path, name: str, split: str) -> str:
     return str(out_dir / f"{name}-{split}-%06d.tar")
+
+
+def shard_sizes(count: int, shard_size: int) -> list[int]:
+    """Samples per shard for ``count`` samples: the fewest shards of at most ``shard_size``, with
+    sizes that differ by at most one, so that workers and ranks, which get whole shards, get
+    equal shares (720 samples at 100 per shard: 8 shards of 90, not 7 of 100 and one of 20)."""
+    shards = max(1, math.ceil(count / shard_size))
+    return [count // shards + (index < count % shards) for index in range(shards)]
 
 
 def _resize_bytes(data: bytes, ext: str, max_side: int) -> tuple[bytes, str]:
@@ -113,6 +125,7 @@ def write_shards(
     name: str,
     split: str,
     shard_size: int,
+    count: Optional[int] = None,
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """Write the samples of one split as ``out_dir/NAME-{split}-NNNNNN.tar``.
 
@@ -122,32 +135,38 @@ def write_shards(
         name: the dataset name.
         split: the split name, part of the file names.
         shard_size: the most samples per shard.
+        count: the number of samples, when known: the shards then get equal sizes
+            (:func:`shard_sizes`); None fills each shard up to ``shard_size`` in turn.
 
     Returns:
         One ``{"path", "split", "count", "sha256"}`` entry per shard, with ``path`` relative to
         ``out_dir``, and the label of every sample written.
     """
+    planned = shard_sizes(count, shard_size) if count is not None else []
     counts: dict[str, int] = {}  # shard file -> samples, in write order
     labels: list[int] = []
-    writer = None
+    writer, path, capacity = None, "", 0
     for sample in samples:
-        if writer is None:
-            writer = ShardWriter(shard_pattern(out_dir, name, split), maxcount=shard_size, verbose=0,
-                                 encoder=False, mtime=SHARD_MTIME, mode=0o0444)
+        if writer is None or counts[path] == capacity:
+            if writer is not None:
+                writer.close()
+            index = len(counts)
+            path = shard_pattern(out_dir, name, split) % index
+            capacity = planned[index] if index < len(planned) else shard_size
+            writer = TarWriter(path, encoder=False, mtime=SHARD_MTIME, mode=0o0444)
+            counts[path] = 0
         writer.write({
             "__key__": sample.key,
             sample.ext: sample.data,
             "cls": str(sample.label).encode("ascii"),
             "json": json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
         })
-        counts[writer.fname] = counts.get(writer.fname, 0) + 1
+        counts[path] += 1
         labels.append(sample.label)
     if writer is not None:
         writer.close()
-    shards = []
-    for fname, count in counts.items():
-        path = Path(fname)
-        shards.append({"path": path.name, "split": split, "count": count, "sha256": sha256_file(path)})
+    shards = [{"path": Path(fname).name, "split": split, "count": shard_count, "sha256": sha256_file(Path(fname))}
+              for fname, shard_count in counts.items()]
     return shards, labels
 
 
@@ -172,6 +191,7 @@ def write_dataset(
     skipped: list[dict],
     options: dict[str, Any],
     source: str,
+    split_sizes: Optional[dict[str, int]] = None,
 ) -> Path:
     """Write every split's shards and the manifest into ``out/NAME``; old shards are removed.
 
@@ -184,6 +204,7 @@ def write_dataset(
         skipped: ``{"path", "reason"}`` for every input left out.
         options: the command's options, recorded in the manifest.
         source: where the data came from (recorded in the manifest).
+        split_sizes: samples per split, when known, for equal shard sizes (see :func:`write_shards`).
 
     Returns:
         The dataset folder ``out/NAME``.
@@ -195,7 +216,8 @@ def write_dataset(
     shards, labels = [], {}
     for split in SPLIT_NAMES:
         if split in samples_by_split:
-            split_shards, split_labels = write_shards(samples_by_split[split], out_dir, name, split, shard_size)
+            split_shards, split_labels = write_shards(samples_by_split[split], out_dir, name, split, shard_size,
+                                                      (split_sizes or {}).get(split))
             shards += split_shards
             if split_labels:
                 labels[split] = split_labels
@@ -270,7 +292,8 @@ def build_shards(
         random.Random(f"{seed}:{split}").shuffle(items)
         samples_by_split[split] = split_samples(split, items)
     out_dir = write_dataset(samples_by_split, listing.classes, out, name, shard_size=shard_size,
-                            skipped=listing.skipped + skipped, options=options or {}, source=source)
+                            skipped=listing.skipped + skipped, options=options or {}, source=source,
+                            split_sizes={split: len(items) for split, items in by_split.items()})
     bar.close()
     return out_dir
 

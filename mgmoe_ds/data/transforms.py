@@ -1,14 +1,32 @@
-"""Image decoding (with JPEG reduced-size decode) and the timm train/eval transforms."""
+"""Image decoding (with JPEG reduced-size decode) and the timm train/eval transforms.
+
+timm's ``create_transform`` defines what a transform does: which steps, with which parameters
+and random distributions. :class:`ImageTransform` runs those same steps, drawing the same random
+numbers, on uint8 tensors with torchvision's v2 kernels (antialiased resize, as PIL's resize is)
+and torchvision's colour-jitter arithmetic, 2-3 times faster than on PIL images, and splits them
+in two: ``augment`` is the per-image part (crop, resize, flip, colour jitter), ``collate`` stacks
+images and converts them to normalised floats once per batch. A timm step without a tensor
+counterpart here (auto-augment, random erasing, ...) makes the whole transform run as timm's
+PIL transform instead.
+"""
 
 from __future__ import annotations
 
 import io
 import math
+import random
+from functools import partial
 from typing import Any, Callable, Optional
 
+import numpy as np
+import torch
 from PIL import Image
+from torchvision import transforms as tv_transforms
+from torchvision.transforms.v2 import functional as F
 
 DEFAULT_CROP_PCT = 0.875  # timm's default eval crop: resize to img_size / 0.875, centre-crop
+GRAY_WEIGHTS = torch.tensor([0.2989, 0.587, 0.114])  # torchvision's RGB -> grey weights
+ImageLike = Image.Image | torch.Tensor  # a PIL image, or a (3, H, W) uint8 tensor
 
 
 def draft_size(img_size: int, crop_pct: Optional[float] = None) -> int:
@@ -40,8 +58,148 @@ def decode_image(data: bytes, min_side: Optional[int] = None) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def create_transform(img_size: int, train: bool, **options: Any) -> Callable:
-    """timm's train or eval transform at ``img_size`` (a PIL image -> a (3, H, W) float tensor).
+def image_to_tensor(image: ImageLike) -> torch.Tensor:
+    """A PIL image -> a (3, H, W) uint8 tensor (a view of an (H, W, 3) array); tensors pass as is."""
+    if isinstance(image, torch.Tensor):
+        return image
+    pixels = np.array(image.convert("RGB") if image.mode != "RGB" else image)  # (H, W, 3) uint8, writable
+    return torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W)
+
+
+def decode_image_tensor(data: bytes, min_side: Optional[int] = None) -> torch.Tensor:
+    """:func:`decode_image`, as a (3, H, W) uint8 tensor."""
+    return image_to_tensor(decode_image(data, min_side))
+
+
+def _random_resized_crop(step: Any, image: torch.Tensor) -> torch.Tensor:
+    """timm's ``RandomResizedCropAndInterpolation``: its own parameter sampling, a tensor resize."""
+    top, left, height, width = step.get_params(image, step.scale, step.ratio)
+    interpolation = step.interpolation
+    if isinstance(interpolation, (list, tuple)):  # timm's "random": one of several, per image
+        interpolation = random.choice(interpolation)
+    return F.resized_crop_image(image, top, left, height, width, list(step.size), interpolation, antialias=True)
+
+
+def _resize(step: tv_transforms.Resize, image: torch.Tensor) -> torch.Tensor:
+    size = [step.size] if isinstance(step.size, int) else list(step.size)
+    return F.resize_image(image, size, step.interpolation, step.max_size, antialias=True)
+
+
+def _center_crop(step: tv_transforms.CenterCrop, image: torch.Tensor) -> torch.Tensor:
+    return F.center_crop_image(image, list(step.size))
+
+
+def _flip(step: tv_transforms.RandomHorizontalFlip | tv_transforms.RandomVerticalFlip,
+          image: torch.Tensor) -> torch.Tensor:
+    if torch.rand(1) >= step.p:  # as torchvision's forward draws it
+        return image
+    horizontal = isinstance(step, tv_transforms.RandomHorizontalFlip)
+    return F.horizontal_flip_image(image) if horizontal else F.vertical_flip_image(image)
+
+
+def _blend_(image: torch.Tensor, other: torch.Tensor, factor: float) -> torch.Tensor:
+    """``factor * image + (1 - factor) * other``, clamped to [0, 255], in place (torchvision's blend)."""
+    return image.lerp_(other, 1.0 - factor).clamp_(0.0, 255.0)
+
+
+def _color_jitter(step: tv_transforms.ColorJitter, image: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``ColorJitter``: its own factors and random order, and the arithmetic of its
+    tensor kernels, in place on a float copy in [0, 255] (clamped after every adjustment, as
+    PIL's uint8 adjustments clip)."""
+    order, brightness, contrast, saturation, hue = step.get_params(step.brightness, step.contrast, step.saturation,
+                                                                   step.hue)
+    image = image.to(torch.float32, copy=True)
+    for index in order.tolist():
+        if index == 0 and brightness is not None:
+            image.mul_(brightness).clamp_(0.0, 255.0)
+        elif index == 1 and contrast is not None:
+            _blend_(image, torch.dot(GRAY_WEIGHTS, image.mean(dim=(1, 2))), contrast)  # the mean grey level
+        elif index == 2 and saturation is not None:
+            _blend_(image, torch.tensordot(GRAY_WEIGHTS, image, dims=1), saturation)  # (H, W) grey image
+        elif index == 3 and hue is not None:
+            image = F.adjust_hue_image(image.div_(255.0), hue).mul_(255.0)  # its kernel works in [0, 1]
+    return image
+
+
+def _tensor_steps(timm_transform: Any) -> Optional[list[Callable[[torch.Tensor], torch.Tensor]]]:
+    """``timm_transform``'s pixel steps as tensor functions, or None when it is not
+    ``Compose([pixel steps..., ToTensor, Normalize])`` of steps known here."""
+    from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
+
+    kernels = {
+        RandomResizedCropAndInterpolation: _random_resized_crop,
+        tv_transforms.Resize: _resize,
+        tv_transforms.CenterCrop: _center_crop,
+        tv_transforms.RandomHorizontalFlip: _flip,
+        tv_transforms.RandomVerticalFlip: _flip,
+        tv_transforms.ColorJitter: _color_jitter,
+    }
+    steps = list(getattr(timm_transform, "transforms", []))
+    if len(steps) < 2 or type(steps[-1]) is not tv_transforms.Normalize:
+        return None
+    if type(steps[-2]) not in (MaybeToTensor, tv_transforms.ToTensor):  # both scale pixels to [0, 1]
+        return None
+    if any(type(step) not in kernels for step in steps[:-2]):
+        return None
+    return [partial(kernels[type(step)], step) for step in steps[:-2]]
+
+
+class ImageTransform:
+    """timm's train or eval transform, as a per-image part and a per-batch part.
+
+    ``augment`` maps a PIL image or a (3, H, W) uint8 tensor to a (3, H', W') tensor: uint8, or
+    float in [0, 255] once a colour step ran (timm's PIL fallback: already normalised).
+    ``collate`` stacks such images into a normalised (B, 3, H', W') float batch. Calling the
+    transform does both for one image: a PIL image -> a (3, H', W') normalised float tensor.
+    """
+
+    def __init__(self, timm_transform: Any) -> None:
+        self.timm_transform = timm_transform
+        self.steps = _tensor_steps(timm_transform)  # None: run timm's PIL transform
+        if self.steps is not None:
+            normalize = timm_transform.transforms[-1]
+            mean = torch.as_tensor(normalize.mean, dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
+            std = torch.as_tensor(normalize.std, dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
+            self.scale = 1.0 / (255.0 * std)  # pixels p = 255 x: (x - mean) / std = p * scale - shift
+            self.shift = mean / std
+
+    def augment(self, image: ImageLike) -> torch.Tensor:
+        """The per-image steps: an image -> (3, H', W') (see the class docstring)."""
+        if self.steps is None:
+            if isinstance(image, torch.Tensor):
+                image = Image.fromarray(image.permute(1, 2, 0).numpy())  # (H, W, 3)
+            return self.timm_transform(image)
+        image = image_to_tensor(image)
+        for step in self.steps:
+            image = step(image)
+        return image
+
+    def collate(self, images: list[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Images from :meth:`augment` (all of one size) -> a (B, 3, H, W) normalised float batch.
+
+        Args:
+            images: the images.
+            out: an empty float32 tensor of shape (B, 3, H, W) to write the batch into (e.g. one in
+                shared memory); default: a new one.
+        """
+        if out is None:
+            out = torch.empty((len(images), *images[0].shape), dtype=torch.float32)  # (B, 3, H, W)
+        if self.steps is None:
+            return torch.stack(images, out=out)
+        for slot, image in zip(out, images):
+            torch.mul(image, self.scale, out=slot).sub_(self.shift)
+        return out
+
+    def __call__(self, image: ImageLike) -> torch.Tensor:
+        return self.collate([self.augment(image)])[0]  # (3, H, W)
+
+    def __repr__(self) -> str:
+        kernels = "torchvision v2 tensor kernels" if self.steps is not None else "PIL"
+        return f"{type(self).__name__}(on {kernels}: {self.timm_transform!r})"
+
+
+def create_transform(img_size: int, train: bool, **options: Any) -> ImageTransform:
+    """timm's train or eval transform at ``img_size``, run on tensors (see :class:`ImageTransform`).
 
     Args:
         img_size: output resolution in pixels.
@@ -55,4 +213,4 @@ def create_transform(img_size: int, train: bool, **options: Any) -> Callable:
     from timm.data import create_transform as timm_create_transform
 
     kwargs = dict(dict(input_size=img_size, is_training=train), **options)
-    return timm_create_transform(**kwargs)
+    return ImageTransform(timm_create_transform(**kwargs))

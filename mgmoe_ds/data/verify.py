@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .formats import IMAGE_EXTENSIONS
 from .shards import load_manifest, sha256_file
+from .tar_reader import TarFormatError, split_name, tar_members
 from .transforms import decode_image
 
 
 def _shard_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample of a shard, read as the pipeline reads it."""
     samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, mode="r") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            directory, _, base = member.name.rpartition("/")
-            key, _, ext = base.partition(".")
-            key = f"{directory}/{key}" if directory else key
-            samples.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+    for name, data in tar_members(str(path)):
+        key, extension = split_name(name)
+        if key is not None:
+            samples.setdefault(key, {})[extension] = data
     return samples
 
 
@@ -51,7 +48,7 @@ def verify_dataset(dataset_dir: Path | str, progress: bool = True) -> list[str]:
             problems.append(f"{path}: sha256 {digest[:12]}... != manifest {shard['sha256'][:12]}...")
         try:
             samples = _shard_samples(path)
-        except (tarfile.TarError, OSError, EOFError) as exn:
+        except (TarFormatError, OSError) as exn:
             problems.append(f"{path}: unreadable tar ({exn})")
             continue
         if len(samples) != shard["count"]:
