@@ -64,6 +64,9 @@ class DistInfo:
     accelerator: str
 
 
+PORT_ATTEMPTS = 5  # a world of one retries its store on another free port this many times in all
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,11 +78,20 @@ def setup_distributed() -> DistInfo:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ:  # plain `python jobs/train.py`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     accelerator = get_accelerator()
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+    own_port = "RANK" not in os.environ  # plain `python jobs/train.py`: a world of one
+    for attempt in range(PORT_ATTEMPTS):
+        if own_port:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        try:
+            deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
+            break
+        except dist.DistNetworkError:
+            # The port we found free was taken before the store bound it (another job
+            # starting on this machine): draw another one.
+            if not own_port or attempt == PORT_ATTEMPTS - 1:
+                raise
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     name = accelerator.device_name()

@@ -224,3 +224,20 @@ def test_non_finite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(ti
     skipped = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
                if '"non_finite_loss"' in line]
     assert len(skipped) == 3
+
+
+def test_a_world_of_one_retries_when_its_free_port_is_taken(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import os, socket, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import mgmoe_ds.engine as engine\n"
+        "busy = socket.socket(); busy.bind(('127.0.0.1', 0)); busy.listen()\n"
+        "ports = iter([busy.getsockname()[1]])\n"
+        "real = engine._free_port\n"
+        "engine._free_port = lambda: next(ports, None) or real()\n"
+        "info = engine.setup_distributed()\n"
+        "print('world', info.world_size, 'port_changed', os.environ['MASTER_PORT'] != str(busy.getsockname()[1]))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert "world 1 port_changed True" in result.stdout, result.stderr[-2000:]
