@@ -207,7 +207,18 @@ def test_several_views_are_stored_per_sample_and_must_read_the_same_samples(tiny
                   compute=tiny_model.forward_features)
 
 
-def test_validation_and_clustering_read_the_eval_cache_with_the_same_results(tiny_dataset, tmp_path):
+@pytest.fixture
+def world_of_one(monkeypatch):
+    """The environment of a one-rank Trainer built inside the test process, removed afterwards
+    (jobs started later by other tests must not inherit this process's rank and port)."""
+    from dist_utils import free_port
+
+    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(name, value)
+
+
+def test_validation_and_clustering_read_the_eval_cache_with_the_same_results(tiny_dataset, tmp_path, world_of_one):
     from mgmoe_ds.config import StageConfig
     from mgmoe_ds.curriculum import plan_stage
     from mgmoe_ds.engine import Trainer, TrainArgs
@@ -227,7 +238,7 @@ def test_validation_and_clustering_read_the_eval_cache_with_the_same_results(tin
     assert trainer._feature_cache_store().builds == 2
 
 
-def test_a_shared_cache_dir_is_reused_by_another_run(tiny_dataset, tmp_path):
+def test_a_shared_cache_dir_is_reused_by_another_run(tiny_dataset, tmp_path, world_of_one):
     from mgmoe_ds.config import StageConfig
     from mgmoe_ds.curriculum import plan_stage
     from mgmoe_ds.engine import Trainer, TrainArgs
