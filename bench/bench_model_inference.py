@@ -57,6 +57,8 @@ import time
 from functools import partial
 from pathlib import Path
 
+from machine import cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
 SHIPPED_CONFIG = ROOT / "ds_configs" / "zero2.json"
@@ -224,10 +226,7 @@ def component_calls(model, images) -> dict:
 def machine_info(device: str, threads: int) -> dict:
     import torch
 
-    cpu = "?"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    cpu = cpu_name()
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "torch": torch.__version__, "loadavg_start": os.getloadavg()}
     if device == "cuda":

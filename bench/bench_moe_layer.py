@@ -50,6 +50,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from machine import cpu_name
+
 HIDDEN = 512
 FFN = 2048
 NUM_EXPERTS = 8
@@ -442,10 +444,7 @@ def render(results: dict) -> str:
 def machine_info(device: str) -> dict:
     import deepspeed
     import torch
-    cpu = "?"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    cpu = cpu_name()
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "dist_backend": "gloo", "loadavg_start": os.getloadavg()}

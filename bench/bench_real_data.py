@@ -36,10 +36,13 @@ import json
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "flowers12"
@@ -125,13 +128,15 @@ def linear_probe(args, dataset: Path) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from mgmoe_ds.backbone import Backbone
     from mgmoe_ds.config import load_run_config
     from mgmoe_ds.data import make_loader
-    from mgmoe_ds.model import MGMoE
 
     started = time.perf_counter()
     config, _ = load_run_config(args.config, [])
-    backbone = MGMoE(config.model, config.moe, num_classes=2).backbone.eval()
+    model = config.model
+    backbone = Backbone(model.backbone, pretrained=model.pretrained, img_size=model.img_size,
+                        **model.backbone_options).eval()
 
     @torch.no_grad()
     def pooled(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,8 +216,6 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.data / "train").is_dir() or not (args.data / "test").is_dir():
         sys.exit(f"--data {args.data}: expected an image folder with train/ and test/")
-    import shutil
-
     import torch
 
     config = json.loads(args.config.read_text())
@@ -233,7 +236,7 @@ def main() -> None:
         "data": str(args.data), "splits": splits, "config": str(args.config.relative_to(ROOT)),
         "num_classes": len(json.loads((dataset / "manifest.json").read_text())["classes"]),
         "epochs": sum(stage_epochs(config).values()),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "loadavg_start": os.getloadavg()},
         "models": {},
     }
@@ -250,13 +253,6 @@ def main() -> None:
     print()
     print(render(results))
     print(f"\nraw results in {out}")
-
-
-def _cpu_name() -> str:
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    return platform.processor() or "?"
 
 
 if __name__ == "__main__":

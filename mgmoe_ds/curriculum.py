@@ -10,9 +10,8 @@ Stages (set in the ``"mgmoe"`` block as ``curriculum.stages``):
   ``kl_weight * KL(teacher || router)``.
 - ``residual`` (stage 2): routing is frozen at cluster level (each image may use only its
   cluster's top-2 teacher experts, top-K when ``moe.top_k`` > 2; the router only re-weights
-  them); the classification heads
-  of those experts are unfrozen, the other experts stay frozen; router and heads train with
-  their own learning rates.
+  them); the classification heads of those experts are unfrozen, the other experts stay frozen;
+  router and heads train with their own learning rates.
 
 Pure functions and dataclasses; the reductions across ranks are passed in as a callable so this
 module never imports ``torch.distributed``.

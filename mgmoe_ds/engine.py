@@ -18,6 +18,7 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -326,6 +327,8 @@ class Trainer:
         self.train_loader, self.train_info = self._loader("train", train=True)
         self.train_features_loader, _ = self._loader("train", train=False, shuffle=False)
         self.val_loader, self.val_info = self._loader(self.config.data.val_split, train=False)
+        # Loaders of the eval transform by split, for ``_eval_batches`` (the final test adds "test").
+        self.eval_loaders = {"train": self.train_features_loader, self.config.data.val_split: self.val_loader}
 
     def _build_model(self) -> None:
         from mgmoe_ds.model import MGMoE
@@ -441,16 +444,14 @@ class Trainer:
         backbone frozen (see ``_eval_cache``), else images."""
         cache = self._eval_cache(split, plan)
         if cache is None:
-            loader = {"train": self.train_features_loader, self.config.data.val_split: self.val_loader,
-                      "test": getattr(self, "test_loader", None)}[split]
-            for batch in self._equalised(loader, "max"):
+            for batch in self._equalised(self.eval_loaders[split], "max"):
                 yield batch or self._empty_batch()
             return
         from mgmoe_ds.feature_cache import batches_per_epoch
 
-        count = all_reduce_int(batches_per_epoch(cache.num_samples, self.micro_batch), "max")
+        n = cache.num_samples
+        count = all_reduce_int(batches_per_epoch(n, self.micro_batch), "max")
         for b in range(count):
-            n = cache.num_samples
             rows = torch.arange(min(b * self.micro_batch, n), min((b + 1) * self.micro_batch, n))  # (B,), empty past the end
             yield {"features": cache.gather(rows, torch.zeros_like(rows)), "labels": cache.labels[rows]}
 
@@ -618,13 +619,7 @@ class Trainer:
         if split not in self._eval_caches:
             from mgmoe_ds.feature_cache import describe
 
-            loader, info = ((self.train_features_loader, self.train_info) if split == "train"
-                            else (self.val_loader, self.val_info))
-
-            def view_batches(view: int) -> Iterator[dict]:
-                loader.set_epoch(0)
-                yield from loader
-
+            info = self.train_info if split == "train" else self.val_info
             started = time.perf_counter()
             was_training = self.model.training
             self.model.eval()
@@ -633,7 +628,8 @@ class Trainer:
                 cache, reused = self._empty_feature_cache(key), False
             else:
                 cache, reused = self._feature_cache_store().get(
-                    key, views=1, capacity=capacity, view_batches=view_batches, compute=self._compute_features,
+                    key, views=1, capacity=capacity, view_batches=partial(self._in_fixed_order, self.eval_loaders[split]),
+                    compute=self._compute_features,
                     slot=f"eval:{split}", description=f"feature cache ({split})")
             self.model.train(was_training)
             if self.is_main:
@@ -664,8 +660,7 @@ class Trainer:
         """This rank's training samples in a fixed order: view 0 of ``cache.views == 1`` through the
         eval transform, else view ``view`` through the training transform (augmentation seeded by it)."""
         if self.config.cache.views == 1:
-            self.train_features_loader.set_epoch(0)
-            yield from self.train_features_loader
+            yield from self._in_fixed_order(self.train_features_loader)
             return
         if self._augmented_loader is None:
             self._augmented_loader, _ = self._loader("train", train=True, shuffle=False)
@@ -673,6 +668,12 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # in-process workers draw from the global generator
             torch.manual_seed(self.config.train.seed * 1_000_003 + view)
             yield from self._augmented_loader
+
+    @staticmethod
+    def _in_fixed_order(loader, view: int = 0) -> Iterator[dict]:
+        """An unshuffled eval-transform loader's batches, the same on every call (one cache view)."""
+        loader.set_epoch(0)
+        yield from loader
 
     def _cached_batches(self, cache, epoch: int, steps_per_epoch: int, start: int = 0) -> Iterator[dict]:
         """One epoch of cached batches ``{"features", "labels"}``; ``steps_per_epoch`` is already the
@@ -741,7 +742,7 @@ class Trainer:
     def _final_test(self) -> Optional[dict[str, float]]:
         """Test metrics from images (never from the fp16 feature cache), or None without a test split."""
         try:
-            self.test_loader, _ = self._loader("test", train=False)
+            self.eval_loaders["test"], _ = self._loader("test", train=False)
         except Exception:  # a dataset without a test split
             return None
         return self.evaluate("test", self._routing_kwargs(plan_stage(self.config.curriculum.stages[-1],
@@ -791,7 +792,7 @@ class Trainer:
             if full:  # applied after the resumed epoch's trained batches are replayed (see below)
                 pending_rng = torch.load(self.ckpt_dir / resume["tag"] / f"rng_rank{self.dist.rank}.pt",
                                          weights_only=True)
-        self._eval_caches.clear()
+            self._eval_caches.clear()  # the loaded weights may differ from those the clusters used
         cache = self._stage_feature_cache(plan)  # after the checkpoint load: keyed by the loaded weights
         self._write_stage_json(stage_index, plan, trained)
         if self.is_main:
