@@ -11,7 +11,9 @@ reduced-size JPEG decode when the target resolution allows), batched inside the 
 ToTensor + Normalize once per batch. One "epoch" is one full pass over the set, timed from
 creating the iterator to the last batch (worker start-up included for both); its CPU time (main
 process and workers) is measured too, which other processes' load on a shared machine disturbs
-less than wall time. Two sets: the flowers12 training images (224 px JPEGs) and a larger set
+less than wall time. Besides the totals, each timed epoch pairs one baseline pass with the ours
+pass that follows it, and the median of those per-pair speed-ups is reported (one epoch of
+either loader slowed by something else on the machine then moves the median little). Two sets: the flowers12 training images (224 px JPEGs) and a larger set
 made from them (re-encoded at --large-side px, replicated to --large-count images) in a
 temporary folder.
 
@@ -24,6 +26,7 @@ import argparse
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -76,6 +79,7 @@ def bench(folder: Path, shards: Path, img_size: int, args: argparse.Namespace) -
     loader, _ = make_loader(shards, "train", batch_size=args.batch_size, img_size=img_size, train=True,
                             num_workers=args.workers, shuffle_buffer=args.shuffle_buffer)
     totals = {"base_s": 0.0, "base_cpu": 0.0, "ours_s": 0.0, "ours_cpu": 0.0}
+    pair_ratios, pair_cpu_ratios = [], []
     for epoch in range(args.epochs + 1):
         base_s, base_cpu, base_n = time_epoch(DataLoader(baseline, batch_size=args.batch_size, shuffle=True,
                                                          num_workers=args.workers,
@@ -86,9 +90,13 @@ def bench(folder: Path, shards: Path, img_size: int, args: argparse.Namespace) -
         if epoch > 0:  # epoch 0 warms the page cache and the allocator
             for key, value in (("base_s", base_s), ("base_cpu", base_cpu), ("ours_s", ours_s), ("ours_cpu", ours_cpu)):
                 totals[key] += value
+            pair_ratios.append(base_s / ours_s)
+            pair_cpu_ratios.append(base_cpu / ours_cpu)
     images = base_n * args.epochs
     return {"base": images / totals["base_s"], "ours": images / totals["ours_s"],
-            "base_cpu_ms": 1e3 * totals["base_cpu"] / images, "ours_cpu_ms": 1e3 * totals["ours_cpu"] / images}
+            "base_cpu_ms": 1e3 * totals["base_cpu"] / images, "ours_cpu_ms": 1e3 * totals["ours_cpu"] / images,
+            "pair_median": statistics.median(pair_ratios), "pair_min": min(pair_ratios),
+            "pair_cpu_median": statistics.median(pair_cpu_ratios)}
 
 
 def main() -> None:
@@ -126,17 +134,20 @@ def main() -> None:
                 rows.append((label, img_size, result, load))
                 print(f"{label} @ {img_size}px: ImageFolder {result['base']:.0f} img/s, ours {result['ours']:.0f} img/s, "
                       f"{result['ours'] / result['base']:.2f}x; CPU ms/image {result['base_cpu_ms']:.2f} vs "
-                      f"{result['ours_cpu_ms']:.2f} (load average {load})", flush=True)
+                      f"{result['ours_cpu_ms']:.2f}; per-epoch pairs median {result['pair_median']:.2f}x "
+                      f"(min {result['pair_min']:.2f}x) (load average {load})", flush=True)
     print(f"\nmachine: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, torch {torch.__version__}; "
           f"workers {args.workers}, batch {args.batch_size}, shard size {args.shard_size}, timm train transform, "
-          f"{args.epochs} timed epochs each after a warm-up, in turns (mean)\n")
-    print("| set | img_size | ImageFolder + DataLoader (img/s) | mgmoe shards (img/s) | ratio | "
-          "CPU ms/image ImageFolder / ours | CPU-time ratio | load average |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{args.epochs} timed epochs each after a warm-up, in turns (totals over all epochs; per-epoch pairs)\n")
+    print("| set | img_size | ImageFolder + DataLoader (img/s) | mgmoe shards (img/s) | ratio (totals) | "
+          "ratio per-epoch pairs, median (min) | CPU ms/image ImageFolder / ours | CPU-time ratio (totals; pairs median) "
+          "| load average |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, img_size, result, load in rows:
         print(f"| {label} | {img_size} | {result['base']:.0f} | {result['ours']:.0f} | "
-              f"{result['ours'] / result['base']:.2f}x | {result['base_cpu_ms']:.2f} / {result['ours_cpu_ms']:.2f} | "
-              f"{result['base_cpu_ms'] / result['ours_cpu_ms']:.2f}x | {load} |")
+              f"{result['ours'] / result['base']:.2f}x | {result['pair_median']:.2f}x ({result['pair_min']:.2f}x) | "
+              f"{result['base_cpu_ms']:.2f} / {result['ours_cpu_ms']:.2f} | "
+              f"{result['base_cpu_ms'] / result['ours_cpu_ms']:.2f}x; {result['pair_cpu_median']:.2f}x | {load} |")
 
 
 if __name__ == "__main__":
