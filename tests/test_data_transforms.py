@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import ColorJitter
 
-from mgmoe_ds.data.transforms import _color_jitter, create_transform, decode_image, decode_image_tensor, jpeg_frame
+from mgmoe_ds.data.transforms import _color_jitter, create_transform, decode_image, decode_image_tensor
 from test_data_shards import image_bytes
 
 IMAGENET_STD = 0.225  # about; turns a normalised difference back into grey levels
@@ -38,22 +38,6 @@ def test_decode_image_tensor_is_the_pil_decode():
         reference = np.asarray(decode_image(data, min_side))  # (H, W, 3)
         assert pixels.dtype == torch.uint8 and np.array_equal(pixels.permute(1, 2, 0).numpy(), reference)
     assert decode_image_tensor(smooth_jpeg(0, 400, 300), 90).shape == (3, 150, 200)  # 1/2 scale keeps >= 90
-
-
-def test_jpegs_decoded_by_libjpeg_directly_match_pil_and_truncated_ones_still_fail():
-    grey = io.BytesIO()
-    Image.open(io.BytesIO(smooth_jpeg(3))).convert("L").save(grey, format="JPEG")
-    # Full-scale RGB JPEGs (no min_side, or one that draft cannot halve) take torchvision's decoder.
-    for data, min_side in ((smooth_jpeg(4, 200, 150), None), (smooth_jpeg(5, 200, 150), 90), (grey.getvalue(), None)):
-        pixels = decode_image_tensor(data, min_side)  # (3, H, W) uint8
-        assert np.array_equal(pixels.permute(1, 2, 0).numpy(), np.asarray(decode_image(data, min_side)))
-    cmyk = io.BytesIO()
-    Image.open(io.BytesIO(smooth_jpeg(7))).convert("CMYK").save(cmyk, format="JPEG")
-    assert np.array_equal(decode_image_tensor(cmyk.getvalue()).permute(1, 2, 0).numpy(),
-                          np.asarray(decode_image(cmyk.getvalue())))  # PIL's CMYK conversion
-    truncated = smooth_jpeg(6, 200, 150)[:-400]
-    with pytest.raises(OSError):
-        decode_image_tensor(truncated)
 
 
 @pytest.mark.parametrize("options", [{}, dict(crop_pct=1.0, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)])
@@ -102,16 +86,3 @@ def test_steps_without_a_tensor_kernel_run_timms_pil_transform():
     assert "PIL" in repr(transform)
     batch = transform.collate([transform.augment(decode_image_tensor(smooth_jpeg(s))) for s in range(3)])
     assert batch.shape == (3, 3, 32, 32) and batch.dtype == torch.float32
-
-
-def test_jpeg_frame_reads_size_and_components_as_pil_does():
-    progressive = io.BytesIO()
-    Image.open(io.BytesIO(smooth_jpeg(8, 130, 70))).save(progressive, format="JPEG", progressive=True)
-    grey, cmyk = io.BytesIO(), io.BytesIO()
-    Image.open(io.BytesIO(smooth_jpeg(9))).convert("L").save(grey, format="JPEG")
-    Image.open(io.BytesIO(smooth_jpeg(9))).convert("CMYK").save(cmyk, format="JPEG")
-    for data, components in ((smooth_jpeg(8, 131, 67), 3), (progressive.getvalue(), 3), (grey.getvalue(), 1),
-                             (cmyk.getvalue(), 4)):
-        assert jpeg_frame(data) == (*Image.open(io.BytesIO(data)).size, components)
-    assert jpeg_frame(image_bytes(2, 30, "PNG")) is None
-    assert jpeg_frame(b"\xff\xd8\xff\xda\x00\x02") is None  # a scan before any frame header

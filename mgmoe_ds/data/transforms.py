@@ -22,14 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as tv_transforms
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 DEFAULT_CROP_PCT = 0.875  # timm's default eval crop: resize to img_size / 0.875, centre-crop
 GRAY_WEIGHTS = torch.tensor([0.2989, 0.587, 0.114])  # torchvision's RGB -> grey weights
-JPEG_END = b"\xff\xd9"  # the end-of-image marker
-# Start-of-frame markers (SOF0-3, 5-7, 9-11, 13-15): their segment holds the image size.
-JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 ImageLike = Image.Image | torch.Tensor  # a PIL image, or a (3, H, W) uint8 tensor
 
 
@@ -70,49 +66,8 @@ def image_to_tensor(image: ImageLike) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W)
 
 
-def jpeg_frame(data: bytes) -> Optional[tuple[int, int, int]]:
-    """(width, height, components) from a baseline/progressive JPEG's frame header, or None when
-    ``data`` is not a JPEG or has no frame before its scan. Walks the marker segments only (PIL's
-    ``Image.open`` also parses every table in Python: ~0.15 ms a photo)."""
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    pos, end = 2, len(data)
-    while pos + 4 <= end:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            pos += 2
-            continue
-        if marker == 0xDA:  # start of scan before any frame header
-            return None
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        if marker in JPEG_FRAME_MARKERS and pos + 10 <= end:
-            height = int.from_bytes(data[pos + 5:pos + 7], "big")
-            width = int.from_bytes(data[pos + 7:pos + 9], "big")
-            return width, height, data[pos + 9]
-        pos += 2 + length
-    return None
-
-
 def decode_image_tensor(data: bytes, min_side: Optional[int] = None) -> torch.Tensor:
-    """:func:`decode_image`, as a (3, H, W) uint8 tensor.
-
-    A complete grey or colour JPEG that ``draft`` would not shrink goes straight from
-    libjpeg-turbo into a tensor through torchvision (the same library, IDCT and upsampling as
-    PIL's decode, so the same pixels, without PIL's header parsing and image-to-array copy).
-    Anything else (other formats, CMYK, a JPEG draft can halve, one cut short, which PIL
-    rejects where libjpeg only warns) is decoded by PIL.
-    """
-    frame = jpeg_frame(data)
-    if frame is not None and frame[2] in (1, 3) and data.endswith(JPEG_END):
-        width, height, _ = frame
-        if min_side is None or min(width, height) < 2 * min_side:  # draft's 1/2 scale would go below min_side
-            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # (N,) a writable copy
-            return decode_jpeg(encoded, mode=ImageReadMode.RGB)  # (3, H, W)
+    """:func:`decode_image`, as a (3, H, W) uint8 tensor."""
     return image_to_tensor(decode_image(data, min_side))
 
 
