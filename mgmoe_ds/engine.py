@@ -288,7 +288,9 @@ class Trainer:
         self._cache_store = None  # FeatureCacheStore, made by the first stage that trains from cached features
         self._augmented_loader = None  # train-transform loader without shuffling, for cache.views > 1
         self._stage_cache_record: Optional[dict[str, Any]] = None  # the current stage's cache, for its JSON
-        self._eval_caches: dict[str, Any] = {}  # split -> eval-transform FeatureCache or None, for this stage's weights
+        # What this stage's backbone weights determine; cleared when the weights may change.
+        self._eval_caches: dict[str, Any] = {}  # split -> eval-transform FeatureCache
+        self._backbone_digest: Optional[str] = None  # feature_cache.weights_digest of the backbone
         seed_everything(self.config.train.seed + 1000 * self.dist.rank)
         self.logger = MetricsLogger(self.run_dir, enabled=self.is_main)
         if self.is_main:
@@ -564,11 +566,13 @@ class Trainer:
 
     def _feature_cache_key(self, split: str, views: int) -> str:
         from mgmoe_ds.data.transforms import create_transform
-        from mgmoe_ds.feature_cache import cache_key, manifest_bytes
+        from mgmoe_ds.feature_cache import cache_key, manifest_bytes, weights_digest
 
         options = self.model.backbone.preprocessing()
         transform = repr(create_transform(self.config.model.img_size, views > 1, **options))
-        return cache_key(self.model.backbone, transform=f"{transform}|input={self.input_dtype}",
+        if self._backbone_digest is None:
+            self._backbone_digest = weights_digest(self.model.backbone)
+        return cache_key(self._backbone_digest, transform=f"{transform}|input={self.input_dtype}",
                          manifest=manifest_bytes(self.dataset), split=split, features=self.model.features | {"pooled"},
                          rank=self.dist.rank, world_size=self.dist.world_size, views=views,
                          dtype=self.config.cache.dtype, seed=self.config.train.seed)
@@ -638,6 +642,11 @@ class Trainer:
                          time.perf_counter() - started)
             self._eval_caches[split] = cache
         return self._eval_caches[split]
+
+    def _forget_backbone_state(self) -> None:
+        """Drops what was derived from the backbone's weights (they changed, or may have)."""
+        self._eval_caches.clear()
+        self._backbone_digest = None
 
     @torch.no_grad()
     def _empty_feature_cache(self, key: str):
@@ -765,7 +774,7 @@ class Trainer:
     def _run_stage(self, stage_index: int, resume: Optional[dict[str, Any]]) -> dict[str, Any]:
         stage = self.config.curriculum.stages[stage_index]
         plan = plan_stage(stage, self.base_lr)
-        self._eval_caches.clear()  # keyed by the weights this stage starts from
+        self._forget_backbone_state()  # keyed by the weights this stage starts from
         pending_rng: Optional[dict[str, Any]] = None
         use_cache = self._cache_refusal(plan) is None
         steps_per_epoch, total_steps = self._stage_length(stage, cached=use_cache)
@@ -792,7 +801,7 @@ class Trainer:
             if full:  # applied after the resumed epoch's trained batches are replayed (see below)
                 pending_rng = torch.load(self.ckpt_dir / resume["tag"] / f"rng_rank{self.dist.rank}.pt",
                                          weights_only=True)
-            self._eval_caches.clear()  # the loaded weights may differ from those the clusters used
+            self._forget_backbone_state()  # the loaded weights may differ from those the clusters used
         cache = self._stage_feature_cache(plan)  # after the checkpoint load: keyed by the loaded weights
         self._write_stage_json(stage_index, plan, trained)
         if self.is_main:

@@ -64,13 +64,24 @@ def manifest_bytes(source: str | Path) -> bytes:
     return (path if path.is_file() else path / "manifest.json").read_bytes()
 
 
-def cache_key(backbone: nn.Module, *, transform: str, manifest: bytes, split: str, features: Iterable[str],
+def weights_digest(backbone: nn.Module) -> str:
+    """The sha256 (hex) of every tensor of ``backbone``'s state dict (name, dtype, shape, bytes),
+    buffers included (BatchNorm statistics change the features too)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(backbone.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def cache_key(weights: str, *, transform: str, manifest: bytes, split: str, features: Iterable[str],
               rank: int, world_size: int, views: int, dtype: str, seed: int) -> str:
     """The sha256 (hex) of what cached features depend on.
 
     Args:
-        backbone: the frozen backbone; every tensor of its state dict is hashed (name, dtype,
-            shape, bytes), buffers included (BatchNorm statistics change the features too).
+        weights: :func:`weights_digest` of the frozen backbone (hashed once by the caller, which
+            keys several caches with the same weights).
         transform: the repr of the transform the features were computed from (it shows the
             resolution, crop, interpolation and normalisation), plus anything else the caller
             wants keyed (e.g. the input dtype).
@@ -82,11 +93,7 @@ def cache_key(backbone: nn.Module, *, transform: str, manifest: bytes, split: st
         dtype: storage dtype name.
         seed: seeds the augmentation of the views.
     """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(backbone.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    digest = hashlib.sha256(weights.encode())
     meta = {"transform": transform, "split": split, "features": sorted(features), "rank": rank, "world_size": world_size,
             "views": views, "dtype": dtype, "seed": seed if views > 1 else None}
     digest.update(json.dumps(meta, sort_keys=True).encode())

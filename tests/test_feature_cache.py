@@ -13,7 +13,8 @@ from conftest import TINY_MGMOE, write_tiny_config
 from mgmoe_ds.config import config_from_dict
 from mgmoe_ds.data import make_loader
 from mgmoe_ds.data.transforms import create_transform
-from mgmoe_ds.feature_cache import FeatureCache, FeatureCacheStore, cache_key, load_feature_cache, manifest_bytes
+from mgmoe_ds.feature_cache import (FeatureCache, FeatureCacheStore, cache_key, load_feature_cache, manifest_bytes,
+                                   weights_digest)
 from mgmoe_ds.model import MGMoE
 
 BATCH = 8
@@ -39,7 +40,7 @@ def key_for(model, dataset, **changes):
                 manifest=manifest_bytes(dataset), split="train", features=model.features | {"pooled"}, rank=0,
                 world_size=1,
                 views=1, dtype="float16", seed=0)
-    return cache_key(model.backbone, **dict(args, **changes))
+    return cache_key(weights_digest(model.backbone), **dict(args, **changes))
 
 
 def get_cache(store, model, dataset, key=None):
