@@ -63,6 +63,7 @@ class MoEConfig:
 class DataConfig:
     dataset: Optional[str] = None  # dataset folder with manifest.json, "registry", or None for the demo
     num_workers: int = 2  # DataLoader workers per rank
+    persistent_workers: bool = True  # keep the workers between epochs (no re-fork per pass)
     shuffle_buffer: int = 1000  # sample shuffle buffer size
     resampled: bool = False  # endless resampling of shards instead of finite epochs
     balance: Optional[Literal["class", "sqrt"]] = None  # resampling for long-tailed data

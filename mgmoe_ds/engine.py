@@ -310,7 +310,7 @@ class Trainer:
                            num_workers=data.num_workers, epoch_seed=self.config.train.seed,
                            resampled=data.resampled and train, balance=data.balance if train else None,
                            shuffle=shuffle, shuffle_buffer=data.shuffle_buffer,
-                           pin_memory=self.dist.device.type == "cuda",
+                           pin_memory=self.dist.device.type == "cuda", persistent_workers=data.persistent_workers,
                            transform_options=self.model.backbone.preprocessing())
 
     def _read_label_space(self) -> None:

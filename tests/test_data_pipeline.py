@@ -59,6 +59,28 @@ def test_every_sample_exactly_once_per_epoch_over_2_ranks_x_2_workers(birds):
     assert sorted(orders[0]) == sorted(orders[1])  # ranks keep their shards across epochs
 
 
+def test_persistent_workers_give_each_epoch_the_same_batches_as_fresh_workers(birds):
+    """Workers kept between epochs see set_epoch (shard order, shuffle, augmentation draws)."""
+    def batches(loader, epoch):
+        loader.set_epoch(epoch)
+        return [(tuple(b["keys"]), b["images"]) for b in loader]
+
+    kept, _ = make_loader(birds, "train", batch_size=4, img_size=32, train=True, num_workers=2, epoch_seed=3)
+    assert kept.persistent_workers
+    kept_epochs = [batches(kept, epoch) for epoch in (0, 1)]
+    for epoch, kept_batches in zip((0, 1), kept_epochs):
+        fresh, _ = make_loader(birds, "train", batch_size=4, img_size=32, train=True, num_workers=2, epoch_seed=3,
+                               persistent_workers=False)
+        fresh_batches = batches(fresh, epoch)
+        assert [keys for keys, _ in kept_batches] == [keys for keys, _ in fresh_batches]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(kept_batches, fresh_batches))
+    assert [k for k, _ in kept_epochs[0]] != [k for k, _ in kept_epochs[1]]
+    # Leaving an epoch early and starting the next one gives that whole next epoch.
+    kept.set_epoch(2)
+    next(iter(kept))
+    assert sum(len(keys) for keys, _ in batches(kept, 3)) == 45
+
+
 def test_labels_match_the_stored_class(birds):
     species = {s["__key__"]: json.loads(s["json"])["species"] for s in stock_samples(birds)}
     loader, info = make_loader(birds, "train", batch_size=8, img_size=32, train=False)

@@ -193,7 +193,17 @@ class ShardStream(IterableDataset):
         self.resampled, self.batches_per_rank, self.factors = resampled, batches_per_rank, factors
         self.drop_last, self.handler = drop_last, handler
         self.label_maps = {s.url: s.label_map for s in all_shards}
-        self.epoch = 0
+        # The epoch lives in shared memory: persistent workers, forked once, read the value the
+        # main process set before each pass.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(value)
 
     def worker_shards(self, worker: int, num_workers: int) -> list[ShardSpec]:
         """This rank's shards for this epoch (finite mode), then this worker's share of them."""
@@ -288,6 +298,13 @@ class ShardStream(IterableDataset):
                     counter(exn)
                 return keep_going
         seed = _stable_seed(self.epoch_seed, self.epoch, self.rank, worker)
+        if info is not None:
+            # Augmentation draws from the worker's global RNGs (timm uses ``random``, torchvision
+            # ``torch``). A persistent worker would carry them over from the last epoch, so each
+            # pass reseeds them from (epoch, rank, worker): the same images whether or not the
+            # workers persist. In the main process (no workers) the caller's RNGs are left alone.
+            random.seed(seed + 2)
+            torch.manual_seed(seed + 2)
         quota = self.worker_batches(worker, num_workers) if self.resampled else None
         pipeline = wds.DataPipeline(
             lambda: self._shard_urls(worker, num_workers),
@@ -308,12 +325,20 @@ class ShardLoader:
     shard order, the shuffle buffer, re-balancing and augmentation. After an epoch, ``skipped`` is
     the number of shards or samples skipped by this rank (all workers) and ``skip_reasons`` the
     first few reasons; when that happens a warning is also printed.
+
+    With ``persistent_workers`` (the default when there are workers) one DataLoader and its worker
+    processes serve every epoch: no fork and start-up per pass. The workers read the epoch from
+    shared memory, so ``set_epoch`` still reshuffles and reseeds them; leaving an epoch early is
+    fine (the next pass starts clean).
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False) -> None:
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False,
+                 persistent_workers: bool = True) -> None:
         self.stream = stream
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self._data_loader: Optional[DataLoader] = None  # kept between epochs when workers persist
         self.epoch = 0
         self.skipped = 0
         self.skip_reasons: list[str] = []
@@ -339,9 +364,13 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict]:
         self.stream.epoch = self.epoch
         self.skipped, self.skip_reasons = 0, []
-        generator = torch.Generator().manual_seed(_stable_seed(self.stream.epoch_seed, self.epoch, self.stream.rank))
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, generator=generator)
+        loader = self._data_loader
+        if loader is None:
+            generator = torch.Generator().manual_seed(_stable_seed(self.stream.epoch_seed, self.epoch, self.stream.rank))
+            loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                generator=generator, persistent_workers=self.persistent_workers)
+            if self.persistent_workers:
+                self._data_loader = loader
         for batch in loader:
             self.skipped += batch.pop("skipped")
             reasons = batch.pop("skip_reasons")
@@ -372,6 +401,7 @@ def make_loader(
     registry: Optional[str | Path] = None,
     reduced_decode: bool = True,
     pin_memory: bool = False,
+    persistent_workers: bool = True,
     handler: Optional[Callable[[BaseException], bool]] = None,
     transform_options: Optional[dict[str, Any]] = None,
 ) -> tuple[ShardLoader, DataInfo]:
@@ -401,6 +431,8 @@ def make_loader(
         registry: registry file when ``source == "registry"``.
         reduced_decode: decode JPEGs at a reduced scale (PIL ``draft``) when the target allows.
         pin_memory: pin batch memory (for GPU training).
+        persistent_workers: keep the worker processes between epochs instead of starting new
+            ones for every pass (each epoch still reshuffles and reseeds augmentation).
         handler: error policy for bad shards and samples, webdataset-style: called with the
             exception, returns True to skip (skips are counted either way) or False to stop;
             it may also raise. Default: skip and count.
@@ -450,4 +482,4 @@ def make_loader(
         class_counts=class_counts,
         shards=shards,
     )
-    return ShardLoader(stream, num_workers, pin_memory), info
+    return ShardLoader(stream, num_workers, pin_memory, persistent_workers), info
