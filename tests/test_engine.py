@@ -114,7 +114,8 @@ def test_sigkill_then_resume_ends_with_the_same_metrics(full_run, tiny_dataset, 
 
 @pytest.mark.slow
 def test_two_ranks_with_expert_parallelism_two(tiny_dataset, tmp_path):
-    config = write_tiny_config(tmp_path / "ds.json", moe={"expert_parallel_size": 2})
+    # One data worker per rank, kept between epochs (the default), as production runs use workers.
+    config = write_tiny_config(tmp_path / "ds.json", moe={"expert_parallel_size": 2}, data={"num_workers": 1})
     run = tmp_path / "run"
     launcher = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port())]
     result = checked(run_job(["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)],
