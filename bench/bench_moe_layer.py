@@ -70,11 +70,13 @@ CUDA_REPEATS = 20  # GPU steps take milliseconds: many repeats for a stable medi
 CUDA_WARMUP = 3
 
 
-def results_path(device: str, dtype: str) -> Path:
-    """CPU fp32 keeps the historical name ``moe_layer.json``; every other run names its device/dtype."""
+def results_path(device: str, dtype: str, shift: float = 0.0) -> Path:
+    """CPU fp32 keeps the historical name ``moe_layer.json``; every other run names its device/dtype
+    (and its input shift, when the router is skewed)."""
+    skew = f"_shift{shift:g}" if shift else ""
     if device == "cpu" and dtype == "fp32":
-        return RESULTS_DIR / "moe_layer.json"
-    return RESULTS_DIR / f"moe_layer_{device}{'_bf16' if dtype == 'bf16' else ''}.json"
+        return RESULTS_DIR / f"moe_layer{skew}.json"
+    return RESULTS_DIR / f"moe_layer_{device}{'_bf16' if dtype == 'bf16' else ''}{skew}.json"
 
 
 def _torch_dtype(dtype: str):
@@ -88,11 +90,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _inputs(tokens: int, device: str, dtype: str):
-    """The fixed input (requires grad) and upstream gradient, drawn on the CPU so every device sees the same."""
+def _inputs(tokens: int, device: str, dtype: str, shift: float = 0.0):
+    """The fixed input (requires grad) and upstream gradient, drawn on the CPU so every device sees the same.
+
+    ``shift`` is added to every input feature: the router's logits then gain a per-expert offset
+    (``shift`` x the sum of that expert's router weights), so the load is skewed and the busiest
+    experts overflow their capacity, as in early training.
+    """
     import torch
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(tokens, HIDDEN, generator=g)
+    x = torch.randn(tokens, HIDDEN, generator=g) + shift
     gy = torch.randn(tokens, HIDDEN, generator=g)
     kind = _torch_dtype(dtype)
     return x.to(device=device, dtype=kind).requires_grad_(True), gy.to(device=device, dtype=kind)
@@ -258,12 +265,13 @@ def _timed_step(step, x, gy, device: str) -> tuple[float, float, int]:
     return wall, cpu, _proc_status()["VmHWM"] - before
 
 
-def worker(variant: str, tokens: int, repeats: int, warmup: int, device: str = "cpu", dtype: str = "fp32") -> dict:
+def worker(variant: str, tokens: int, repeats: int, warmup: int, device: str = "cpu", dtype: str = "fp32",
+           shift: float = 0.0) -> dict:
     import torch
 
     torch.manual_seed(0)
     layer, step = build_ours(device, dtype) if variant == "ours" else build_deepspeed(device, dtype)
-    x, gy = _inputs(tokens, device, dtype)
+    x, gy = _inputs(tokens, device, dtype, shift)
     # CPU: warm up on a small batch (allocates parameter gradients, oneDNN/MKL init) to keep big
     # points cheap. GPU: at full size, so kernels, cuBLAS workspaces and the allocator's pool for
     # this shape are ready before timing.
@@ -297,11 +305,14 @@ def worker(variant: str, tokens: int, repeats: int, warmup: int, device: str = "
     }
 
 
-def paired(tokens: int, repeats: int, warmup: int = 1, device: str = "cpu", dtype: str = "fp32") -> dict:
+def paired(tokens: int, repeats: int, warmup: int = 1, device: str = "cpu", dtype: str = "fp32",
+           shift: float = 0.0) -> dict:
     """Both layers in one process, steps interleaved ours/DS/DS/ours/...: the ratio sees the same load."""
+    import torch
+
     ours, ours_step = build_ours(device, dtype)
     ds, ds_step = build_deepspeed(device, dtype)
-    x, gy = _inputs(tokens, device, dtype)
+    x, gy = _inputs(tokens, device, dtype, shift)
     n_warm = tokens if device == "cuda" else min(tokens, 2048)
     for _ in range(warmup):
         for fn in (ours_step, ds_step):
@@ -320,8 +331,13 @@ def paired(tokens: int, repeats: int, warmup: int = 1, device: str = "cpu", dtyp
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     ratios = [a / b for a, b in zip(wall["ours"], wall["deepspeed"])]
+    with torch.no_grad():
+        route = ours(x, {"x": x}).route  # the rows ours ran through its experts at this point
     return {
         "tokens": tokens,
+        "load_per_expert": route.load_per_expert.tolist(),
+        "ours_expert_rows": int(route.kept.sum()),
+        "deepspeed_expert_rows": NUM_EXPERTS * route.capacity,
         "repeats": repeats,
         "wall_s": wall,
         "cpu_s": cpu,
@@ -333,13 +349,13 @@ def paired(tokens: int, repeats: int, warmup: int = 1, device: str = "cpu", dtyp
     }
 
 
-def check_equivalence(tokens: int = 2048, device: str = "cpu", dtype: str = "fp32") -> dict:
+def check_equivalence(tokens: int = 2048, device: str = "cpu", dtype: str = "fp32", shift: float = 0.0) -> dict:
     """Same weights, same input: outputs and expert weight gradients of the two layers agree on kept tokens."""
     import torch
 
     ours, ours_step = build_ours(device, dtype)
     ds, ds_step = build_deepspeed(device, dtype)
-    x, gy = _inputs(tokens, device, dtype)
+    x, gy = _inputs(tokens, device, dtype, shift)
     xa = x.detach().clone().requires_grad_(True)
     xb = x.detach().clone().requires_grad_(True)
     out_a = ours_step(xa, gy)
@@ -352,6 +368,7 @@ def check_equivalence(tokens: int = 2048, device: str = "cpu", dtype: str = "fp3
         "device": device,
         "dtype": dtype,
         "capacity": out_a.route.capacity,
+        "load_per_expert": out_a.route.load_per_expert.tolist(),
         "assignments_dropped": int(out_a.route.dropped_per_expert.sum()),
         "tokens_fully_dropped": int(out_a.route.fully_dropped.sum()),
         "max_abs_diff_output_routed_tokens": float((out_a.output.float() - out_b.detach().float())[routed].abs().max()),
@@ -419,7 +436,9 @@ def method_text(results: dict) -> str:
         how = (f"wall and process CPU time of one forward+backward, median of {c['repeats_note']} after "
                f"{c['warmup']} warm-up step(s) on min(T, 2048) tokens; peak = VmHWM - VmRSS before the step "
                "(RSS, MALLOC_MMAP_THRESHOLD_=131072)")
-    return (f"Device: {where}; dtype {c['dtype']}; each (layer, T) point in a fresh subprocess.\n"
+    skew = (f"; inputs shifted by {c['input_shift']:g} (a skewed router: the busiest experts overflow capacity)"
+            if c.get("input_shift") else "")
+    return (f"Device: {where}; dtype {c['dtype']}{skew}; each (layer, T) point in a fresh subprocess.\n"
             f"Method: {how}.")
 
 
@@ -476,39 +495,46 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads for both layers (0: torch's default, one per core); on a shared "
                              "machine 1 thread makes the CPU-time ratio less sensitive to other processes")
+    parser.add_argument("--input-shift", type=float, default=0.0,
+                        help="added to every input feature: skews the router's load so that the busiest experts "
+                             "overflow capacity (0: the balanced benchmark; 0.25 and 0.5 give a max/mean load of "
+                             "about 1.5 and 2 at 8192 tokens)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default bench/results/moe_layer.json on CPU fp32, else "
                              "moe_layer_<device>[_bf16].json)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     warmup = args.warmup if args.warmup is not None else (CUDA_WARMUP if cuda else 1)
-    device_args = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
+    device_args = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+                   "--input-shift", str(args.input_shift)]
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)  # this process and, through device_args, every child
 
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.tokens, args.repeats, warmup, args.device, args.dtype)))
+        print("RESULT " + json.dumps(worker(args.worker, args.tokens, args.repeats, warmup, args.device, args.dtype,
+                                           args.input_shift)))
         return
     if args.check:
-        print("RESULT " + json.dumps(check_equivalence(args.tokens, args.device, args.dtype)))
+        print("RESULT " + json.dumps(check_equivalence(args.tokens, args.device, args.dtype, args.input_shift)))
         return
     if args.paired:
-        print("RESULT " + json.dumps(paired(args.tokens, args.repeats, warmup, args.device, args.dtype)))
+        print("RESULT " + json.dumps(paired(args.tokens, args.repeats, warmup, args.device, args.dtype,
+                                           args.input_shift)))
         return
 
     import torch
     if cuda and not torch.cuda.is_available():
         sys.exit(f"bench_moe_layer.py: --device cuda: no CUDA GPU visible to torch {torch.__version__} "
                  f"(torch.cuda.is_available() is False); run it on a GPU machine or use --device cpu")
-    out_path = args.out or results_path(args.device, args.dtype)
+    out_path = args.out or results_path(args.device, args.dtype, args.input_shift)
     paired_repeats = args.paired_repeats if args.paired_repeats is not None else (CUDA_REPEATS if cuda else PAIRED_REPEATS)
     started = time.time()
     repeats_for = {t: args.repeats or (CUDA_REPEATS if cuda else REPEATS.get(t, 3)) for t in args.sizes}
     results = {
         "config": {"hidden": HIDDEN, "ffn": FFN, "experts": NUM_EXPERTS, "top_k": TOP_K,
                    "capacity_factor": CAPACITY_FACTOR, "min_capacity": MIN_CAPACITY, "dtype": DTYPES[args.dtype],
-                   "device": args.device, "warmup": warmup, "repeats": repeats_for,
+                   "device": args.device, "warmup": warmup, "input_shift": args.input_shift, "repeats": repeats_for,
                    "repeats_note": "/".join(str(repeats_for[t]) for t in args.sizes) + " timed steps"},
         "machine": machine_info(args.device),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -537,6 +563,8 @@ def main() -> None:
         results["paired"] = _run_child(["--paired", "--tokens", str(PAIRED_TOKENS), "--repeats", str(paired_repeats),
                                         "--warmup", str(warmup), *device_args])
         pr = results["paired"]
+        print(f"  paired T={PAIRED_TOKENS}: load per expert {pr['load_per_expert']}, expert rows ours "
+              f"{pr['ours_expert_rows']} vs DS {pr['deepspeed_expert_rows']}", flush=True)
         print(f"  paired T={PAIRED_TOKENS}: ours {pr['median_wall_s']['ours']:.4f}s DS {pr['median_wall_s']['deepspeed']:.4f}s "
               f"median pairwise ratio {pr['median_pairwise_wall_ratio']:.2f} (cpu-time ratio {pr['cpu_ratio_of_medians']:.2f})",
               flush=True)
