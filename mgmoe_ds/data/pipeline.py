@@ -205,11 +205,13 @@ class ShardStream(IterableDataset):
     def epoch(self, value: int) -> None:
         self._epoch.fill_(value)
 
-    def worker_shards(self, worker: int, num_workers: int) -> list[ShardSpec]:
-        """This rank's shards for this epoch (finite mode), then this worker's share of them."""
+    def worker_shards(self, worker: int, num_workers: int, epoch: Optional[int] = None) -> list[ShardSpec]:
+        """This rank's shards for ``epoch`` (default: the current one; finite mode), then this
+        worker's share of them."""
         shards = list(self.rank_shards)
         if self.shuffle:
-            random.Random(_stable_seed(self.epoch_seed, self.epoch, self.rank)).shuffle(shards)
+            epoch = self.epoch if epoch is None else epoch
+            random.Random(_stable_seed(self.epoch_seed, epoch, self.rank)).shuffle(shards)
         return shards[worker::num_workers]
 
     def worker_batches(self, worker: int, num_workers: int) -> int:
@@ -217,12 +219,12 @@ class ShardStream(IterableDataset):
         base, extra = divmod(self.batches_per_rank, num_workers)
         return base + (worker < extra)
 
-    def _shard_urls(self, worker: int, num_workers: int) -> Iterator[dict]:
+    def _shard_urls(self, worker: int, num_workers: int, epoch: int) -> Iterator[dict]:
         if not self.resampled:
-            for shard in self.worker_shards(worker, num_workers):
+            for shard in self.worker_shards(worker, num_workers, epoch):
                 yield {"url": shard.url}
             return
-        rng = random.Random(_stable_seed(self.epoch_seed, self.epoch, self.rank, worker, "shards"))
+        rng = random.Random(_stable_seed(self.epoch_seed, epoch, self.rank, worker, "shards"))
         while True:
             yield {"url": rng.choice(self.all_shards).url}
 
@@ -297,7 +299,8 @@ class ShardStream(IterableDataset):
                 if keep_going:
                     counter(exn)
                 return keep_going
-        seed = _stable_seed(self.epoch_seed, self.epoch, self.rank, worker)
+        epoch = self.epoch  # read once: the shared value may move on while this pass runs
+        seed = _stable_seed(self.epoch_seed, epoch, self.rank, worker)
         if info is not None:
             # Augmentation draws from the worker's global RNGs (timm uses ``random``, torchvision
             # ``torch``). A persistent worker would carry them over from the last epoch, so each
@@ -307,7 +310,7 @@ class ShardStream(IterableDataset):
             torch.manual_seed(seed + 2)
         quota = self.worker_batches(worker, num_workers) if self.resampled else None
         pipeline = wds.DataPipeline(
-            lambda: self._shard_urls(worker, num_workers),
+            lambda: self._shard_urls(worker, num_workers, epoch),
             functools.partial(tar_samples, handler=handler),
             self._rebalance(random.Random(seed + 1)) if self.factors is not None else None,
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=random.Random(seed))
