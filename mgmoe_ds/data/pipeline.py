@@ -302,11 +302,13 @@ class ShardStream(IterableDataset):
         epoch = self.epoch  # read once: the shared value may move on while this pass runs
         seed = _stable_seed(self.epoch_seed, epoch, self.rank, worker)
         if info is not None:
-            # Augmentation draws from the worker's global RNGs (timm uses ``random``, torchvision
-            # ``torch``). A persistent worker would carry them over from the last epoch, so each
-            # pass reseeds them from (epoch, rank, worker): the same images whether or not the
-            # workers persist. In the main process (no workers) the caller's RNGs are left alone.
+            # Augmentation draws from the worker's global RNGs (timm uses ``random`` and, for
+            # RandAugment, NumPy; torchvision ``torch``), which DataLoader seeds once per worker
+            # start. A persistent worker would carry them over from the last epoch, so each pass
+            # reseeds them from (epoch, rank, worker): the same images whether or not the workers
+            # persist. In the main process (no workers) the caller's RNGs are left alone.
             random.seed(seed + 2)
+            np.random.seed((seed + 2) % 2**32)
             torch.manual_seed(seed + 2)
         quota = self.worker_batches(worker, num_workers) if self.resampled else None
         pipeline = wds.DataPipeline(
