@@ -14,7 +14,7 @@ from PIL import Image
 
 from mgmoe_ds.cli import main
 from mgmoe_ds.data import DataError, build_shards, load_manifest, make_loader, read_listing, verify_dataset
-from mgmoe_ds.data.shards import Sample, shard_sizes, write_dataset
+from mgmoe_ds.data.shards import Sample, sha256_file, shard_sizes, write_dataset
 
 SPLIT = {"train": 0.5, "val": 0.25, "test": 0.25}
 
@@ -238,6 +238,32 @@ def test_verify_catches_a_missing_sample(tmp_path):
     manifest["shards"][0]["count"] = 5
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert any("4 samples != manifest 5" in p for p in verify_dataset(out, progress=False))
+
+
+def test_verify_groups_samples_as_the_pipeline_does(tmp_path):
+    """A key that comes back later in a shard is two samples to the pipeline, so verify counts two;
+    a member written twice in one sample is an error for both."""
+    out = make_dataset(tmp_path, "d", {"train": [0, 1]}, ["a", "b"], shard_size=10)
+    shard = out / "d-train-000000.tar"
+    manifest = load_manifest(out)
+    fields = {"jpg": image_bytes(3), "cls": b"0", "json": b"{}"}
+    with wds.TarWriter(str(shard), encoder=False) as writer:
+        for key in ("k1", "k2", "k1"):
+            writer.write({"__key__": key, **fields})
+    manifest["shards"][0].update(count=2, sha256=sha256_file(shard))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_dataset(out, progress=False) == [f"{shard}: 3 samples != manifest 2"]
+    loader, _ = make_loader(out, "train", batch_size=8, img_size=32, train=False)
+    assert [k for b in loader for k in b["keys"]] == ["k1", "k2", "k1"]
+    with tarfile.open(shard, "w") as tar:  # k1.jpg twice in the same sample
+        for name in ("k1.jpg", "k1.jpg", "k1.cls", "k1.json"):
+            info = tarfile.TarInfo(name)
+            info.size = len(fields[name.split(".")[1]])
+            tar.addfile(info, io.BytesIO(fields[name.split(".")[1]]))
+    manifest["shards"][0].update(count=1, sha256=sha256_file(shard))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (problem,) = verify_dataset(out, progress=False)
+    assert "duplicate file name" in problem and str(shard) in problem
 
 
 def test_pipeline_reads_shards_from_stock_shardwriter(tmp_path):

@@ -8,18 +8,17 @@ from tqdm import tqdm
 
 from .formats import IMAGE_EXTENSIONS
 from .shards import load_manifest, sha256_file
-from .tar_reader import TarFormatError, split_name, tar_members
+from .tar_reader import tar_samples
 from .transforms import decode_image
 
 
-def _shard_samples(path: Path) -> dict[str, dict[str, bytes]]:
-    """Every sample of a shard, read as the pipeline reads it."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for name, data in tar_members(str(path)):
-        key, extension = split_name(name)
-        if key is not None:
-            samples.setdefault(key, {})[extension] = data
-    return samples
+def _shard_samples(path: Path) -> list[dict]:
+    """Every sample of a shard, grouped exactly as the training pipeline groups them
+    (``tar_samples``); an unreadable tar or a duplicate member raises."""
+    def stop(exn: BaseException) -> bool:
+        raise exn
+
+    return list(tar_samples([{"url": str(path)}], handler=stop))
 
 
 def verify_dataset(dataset_dir: Path | str, progress: bool = True) -> list[str]:
@@ -48,12 +47,14 @@ def verify_dataset(dataset_dir: Path | str, progress: bool = True) -> list[str]:
             problems.append(f"{path}: sha256 {digest[:12]}... != manifest {shard['sha256'][:12]}...")
         try:
             samples = _shard_samples(path)
-        except (TarFormatError, OSError) as exn:
+        except (ValueError, OSError) as exn:  # TarFormatError is a ValueError, as is a duplicate member
             problems.append(f"{path}: unreadable tar ({exn})")
             continue
         if len(samples) != shard["count"]:
             problems.append(f"{path}: {len(samples)} samples != manifest {shard['count']}")
-        for key, fields in samples.items():
+        for sample in samples:
+            key = sample["__key__"]
+            fields = {name: data for name, data in sample.items() if not name.startswith("__")}
             images = [ext for ext in fields if ext in IMAGE_EXTENSIONS]
             if len(images) != 1 or "cls" not in fields or "json" not in fields:
                 problems.append(f"{path}: {key}: expected one image, cls and json, got {sorted(fields)}")
