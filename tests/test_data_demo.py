@@ -23,6 +23,10 @@ def test_demo_is_deterministic_and_long_tailed(tmp_path):
     assert train == sorted(train, reverse=True) and train[0] >= 5 * train[-1]
     assert first["counts"]["val"]["total"] == 12 and first["counts"]["test"]["total"] == 18
     assert len(set(first["classes"])) == 6
+    # Shards of a split get equal sizes (so that data workers get equal shares), not 50 + 50 + rest.
+    uneven = load_manifest(build_demo(tmp_path / "four", **dict(SMALL, shard_size=50)))
+    train_shards = [s["count"] for s in uneven["shards"] if s["split"] == "train"]
+    assert len(train_shards) == 3 and max(train_shards) - min(train_shards) <= 1
 
 
 def test_demo_images_and_boxes(tmp_path):

@@ -208,4 +208,5 @@ def build_demo(
                    test_per_class=test_per_class, imbalance=imbalance, image_size=image_size,
                    shard_size=shard_size, seed=seed, quality=quality)
     return write_dataset({split: split_samples(split) for split in sizes if sum(sizes[split])}, classes,
-                         Path(out), name, shard_size=shard_size, skipped=[], options=options, source="synthetic")
+                         Path(out), name, shard_size=shard_size, skipped=[], options=options, source="synthetic",
+                         split_sizes={split: sum(counts) for split, counts in sizes.items()})  # equal shard sizes
