@@ -32,12 +32,41 @@ def grey_levels(a: torch.Tensor, b: torch.Tensor, std: float = IMAGENET_STD) -> 
     return (a - b).abs() * std * 255
 
 
+def encoded(data: bytes, mode: str, **save) -> bytes:
+    """``data`` decoded and saved again as a JPEG in another colour mode (grey, CMYK) or with options."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert(mode).save(buffer, format="JPEG", **save)
+    return buffer.getvalue()
+
+
 def test_decode_image_tensor_is_the_pil_decode():
-    for data, min_side in ((smooth_jpeg(0, 400, 300), 90), (smooth_jpeg(1), None), (image_bytes(2, 30, "PNG"), 90)):
+    photo = smooth_jpeg(0, 400, 300)
+    cases = [(photo, 90), (photo, 300), (photo, 40), (smooth_jpeg(1), None), (image_bytes(2, 30, "PNG"), 90),
+             (encoded(photo, "L"), 90), (encoded(photo, "CMYK"), 90), (encoded(photo, "RGB", progressive=True), 90),
+             (encoded(photo, "RGB", subsampling=0), None), (smooth_jpeg(3, 401, 301), 90), (smooth_jpeg(3, 401, 301), 50)]
+    for data, min_side in cases:
         pixels = decode_image_tensor(data, min_side)  # (3, H, W) uint8
         reference = np.asarray(decode_image(data, min_side))  # (H, W, 3)
         assert pixels.dtype == torch.uint8 and np.array_equal(pixels.permute(1, 2, 0).numpy(), reference)
-    assert decode_image_tensor(smooth_jpeg(0, 400, 300), 90).shape == (3, 150, 200)  # 1/2 scale keeps >= 90
+    assert decode_image_tensor(photo, 90).shape == (3, 150, 200)  # 1/2 scale keeps >= 90
+    assert decode_image_tensor(photo, 40).shape == (3, 75, 100)  # 1/4
+    assert decode_image_tensor(smooth_jpeg(3, 401, 301), 50).shape == (3, 76, 101)  # 1/4, rounded up
+
+
+def test_rgb_jpegs_skip_pil_and_damaged_ones_still_fail(monkeypatch):
+    from mgmoe_ds.data import transforms
+
+    photo = smooth_jpeg(0, 400, 300)
+    reference = decode_image_tensor(photo, 90)
+
+    def no_pil(*args, **kwargs):
+        raise AssertionError("PIL was used")
+
+    monkeypatch.setattr(transforms, "decode_image", no_pil)
+    assert torch.equal(decode_image_tensor(photo, 90), reference)
+    monkeypatch.undo()
+    with pytest.raises(OSError):  # PIL's error for a damaged JPEG, as before the fast path
+        decode_image_tensor(photo[: len(photo) // 2], 90)
 
 
 @pytest.mark.parametrize("options", [{}, dict(crop_pct=1.0, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)])

@@ -19,11 +19,13 @@ from functools import partial
 from typing import Any, Callable, Optional
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from torchvision import transforms as tv_transforms
 from torchvision.transforms.v2 import functional as F
 
+JPEG_MAGIC = b"\xff\xd8"  # start-of-image marker
 DEFAULT_CROP_PCT = 0.875  # timm's default eval crop: resize to img_size / 0.875, centre-crop
 GRAY_WEIGHTS = torch.tensor([0.2989, 0.587, 0.114])  # torchvision's RGB -> grey weights
 ImageLike = Image.Image | torch.Tensor  # a PIL image, or a (3, H, W) uint8 tensor
@@ -66,8 +68,34 @@ def image_to_tensor(image: ImageLike) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W)
 
 
+def _draft_factor(width: int, height: int, min_side: Optional[int]) -> int:
+    """The reduction PIL's JPEG ``draft`` picks for a ``min_side`` square: the largest of 8, 4, 2
+    and 1 that divides both sides with at least ``min_side`` left (1 when none does)."""
+    if min_side is None:
+        return 1
+    scale = min(width // min_side, height // min_side)
+    return next((factor for factor in (8, 4, 2) if scale >= factor), 1)
+
+
 def decode_image_tensor(data: bytes, min_side: Optional[int] = None) -> torch.Tensor:
-    """:func:`decode_image`, as a (3, H, W) uint8 tensor."""
+    """:func:`decode_image`, as a (3, H, W) uint8 tensor: the same pixels, faster for JPEGs.
+
+    Colour (YCbCr) and grey JPEGs go straight from libjpeg-turbo into an array through
+    ``simplejpeg``: the library and settings of PIL's decoder (accurate integer DCT, fancy
+    upsampling) and PIL's scale for ``min_side``, without PIL's Python header parsing, in about
+    half the time. Anything else (PNG, CMYK JPEGs, data ``simplejpeg`` refuses) takes PIL's path,
+    so those colour conversions and every decoding error stay PIL's.
+    """
+    if data[:2] == JPEG_MAGIC:
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            if colorspace in ("YCbCr", "Gray"):
+                factor = _draft_factor(width, height, min_side)
+                pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // factor),
+                                                min_width=-(-width // factor))  # (H, W, 3) uint8
+                return torch.from_numpy(pixels).permute(2, 0, 1)  # (3, H, W)
+        except ValueError:  # simplejpeg's error type: PIL decodes the data or reports the damage
+            pass
     return image_to_tensor(decode_image(data, min_side))
 
 
