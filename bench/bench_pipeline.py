@@ -6,8 +6,9 @@ ImageNet normalisation), the same batch size and number of workers, and both han
 (B, 3, S, S) normalised batches. The baseline is the standard recipe: ``ImageFolder(transform=
 that timm transform)`` (PIL decode, PIL transform, ToTensor and Normalize per image) and a
 ``DataLoader(shuffle=True)`` (default collate). Ours reads tar shards and runs the same steps with
-the same parameters and random draws on uint8 tensors (torchvision v2 kernels; PIL decode, with
-reduced-size JPEG decode when the target resolution allows), batched inside the workers, with
+the same parameters and random draws on uint8 tensors (torchvision v2 kernels; JPEGs decoded by
+libjpeg-turbo through simplejpeg, pixel-identical to PIL's decode, at a reduced scale when the
+target resolution allows), batched inside the workers, with
 ToTensor + Normalize once per batch. One "epoch" is one full pass over the set, timed from
 creating the iterator to the last batch; its CPU time (main process and workers) is measured too,
 which other processes' load on a shared machine disturbs less than wall time. Ours keeps its
