@@ -205,12 +205,10 @@ class ShardStream(IterableDataset):
     def epoch(self, value: int) -> None:
         self._epoch.fill_(value)
 
-    def worker_shards(self, worker: int, num_workers: int, epoch: Optional[int] = None) -> list[ShardSpec]:
-        """This rank's shards for ``epoch`` (default: the current one; finite mode), then this
-        worker's share of them."""
+    def worker_shards(self, worker: int, num_workers: int, epoch: int) -> list[ShardSpec]:
+        """This rank's shards for ``epoch`` (finite mode), then this worker's share of them."""
         shards = list(self.rank_shards)
         if self.shuffle:
-            epoch = self.epoch if epoch is None else epoch
             random.Random(_stable_seed(self.epoch_seed, epoch, self.rank)).shuffle(shards)
         return shards[worker::num_workers]
 
@@ -357,10 +355,9 @@ class ShardLoader:
         stream, workers = self.stream, max(1, self.num_workers)
         if stream.resampled:
             return stream.batches_per_rank
-        stream.epoch = self.epoch
         total = 0
         for worker in range(workers):
-            n = sum(s.count for s in stream.worker_shards(worker, workers))
+            n = sum(s.count for s in stream.worker_shards(worker, workers, self.epoch))
             if stream.factors is not None:
                 n = round(n * float(np.mean(stream.factors[stream.factors > 0])))
             total += n // stream.batch_size if stream.drop_last else math.ceil(n / stream.batch_size)
@@ -371,9 +368,10 @@ class ShardLoader:
         self.skipped, self.skip_reasons = 0, []
         loader = self._data_loader
         if loader is None:
-            generator = torch.Generator().manual_seed(_stable_seed(self.stream.epoch_seed, self.epoch, self.stream.rank))
+            # The workers reseed themselves every pass (ShardStream.__iter__); a generator of the
+            # loader's own keeps DataLoader from drawing its base seed from the caller's RNG.
             loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                generator=generator, persistent_workers=self.persistent_workers)
+                                generator=torch.Generator(), persistent_workers=self.persistent_workers)
             if self.persistent_workers:
                 self._data_loader = loader
         for batch in loader:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tqdm import tqdm
+from webdataset import reraise_exception
 
 from .formats import IMAGE_EXTENSIONS
 from .shards import load_manifest, sha256_file
@@ -15,10 +16,7 @@ from .transforms import decode_image
 def _shard_samples(path: Path) -> list[dict]:
     """Every sample of a shard, grouped exactly as the training pipeline groups them
     (``tar_samples``); an unreadable tar or a duplicate member raises."""
-    def stop(exn: BaseException) -> bool:
-        raise exn
-
-    return list(tar_samples([{"url": str(path)}], handler=stop))
+    return list(tar_samples([{"url": str(path)}], handler=reraise_exception))
 
 
 def verify_dataset(dataset_dir: Path | str, progress: bool = True) -> list[str]:
