@@ -114,6 +114,50 @@ def test_experts_are_row_independent_in_eval(backbone, name):
     torch.testing.assert_close(together[1:2], alone, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", list_experts())
+def test_own_losses_over_segments_are_the_sum_of_each_sources_losses(backbone, name):
+    # Under expert parallelism an expert's rows come from several ranks; each own loss must be
+    # what data parallelism computes: every source's rows alone, then summed (experts.base).
+    expert = create_expert(name, info=backbone.info, num_classes=NUM_CLASSES).eval()  # eval: no random draws
+    payload = _payload(backbone, expert, 7, seed=3)
+    targets = torch.tensor([0, 1, 1, 3, 0, 0, 2])
+    segments = [3, 0, 4]  # three source ranks, the middle one sent nothing
+    with torch.no_grad():
+        together = expert(payload, targets, segments=segments).aux_losses
+        first = expert({k: v[:3] for k, v in payload.items()}, targets[:3]).aux_losses
+        last = expert({k: v[3:] for k, v in payload.items()}, targets[3:]).aux_losses
+        pooled = expert(payload, targets).aux_losses
+    assert together.keys() == first.keys() == last.keys()
+    for key in together:
+        torch.testing.assert_close(together[key], first[key] + last[key], rtol=1e-5, atol=1e-6, msg=key)
+    if name in ("pmg", "pim", "transfg"):  # their losses are means: one source's mean is not the sum
+        assert any(not torch.allclose(together[k], pooled[k]) for k in together), name
+
+
+def test_segment_reductions_on_a_hand_made_case():
+    from mgmoe_ds.experts.base import segment_mean, segment_ratio
+
+    values = torch.tensor([1.0, 3.0, 10.0, 4.0, 4.0, 7.0])
+    # segments [2, 0, 3, 1]: means 2, (empty) 0, 6, 7 -> 15
+    assert float(segment_mean(values, [2, 0, 3, 1])) == pytest.approx(15.0)
+    assert float(segment_mean(values, None)) == pytest.approx(29.0 / 6)
+    # ratios per segment: (1+3)/(2+0) = 2, (10+4+4)/(1+1+1) = 6, and an empty denominator counts as 1
+    assert float(segment_ratio(values[:5], torch.tensor([2.0, 0.0, 1.0, 1.0, 1.0]), [2, 3])) == pytest.approx(8.0)
+    assert float(segment_ratio(torch.tensor([5.0]), torch.tensor([0.0]), [1])) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="add up to 5 rows, not 6"):
+        segment_mean(values, [2, 3])
+
+
+def test_contrastive_loss_pairs_rows_only_within_a_source():
+    # Rows 0, 1 from one rank, row 2 from another. Unit features: cos(0, 1) = 0, row 2 alone.
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    same_class = torch.tensor([4, 4, 4])
+    # within the first source: one pair (counted both ways), same class, 1 - cos = 1; the lone row adds 0
+    assert float(contrastive_loss(features, same_class, 0.4, [2, 1])) == pytest.approx(1.0)
+    # one source of three rows: pairs (0,1)=1, (0,2)=0, (1,2)=1, each both ways -> mean 4 / 6
+    assert float(contrastive_loss(features, same_class, 0.4)) == pytest.approx(4.0 / 6)
+
+
 def test_experts_are_heterogeneous(backbone):
     shapes = {name: sorted(tuple(p.shape) for p in create_expert(name, info=backbone.info,
                                                                   num_classes=NUM_CLASSES).parameters())

@@ -37,12 +37,16 @@ def _step(layer, pooled, level0, targets, loss_weights):
 
 
 def _equivalence_worker(rank: int, world_size: int, out_dir: str) -> None:
+    """P = 2 on two ranks against plain data parallelism: the same layer at P = 1 run on each
+    rank's tokens separately, its gradients summed over ranks (DeepSpeed then divides both by
+    the world size alike). The toy expert's own loss is a mean, so an expert loss that weighs
+    1/P of its data-parallel weight, or averages over all sources' rows at once, fails here."""
     import torch.distributed as dist
 
     from mgmoe_ds.moe.deepspeed_compat import bind_expert_parallel_group
 
     report = {}
-    # (tokens per rank, layer options): an even-ish split with no drops; then every token on
+    # (tokens per rank, layer options): an uneven split with no drops; then every token on
     # rank 0 and none on rank 1 (the last batch of a stream) with capacity overflow.
     cases = {
         "split_7_5_dropless": ((7, 5), dict(dropless=True)),
@@ -52,16 +56,27 @@ def _equivalence_worker(rank: int, world_size: int, out_dir: str) -> None:
         total = sum(sizes)
         pooled, level0, targets = make_batch(total, seed=3)
         loss_weights = torch.randn(total, NUM_CLASSES, generator=torch.Generator().manual_seed(5))
+        bounds = [(sum(sizes[:r]), sum(sizes[:r + 1])) for r in range(world_size)]
 
         reference = _layer(1, 0, **options).train()
-        ref_out, ref_gp, ref_gl = _step(reference, pooled, level0, targets, loss_weights)
+        ref_outputs, ref_gp, ref_gl, ref_dropped = [], [], [], None
+        for lo, hi in bounds:  # data parallelism: each rank's tokens alone, gradients summed
+            if hi == lo:
+                continue
+            ref_out, gp, gl = _step(reference, pooled[lo:hi], level0[lo:hi], targets[lo:hi], loss_weights[lo:hi])
+            ref_outputs.append(ref_out.output)
+            ref_gp.append(gp)
+            ref_gl.append(gl)
+            if lo == 0:
+                ref_dropped, ref_capacity = ref_out.route.dropped_per_expert.tolist(), ref_out.route.capacity
+        ref_output, ref_gp, ref_gl = torch.cat(ref_outputs), torch.cat(ref_gp), torch.cat(ref_gl)
 
         layer = _layer(2, rank, **options).train()
         bind_expert_parallel_group(layer)
-        lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        lo, hi = bounds[rank]
         out, gp, gl = _step(layer, pooled[lo:hi], level0[lo:hi], targets[lo:hi], loss_weights[lo:hi])
 
-        torch.testing.assert_close(out.output, ref_out.output[lo:hi], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.output, ref_output[lo:hi], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(gp, ref_gp[lo:hi], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(gl, ref_gl[lo:hi], atol=1e-5, rtol=1e-5)
         for local_id, global_id in enumerate(layer.global_expert_ids):
@@ -73,14 +88,15 @@ def _equivalence_worker(rank: int, world_size: int, out_dir: str) -> None:
         dist.all_reduce(router_grad)
         torch.testing.assert_close(router_grad, reference.router.gate.weight.grad, atol=1e-5, rtol=1e-5)
         if not options.get("dropless"):
-            assert out.route.capacity == ref_out.route.capacity  # agreed over the group
+            assert out.route.capacity == ref_capacity  # agreed over the group
         # Every row has an output: no token silently gets zeros.
         assert bool((out.output.abs().sum(dim=1) > 0).all())
         report[case] = {
             "capacity": out.route.capacity,
             "dropped_per_expert": out.route.dropped_per_expert.tolist(),
             "fully_dropped": int(out.route.fully_dropped.sum()),
-            "ref_dropped_per_expert": ref_out.route.dropped_per_expert[:].tolist() if rank == 0 else None,
+            "ref_dropped_per_expert": ref_dropped if rank == 0 else None,
+            "expert_losses": {k: float(v) for k, v in out.aux_losses.items() if k == "mapconv.ce"},
         }
     Path(out_dir, f"equivalence_rank{rank}.json").write_text(json.dumps(report))
 
@@ -96,6 +112,8 @@ def test_p2_matches_p1_outputs_and_gradients_with_uneven_ranks_and_overflow(tmp_
     assert overflow["dropped_per_expert"] == overflow["ref_dropped_per_expert"]
     assert rank1["split_12_0_overflow"]["dropped_per_expert"] == [0, 0, 0, 0]
     assert sum(rank0["split_7_5_dropless"]["dropped_per_expert"]) == 0
+    # both ranks hold a MapConv expert with its own (mean-reduced) loss, so the case tests it
+    assert rank0["split_7_5_dropless"]["expert_losses"] and rank1["split_7_5_dropless"]["expert_losses"]
 
 
 def _idle_rank_worker(rank: int, world_size: int) -> None:

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mgmoe_ds.experts.base import segment_mean
+
 FEATURE_DIM = 8
 NUM_CLASSES = 5
 
@@ -25,22 +27,24 @@ class PooledMLP(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(FEATURE_DIM, hidden), nn.GELU(), nn.Linear(hidden, NUM_CLASSES))
 
-    def forward(self, payload: dict[str, Tensor], targets: Tensor | None) -> ToyOutput:
+    def forward(self, payload: dict[str, Tensor], targets: Tensor | None, segments=None) -> ToyOutput:
         return ToyOutput(self.net(payload["pooled"]))
 
 
 class MapConv(nn.Module):
-    """Reads a (C, H, W) feature map; has its own auxiliary loss when targets are given."""
+    """Reads a (C, H, W) feature map; has its own mean-reduced auxiliary loss when targets are given
+    (a mean, as the real experts' losses are, so that a 1/P scaling bug cannot hide in a sum)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(FEATURE_DIM, channels, 3, padding=1)
         self.head = nn.Linear(channels, NUM_CLASSES)
 
-    def forward(self, payload: dict[str, Tensor], targets: Tensor | None) -> ToyOutput:
+    def forward(self, payload: dict[str, Tensor], targets: Tensor | None, segments=None) -> ToyOutput:
         x = F.relu(self.conv(payload["level0"])).amax(dim=(2, 3))  # (n, channels)
         logits = self.head(x)
-        aux = {} if targets is None else {"mapconv.ce": 0.1 * F.cross_entropy(logits, targets, reduction="sum")}
+        per_row = None if targets is None else F.cross_entropy(logits, targets, reduction="none")  # (n,)
+        aux = {} if per_row is None else {"mapconv.ce": 0.5 * segment_mean(per_row, segments)}
         return ToyOutput(logits, aux)
 
 

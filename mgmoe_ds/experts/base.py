@@ -2,9 +2,17 @@
 
 An expert is a head on the shared backbone's features. The engine gathers, for the n images
 routed to an expert on this rank, the backbone features the expert declares in
-``required_features`` (each with leading dim n, n >= 1) and calls ``expert(payload, targets)``.
-The task cross-entropy on the fused logits is the model's job; an expert returns its logits and
-only its method's own extra losses, already multiplied by its own weights.
+``required_features`` (each with leading dim n, n >= 1) and calls
+``expert(payload, targets, segments)``. The task cross-entropy on the fused logits is the model's
+job; an expert returns its logits and only its method's own extra losses, already multiplied by
+its own weights.
+
+``segments`` says how many of the n rows came from each source rank (in order; None: one
+source). Under expert parallelism an expert's rows come from several ranks, and DeepSpeed
+averages its gradient as if every rank had computed the expert's losses on its own rows. So each
+own loss is the sum over segments of the loss computed on that segment alone (a per-segment
+mean, pairs only within a segment): the gradient is then exactly the data-parallel one at any
+expert-parallel size. :func:`segment_mean` and :func:`segment_ratio` do the reductions.
 
 Every expert must train with n == 1 (no BatchNorm over the batch: LayerNorm or GroupNorm
 instead), draw random numbers only in ``self.training``, and never touch torch.distributed.
@@ -13,9 +21,12 @@ instead), draw random numbers only in ``self.training``, and never touch torch.d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
+
+Segments = Optional[Sequence[int]]  # rows per source rank, in row order; None: all rows from one rank
 
 
 @dataclass
@@ -49,7 +60,8 @@ class Expert(nn.Module):
         """
         return cls.required_features
 
-    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor]) -> ExpertOutput:
+    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor],
+                segments: Segments = None) -> ExpertOutput:
         raise NotImplementedError
 
     def head_parameters(self) -> list[nn.Parameter]:
@@ -65,3 +77,35 @@ def map_to_tokens(feature_map: Tensor) -> Tensor:
 def zero_loss(like: Tensor) -> Tensor:
     """A scalar zero that stays in ``like``'s graph (so every rank's backward sees the same params)."""
     return like.sum() * 0.0
+
+
+def segment_ids(segments: Segments, num_rows: int, device: torch.device) -> Tensor:
+    """(n,) the segment of each row (all zeros for one segment)."""
+    if segments is None:
+        return torch.zeros(num_rows, dtype=torch.long, device=device)
+    if sum(segments) != num_rows:
+        raise ValueError(f"segments {list(segments)} add up to {sum(segments)} rows, not {num_rows}")
+    sizes = torch.as_tensor(list(segments), dtype=torch.long, device=device)  # (S,)
+    return torch.repeat_interleave(torch.arange(len(segments), device=device), sizes)  # (n,)
+
+
+def segment_sums(values: Tensor, segments: Segments) -> Tensor:
+    """(n,) per-row values -> (S,) their sum over each segment."""
+    count = 1 if segments is None else len(segments)
+    ids = segment_ids(segments, values.shape[0], values.device)  # (n,)
+    return values.new_zeros(count).index_add(0, ids, values)  # (S,)
+
+
+def segment_mean(values: Tensor, segments: Segments) -> Tensor:
+    """Sum over segments of the mean of ``values`` (n,) over the segment's rows; an empty segment adds 0.
+
+    With one segment this is ``values.mean()``.
+    """
+    sizes = [values.shape[0]] if segments is None else list(segments)
+    counts = torch.as_tensor(sizes, dtype=values.dtype, device=values.device)  # (S,)
+    return (segment_sums(values, segments) / counts.clamp_min(1)).sum()
+
+
+def segment_ratio(numerators: Tensor, denominators: Tensor, segments: Segments) -> Tensor:
+    """Sum over segments of (sum of ``numerators``) / max(1, sum of ``denominators``) over the segment."""
+    return (segment_sums(numerators, segments) / segment_sums(denominators, segments).clamp_min(1)).sum()

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from mgmoe_ds.backbone import BackboneInfo
 from mgmoe_ds.experts import register_expert
-from mgmoe_ds.experts.base import Expert, ExpertOutput
+from mgmoe_ds.experts.base import Expert, ExpertOutput, Segments
 
 
 @register_expert("mlp")
@@ -34,7 +34,8 @@ class MLPExpert(Expert):
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_dim, num_classes)
 
-    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor]) -> ExpertOutput:
+    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor],
+                segments: Segments = None) -> ExpertOutput:
         x = self.drop(self.act(self.fc(self.norm(payload["pooled"]))))  # (n, hidden)
         return ExpertOutput(logits=self.head(x), aux_losses={})
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from mgmoe_ds.backbone import LEVEL_KEYS, BackboneInfo
 from mgmoe_ds.experts import register_expert
-from mgmoe_ds.experts.base import Expert, ExpertOutput, map_to_tokens
+from mgmoe_ds.experts.base import Expert, ExpertOutput, Segments, map_to_tokens, segment_mean
 
 
 class PartAssignment(nn.Module):
@@ -121,7 +121,8 @@ class MPSAExpert(Expert):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor]) -> ExpertOutput:
+    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor],
+                segments: Segments = None) -> ExpertOutput:
         queries = map_to_tokens(payload[LEVEL_KEYS[-1]])  # (n, S, C3)
         stage_features, stage_weights = [], []
         for key, assignment, attention in zip(LEVEL_KEYS, self.assignments, self.attentions):
@@ -136,8 +137,9 @@ class MPSAExpert(Expert):
         logits = self.head(pooled)  # (n, classes)
         aux = {}
         if targets is not None and self.label_smoothing > 0:
-            smoothed = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
-            aux["mpsa.label_smoothing"] = smoothed - F.cross_entropy(logits, targets)
+            smoothed = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing, reduction="none")
+            aux["mpsa.label_smoothing"] = segment_mean(smoothed - F.cross_entropy(logits, targets, reduction="none"),
+                                                       segments)
         return ExpertOutput(logits=logits, aux_losses=aux)
 
     def head_parameters(self) -> list[nn.Parameter]:

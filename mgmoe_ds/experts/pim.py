@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from mgmoe_ds.backbone import LEVEL_KEYS, BackboneInfo
 from mgmoe_ds.experts import register_expert
-from mgmoe_ds.experts.base import Expert, ExpertOutput, map_to_tokens
+from mgmoe_ds.experts.base import Expert, ExpertOutput, Segments, map_to_tokens, segment_mean, segment_ratio
 
 
 def select_tokens(features: Tensor, token_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -121,7 +121,8 @@ class PIMExpert(Expert):
             maps[i] = maps[i] + deeper  # (n, D, H_i, W_i)
         return [map_to_tokens(m) for m in maps]  # 4 x (n, S_i, D)
 
-    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor]) -> ExpertOutput:
+    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor],
+                segments: Segments = None) -> ExpertOutput:
         levels = self.pyramid(payload)
         selected, level_ce, suppression = [], [], []
         for i, (tokens, head) in enumerate(zip(levels, self.token_heads)):
@@ -129,15 +130,17 @@ class PIMExpert(Expert):
             kept, dropped = select_tokens(tokens, token_logits, self.selects_for(i, tokens.shape[1]))
             selected.append(kept)
             if targets is not None:
-                level_ce.append(F.cross_entropy(token_logits.mean(dim=1), targets))
+                level_ce.append(segment_mean(F.cross_entropy(token_logits.mean(dim=1), targets, reduction="none"), segments))
                 per_token = (torch.tanh(token_logits) + 1.0).pow(2).mean(dim=-1)  # (n, S_i)
-                suppression.append((per_token * dropped).sum() / dropped.sum().clamp(min=1))
+                suppression.append(segment_ratio((per_token * dropped).sum(dim=1), dropped.sum(dim=1).to(per_token.dtype),
+                                                 segments))
         logits = self.combiner(torch.cat(selected, dim=1))  # (n, classes)
         aux = {}
         if targets is not None:
             aux["pim.levels"] = self.level_weight * torch.stack(level_ce).sum()
             aux["pim.suppression"] = self.suppression_weight * torch.stack(suppression).mean()
-            aux["pim.combiner"] = self.combiner_weight * F.cross_entropy(logits, targets)
+            aux["pim.combiner"] = self.combiner_weight * segment_mean(
+                F.cross_entropy(logits, targets, reduction="none"), segments)
         return ExpertOutput(logits=logits, aux_losses=aux)
 
     def head_parameters(self) -> list[nn.Parameter]:

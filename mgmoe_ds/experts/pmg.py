@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from mgmoe_ds.backbone import BackboneInfo
 from mgmoe_ds.experts import register_expert
-from mgmoe_ds.experts.base import Expert, ExpertOutput
+from mgmoe_ds.experts.base import Expert, ExpertOutput, Segments, segment_mean
 
 PMG_LEVELS = ("level1", "level2", "level3")
 
@@ -105,7 +105,8 @@ class PMGExpert(Expert):
         self.level_heads = nn.ModuleList(_classifier(out_channels, hidden, num_classes) for _ in channels)
         self.concat_head = _classifier(out_channels * len(channels), hidden, num_classes)
 
-    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor]) -> ExpertOutput:
+    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor],
+                segments: Segments = None) -> ExpertOutput:
         maps = [payload[k] for k in PMG_LEVELS]
         pooled = [block(m) for block, m in zip(self.blocks, maps)]  # 3 x (n, D')
         level_logits = [head(p) for head, p in zip(self.level_heads, pooled)]  # 3 x (n, classes)
@@ -116,8 +117,10 @@ class PMGExpert(Expert):
             for i, (m, block, head) in enumerate(zip(maps, self.blocks, self.level_heads)):
                 g = effective_granularity(self.granularities[i], tuple(m.shape[2:])) if self.training else 1
                 jig_logits = head(block(feature_jigsaw(m, g))) if g > 1 else level_logits[i]
-                aux[f"pmg.{PMG_LEVELS[i]}"] = self.level_weight * F.cross_entropy(jig_logits, targets)
-            aux["pmg.concat"] = self.concat_weight * F.cross_entropy(concat_logits, targets)
+                aux[f"pmg.{PMG_LEVELS[i]}"] = self.level_weight * segment_mean(
+                    F.cross_entropy(jig_logits, targets, reduction="none"), segments)
+            aux["pmg.concat"] = self.concat_weight * segment_mean(
+                F.cross_entropy(concat_logits, targets, reduction="none"), segments)
         return ExpertOutput(logits=logits, aux_losses=aux)
 
     def head_parameters(self) -> list[nn.Parameter]:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from mgmoe_ds.backbone import BackboneInfo
 from mgmoe_ds.experts import register_expert
-from mgmoe_ds.experts.base import Expert, ExpertOutput, zero_loss
+from mgmoe_ds.experts.base import Expert, ExpertOutput, Segments, segment_ids, zero_loss
 
 logger = logging.getLogger(__name__)
 _substitute_logged = False
@@ -52,16 +52,18 @@ def select_parts(rollout: Tensor, pre_last: Tensor) -> Tensor:
     return torch.cat([pre_last[:, :1], parts], dim=1)  # (n, 1 + H, C)
 
 
-def contrastive_loss(features: Tensor, targets: Tensor, margin: float) -> Tensor:
+def contrastive_loss(features: Tensor, targets: Tensor, margin: float, segments: Segments = None) -> Tensor:
     """TransFG's contrastive loss over distinct pairs: same class 1 - cos, else max(cos - margin, 0).
 
     Args:
         features: (n, C) CLS features.
         targets: (n,) class indices.
         margin: the cosine margin for different-class pairs (0.4 in TransFG).
+        segments: rows per source rank (see ``experts.base``): pairs are formed within a segment
+            only, and the per-segment means are summed.
 
     Returns:
-        A scalar; zero (in the graph) when n < 2.
+        A scalar; zero (in the graph) when no segment has two rows.
     """
     n = features.shape[0]
     if n < 2:
@@ -70,8 +72,11 @@ def contrastive_loss(features: Tensor, targets: Tensor, margin: float) -> Tensor
     cosine = unit @ unit.T  # (n, n)
     same = targets[:, None] == targets[None, :]  # (n, n)
     pair_loss = torch.where(same, 1.0 - cosine, (cosine - margin).clamp(min=0.0))  # (n, n)
-    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=features.device)
-    return pair_loss[off_diagonal].mean()
+    ids = segment_ids(segments, n, features.device)  # (n,)
+    pairs = (ids[:, None] == ids[None, :]) & ~torch.eye(n, dtype=torch.bool, device=features.device)  # (n, n)
+    sizes = torch.bincount(ids, minlength=1 if segments is None else len(segments)).to(pair_loss.dtype)  # (S,)
+    per_segment = pair_loss.new_zeros(sizes.shape[0]).index_add(0, ids, (pair_loss * pairs).sum(dim=1))  # (S,)
+    return (per_segment / (sizes * (sizes - 1)).clamp_min(1)).sum()
 
 
 def _heads_for(dim: int) -> int:
@@ -134,7 +139,8 @@ class TransFGExpert(Expert):
         cls = self.cls_token + tokens.mean(dim=1, keepdim=True)  # (n, 1, C)
         return torch.cat([cls, parts], dim=1)  # (n, 1 + Q, C)
 
-    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor]) -> ExpertOutput:
+    def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor],
+                segments: Segments = None) -> ExpertOutput:
         if self.uses_rollout:
             sequence = select_parts(payload["rollout"], payload["pre_last"])  # (n, 1 + H, C)
         else:
@@ -143,7 +149,7 @@ class TransFGExpert(Expert):
         logits = self.head(self.drop(cls))
         aux = {}
         if targets is not None:
-            aux["transfg.contrastive"] = self.contrastive_weight * contrastive_loss(cls, targets, self.margin)
+            aux["transfg.contrastive"] = self.contrastive_weight * contrastive_loss(cls, targets, self.margin, segments)
         return ExpertOutput(logits=logits, aux_losses=aux)
 
     def head_parameters(self) -> list[nn.Parameter]:

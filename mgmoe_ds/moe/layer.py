@@ -120,8 +120,10 @@ class RoutedExperts(nn.Module):
 
     Args:
         expert_factories: one zero-argument callable per global expert; only this rank's are
-            called. Each built expert maps ``(payload: dict[str, Tensor], targets)`` to an object
-            with ``logits`` (n, *output_shape) and ``aux_losses`` (dict of scalars).
+            called. Each built expert maps ``(payload: dict[str, Tensor], targets, segments=...)``
+            to an object with ``logits`` (n, *output_shape) and ``aux_losses`` (dict of scalars);
+            ``segments`` lists its rows per source rank, and its own losses are sums of
+            per-segment losses (see ``experts.base``).
         router_dim: width of the router input.
         output_shape: per-token shape of every expert's output, e.g. ``(num_classes,)``.
         top_k: default K.
@@ -370,6 +372,9 @@ class RoutedExperts(nn.Module):
             by_expert = torch.argsort(row_expert, stable=True)  # (R,) rows grouped by local expert
             grouped = [b.index_select(0, by_expert) for b in received]  # (R, F) each
         per_expert = recv_counts.sum(0).tolist()  # (L,) rows per local expert
+        # Rows per (source rank, local expert): an expert's own losses are summed over its sources'
+        # segments, so they get the gradient data parallelism would give them (experts.base).
+        segments_by_expert = recv_counts.t().tolist()  # (L, P)
         # One split per buffer: its backward concatenates the experts' gradients once, where
         # per-expert slices would each zero-fill and add a gradient of the whole buffer.
         expert_slices = [g.split(per_expert) for g in grouped]  # per buffer: L tensors (count, F)
@@ -385,7 +390,7 @@ class RoutedExperts(nn.Module):
             rows = unpack_rows([slices[local_id] for slices in expert_slices], spec)
             targets = rows.pop(TARGETS_KEY, None)
             with variable_batch_kernels(device):
-                result = expert(rows, targets)
+                result = expert(rows, targets, segments=segments_by_expert[local_id])
             logits = result.logits
             if tuple(logits.shape) != (count, *self.output_shape):
                 raise RuntimeError(f"expert {self.global_expert_ids[local_id]} ({type(expert).__name__}) returned "
