@@ -51,6 +51,13 @@ def expert_features(spec: ExpertSpec, info) -> frozenset[str]:
     return frozenset(expert_class(spec.name).features_for(info, **spec.options))
 
 
+def _seeded(seed: int, factory: Callable[[], nn.Module]) -> nn.Module:
+    """``factory()`` with the CPU generator seeded by ``seed``; the caller's generator state is kept."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
+
+
 class MGMoE(nn.Module):
     """Backbone -> router -> Top-K heterogeneous experts -> fused logits.
 
@@ -72,8 +79,12 @@ class MGMoE(nn.Module):
         info = self.backbone.info
         self.expert_names = [spec.name for spec in model_config.experts]
         self.features = frozenset().union(*(expert_features(s, info) for s in model_config.experts))
-        factories = [partial(create_expert, spec.name, info=info, num_classes=num_classes, **spec.options)
-                     for spec in model_config.experts]
+        # One seed drawn here, at any P, and expert e initialised from seed + e: every expert starts
+        # from the same weights whichever rank builds it, so a run at P = 2 starts where P = 1 does.
+        expert_seed = int(torch.randint(0, 2**62, (1,)))
+        factories = [partial(_seeded, expert_seed + i,
+                             partial(create_expert, spec.name, info=info, num_classes=num_classes, **spec.options))
+                     for i, spec in enumerate(model_config.experts)]
         fallback = nn.Sequential(nn.LayerNorm(info.pooled_dim), nn.Linear(info.pooled_dim, num_classes))
         self.moe = layer_from_config(factories, moe_config, router_dim=info.pooled_dim, output_shape=(num_classes,),
                                      fallback_head=fallback, expert_parallel_rank=expert_parallel_rank)

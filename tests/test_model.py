@@ -91,3 +91,22 @@ def test_every_registered_expert_can_be_built_into_the_model():
                                    "moe": {"top_k": 1, "dropless": True}})
         model = MGMoE(config.model, config.moe, NUM_CLASSES)
         assert model(images(2)).logits.shape == (2, NUM_CLASSES)
+
+
+def test_every_tensor_starts_equal_at_any_expert_parallel_size():
+    # P = 2's rank 1 builds only experts 2 and 3; they, and everything shared, must start as at P = 1.
+    full = config_from_dict({"model": TINY_MGMOE["model"], "moe": {"top_k": 2}})
+    split = config_from_dict({"model": TINY_MGMOE["model"], "moe": {"top_k": 2, "expert_parallel_size": 2}})
+    torch.manual_seed(3)
+    at_p1 = MGMoE(full.model, full.moe, NUM_CLASSES).state_dict()
+    after_p1 = torch.rand(1)  # the caller's generator moves on the same way at any P
+    torch.manual_seed(3)
+    at_p2 = MGMoE(split.model, split.moe, NUM_CLASSES, expert_parallel_rank=1).state_dict()
+    assert torch.equal(torch.rand(1), after_p1)
+    prefix = "moe.deepspeed_moe.experts.deepspeed_experts."
+    for key, tensor in at_p2.items():
+        if key.startswith(prefix):  # local ids 0, 1 on rank 1 are global experts 2, 3
+            local, rest = key[len(prefix):].split(".", 1)
+            key = f"{prefix}{int(local) + 2}.{rest}"
+        assert torch.equal(tensor, at_p1[key]), key
+    assert len(at_p2) < len(at_p1)  # rank 1 really holds only part of the experts
