@@ -38,11 +38,12 @@ def main(argv=None) -> int:
     from mgmoe_ds.data import DataError
     from mgmoe_ds.engine import TrainArgs, TrainingError, train
     from mgmoe_ds.experts import ExpertError
+    from mgmoe_ds.train.distributed import WorldError
 
     try:
         train(TrainArgs(deepspeed_config=args.deepspeed, data=args.data, output=args.output, resume=args.resume,
                         overrides=args.overrides, max_steps=args.max_steps))
-    except (ConfigError, TrainingError, DataError, BackboneError, ExpertError) as err:
+    except (ConfigError, WorldError, TrainingError, DataError, BackboneError, ExpertError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

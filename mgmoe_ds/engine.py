@@ -15,7 +15,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,7 +23,6 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from mgmoe_ds.config import RunConfig, config_to_dict, load_run_config
@@ -41,6 +39,15 @@ from mgmoe_ds.curriculum import (
     top_experts_per_cluster,
 )
 from mgmoe_ds.metrics import MetricsLogger, topk_correct
+from mgmoe_ds.train.distributed import (
+    Collectives,
+    adjust_precision,
+    check_expert_parallel_size,
+    fixed_order_loss,
+    launched_world_size,
+    reduces_in_arrival_order,
+    setup_distributed,
+)
 
 LOG = logging.getLogger("mgmoe")
 DEMO_ROOT = Path(__file__).resolve().parent.parent / "shards"
@@ -50,101 +57,6 @@ LOAD_IMBALANCE_WARNING = 2.0  # warn when the busiest expert gets this many time
 
 class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and where the last good checkpoint is."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed set-up
-
-
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    accelerator: str
-
-
-PORT_ATTEMPTS = 5  # a world of one retries its store on another free port this many times in all
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup_distributed() -> DistInfo:
-    """Initialises DeepSpeed's process group (one process without a launcher works too)."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    own_port = "RANK" not in os.environ  # plain `python jobs/train.py`: a world of one
-    for attempt in range(PORT_ATTEMPTS):
-        if own_port:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        try:
-            deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), verbose=False)
-            break
-        except dist.DistNetworkError:
-            # The port we found free was taken before the store bound it (another job
-            # starting on this machine): draw another one.
-            if not own_port or attempt == PORT_ATTEMPTS - 1:
-                raise
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    name = accelerator.device_name()
-    if name == "cpu":
-        device = torch.device("cpu")
-        if rank == 0:
-            LOG.info("no GPU found: running on DeepSpeed's CPU accelerator with %s (%d rank(s))",
-                     accelerator.communication_backend_name(), world)
-    else:
-        accelerator.set_device(local_rank)
-        device = torch.device(name, local_rank)
-    return DistInfo(rank, world, local_rank, device, name)
-
-
-def adjust_precision(ds_config: dict[str, Any], rank: int) -> dict[str, Any]:
-    """Turns off fp16/bf16 settings the device cannot honour, with one logged line each."""
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    supported = {"fp16": accelerator.is_fp16_supported(), "bf16": accelerator.is_bf16_supported(),
-                 "torch_autocast": accelerator.is_bf16_supported()}
-    if accelerator.device_name() == "cpu":
-        # CPU training here is fp32: low-precision kernels on CPU are slower, not faster.
-        supported = {"fp16": False, "bf16": False, "torch_autocast": False}
-    for key, ok in supported.items():
-        section = ds_config.get(key)
-        if isinstance(section, dict) and section.get("enabled") and not ok:
-            ds_config[key] = dict(section, enabled=False)
-            if rank == 0:
-                LOG.warning("%s is enabled in the DeepSpeed config but %s cannot honour it: turned off",
-                            key, accelerator.device_name())
-    return ds_config
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
-
-
-def all_reduce_int(value: int, op: str) -> int:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op={"min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op])
-    return int(t.item())
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,22 +115,28 @@ class Progress:
                    clusters=None if clusters is None else ClusterState.from_state(clusters))
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Python's, NumPy's and torch's generators, and the GPU's on a CUDA device (dropout there draws from it)."""
     np_state = np.random.get_state()
-    return {
+    state = {
         "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
         "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
                   float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     python = state["python"]
     random.setstate((python[-2], tuple(python[:-2]), python[-1]))
     keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def seed_everything(seed: int) -> None:
@@ -241,19 +159,19 @@ class TrainArgs:
     max_steps: Optional[int] = None  # stop (after a checkpoint) once this many steps ran; for tests
 
 
-def resolve_dataset(config: RunConfig, data_arg: Optional[str], rank: int) -> str:
-    """The dataset folder or "registry"; the demo birds are generated on first use."""
+def resolve_dataset(config: RunConfig, data_arg: Optional[str], comm: Collectives) -> str:
+    """The dataset folder or "registry"; the demo birds are generated on first use (by rank 0)."""
     source = data_arg or config.data.dataset
     if source:
         return source
     demo = DEMO_ROOT / DEMO_NAME
     if not (demo / "manifest.json").is_file():
-        if rank == 0:
+        if comm.rank == 0:
             from mgmoe_ds.data import build_demo
 
             LOG.info("no dataset given: generating the demo birds in %s", demo)
             build_demo(DEMO_ROOT, name=DEMO_NAME)
-        barrier()
+        comm.barrier()
     return str(demo)
 
 
@@ -263,7 +181,11 @@ class Trainer:
     def __init__(self, args: TrainArgs) -> None:
         self.args = args
         self.config, ds_config = load_run_config(args.deepspeed_config, args.overrides)
+        # Before any process group: a launch the config cannot use fails on every rank in one line.
+        check_expert_parallel_size(self.config.moe.expert_parallel_size, self.config.num_experts,
+                                   launched_world_size(), str(args.deepspeed_config))
         self.dist = setup_distributed()
+        self.comm = Collectives(self.dist.device)
         self.ds_config = adjust_precision(ds_config, self.dist.rank)
         # DeepSpeed casts the model for bf16/fp16 but not its inputs.
         self.input_dtype = (torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else
@@ -277,8 +199,8 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "stages").mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        barrier()
-        self.dataset = resolve_dataset(self.config, args.data, self.dist.rank)
+        self.comm.barrier()
+        self.dataset = resolve_dataset(self.config, args.data, self.comm)
         self.micro_batch = int(self.ds_config.get("train_micro_batch_size_per_gpu", 32))
         self.base_lr = float(self.ds_config.get("optimizer", {}).get("params", {}).get("lr", 1e-3))
         seed_everything(self.config.train.seed)
@@ -337,9 +259,6 @@ class Trainer:
         from mgmoe_ds.moe.deepspeed_compat import adopt_moe_layers, expert_parallel_rank
 
         ep_size = self.config.moe.expert_parallel_size
-        if self.dist.world_size % ep_size:
-            raise TrainingError(f"mgmoe.moe.expert_parallel_size = {ep_size} does not divide the number of "
-                                f"ranks ({self.dist.world_size})")
         ep_rank = expert_parallel_rank(ep_size)
         self.model = MGMoE(self.config.model, self.config.moe, self.num_classes, expert_parallel_rank=ep_rank)
         adopt_moe_layers(self.model)
@@ -378,7 +297,20 @@ class Trainer:
         engine, *_ = deepspeed.initialize(
             model=self.model, model_parameters=moe_param_groups(trained), config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self._ordered_params = None
+        if reduces_in_arrival_order(self.ds_config):
+            # Expert parameters first and the parameters every rank holds last: their gradients
+            # then arrive first, in the same order on every rank (see fixed_order_loss).
+            expert_ids = {id(p) for p in self.model.moe.expert_parameters()}
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            self._ordered_params = ([p for p in trainable if id(p) in expert_ids]
+                                    + [p for p in trainable if id(p) not in expert_ids])
         return engine, trained
+
+    @staticmethod
+    def _loss_scale(engine) -> float:
+        """The fp16 loss scale DeepSpeed applies in ``backward`` (1 in fp32 and bf16)."""
+        return float(getattr(engine.optimizer, "loss_scale", 1.0)) if engine.fp16_enabled() else 1.0
 
     def _mask_frozen_heads(self, plan: StagePlan) -> None:
         """Stage 2 trains only the heads of each cluster's top-2 experts.
@@ -407,14 +339,6 @@ class Trainer:
         return cluster_expert_count(self.config.moe.top_k, self.model.num_experts)
 
     # -- passes ----------------------------------------------------------------------------------
-
-    def _equalised(self, loader, op: str) -> Iterator[Optional[dict]]:
-        """Batches of ``loader`` with the same count on every rank: "min" truncates, "max" pads
-        with None (the caller runs an empty batch so expert-parallel collectives still match)."""
-        count = all_reduce_int(len(loader), op)
-        iterator = iter(loader)
-        for _ in range(count):
-            yield next(iterator, None)
 
     def _train_mode(self, plan: StagePlan) -> None:
         """Training mode, except a frozen backbone: its BatchNorm statistics must not drift either
@@ -446,13 +370,13 @@ class Trainer:
         backbone frozen (see ``_eval_cache``), else images."""
         cache = self._eval_cache(split, plan)
         if cache is None:
-            for batch in self._equalised(self.eval_loaders[split], "max"):
+            for batch in self.comm.agreed(self.eval_loaders[split], pad=True):
                 yield batch or self._empty_batch()
             return
         from mgmoe_ds.feature_cache import batches_per_epoch
 
         n = cache.num_samples
-        count = all_reduce_int(batches_per_epoch(n, self.micro_batch), "max")
+        count = self.comm.reduce_int(batches_per_epoch(n, self.micro_batch), "max")
         for b in range(count):
             rows = torch.arange(min(b * self.micro_batch, n), min((b + 1) * self.micro_batch, n))  # (B,), empty past the end
             yield {"features": cache.gather(rows, torch.zeros_like(rows)), "labels": cache.labels[rows]}
@@ -492,13 +416,13 @@ class Trainer:
             g = torch.Generator().manual_seed(self.config.train.seed + self.progress.global_step)
             picks = torch.randperm(train_pooled.shape[0], generator=g)[:cur.num_clusters]
             initial = train_pooled[picks][torch.arange(cur.num_clusters) % max(1, len(picks))]
-        initial = all_reduce_sum(initial)  # broadcast from rank 0 (others contribute zeros)
-        centroids = kmeans(train_pooled, cur.num_clusters, all_reduce=all_reduce_sum, initial=initial)
-        train_counts = all_reduce_sum(torch.bincount(assign_clusters(train_pooled, centroids),
+        initial = self.comm.broadcast_from_main(initial)
+        centroids = kmeans(train_pooled, cur.num_clusters, all_reduce=self.comm.sum, initial=initial)
+        train_counts = self.comm.sum(torch.bincount(assign_clusters(train_pooled, centroids),
                                                      minlength=cur.num_clusters).float())
         val_pooled, loglik = self._val_expert_stats(plan)
         scores, val_counts = cluster_expert_scores(loglik, assign_clusters(val_pooled, centroids), cur.num_clusters,
-                                                   all_reduce_sum)
+                                                   self.comm.sum)
         teacher = cluster_teacher(scores, cur.teacher_temperature)
         return ClusterState(centroids, teacher, scores, val_counts, train_counts)
 
@@ -514,7 +438,7 @@ class Trainer:
                 top1, top5 = topk_correct(out.logits.float(), labels, (1, 5))
                 loss = F.cross_entropy(out.logits.float(), labels, reduction="sum")
                 totals += torch.tensor([labels.numel(), top1, top5, float(loss)], dtype=torch.float64)
-        totals = all_reduce_sum(totals)
+        totals = self.comm.sum(totals)
         n = max(1.0, float(totals[0]))
         return {"images": int(totals[0]), "top1": float(totals[1]) / n, "top5": float(totals[2]) / n,
                 "loss": float(totals[3]) / n}
@@ -686,7 +610,7 @@ class Trainer:
 
     def _cached_batches(self, cache, epoch: int, steps_per_epoch: int, start: int = 0) -> Iterator[dict]:
         """One epoch of cached batches ``{"features", "labels"}``; ``steps_per_epoch`` is already the
-        minimum over ranks (as ``_equalised(..., "min")`` gives for images), so ranks step together."""
+        minimum over ranks, so ranks step together."""
         for features, labels in cache.batches(self.micro_batch, steps_per_epoch, seed=self.config.train.seed,
                                               epoch=epoch, start=start):
             yield {"features": features, "labels": labels}
@@ -696,10 +620,10 @@ class Trainer:
     def _save(self, engine, tag: str, stage_complete: bool) -> None:
         engine.save_checkpoint(str(self.ckpt_dir), tag=tag)
         folder = self.ckpt_dir / tag
-        torch.save(rng_state(), folder / f"rng_rank{self.dist.rank}.pt")
+        torch.save(rng_state(self.dist.device), folder / f"rng_rank{self.dist.rank}.pt")
         if self.is_main:
             torch.save(self.progress.to_state(), folder / "progress.pt")
-        barrier()
+        self.comm.barrier()
         if self.is_main:
             pointer = {"tag": tag, "stage_index": self.progress.stage_index, "stage_complete": stage_complete,
                        "global_step": self.progress.global_step, "world_size": self.dist.world_size}
@@ -707,7 +631,7 @@ class Trainer:
             tmp.write_text(json.dumps(pointer))
             os.replace(tmp, self.ckpt_dir / "last_good.json")
             self._prune_checkpoints(keep=tag)
-        barrier()
+        self.comm.barrier()
 
     def _prune_checkpoints(self, keep: str) -> None:
         """Keeps every stage-end checkpoint and the newest periodic one."""
@@ -764,7 +688,7 @@ class Trainer:
             local = batches_per_epoch(self.train_info.samples_per_rank[self.dist.rank], self.micro_batch)
         else:
             local = len(self.train_loader)
-        steps_per_epoch = all_reduce_int(local, "min")
+        steps_per_epoch = self.comm.reduce_int(local, "min")
         if steps_per_epoch == 0:
             raise TrainingError(f"dataset {self.dataset}: a rank has no training batch; use fewer ranks or a "
                                 f"smaller train_micro_batch_size_per_gpu")
@@ -785,9 +709,15 @@ class Trainer:
             # stage 2's head selection, so read the client state before building the engine.
             state = torch.load(self.ckpt_dir / resume["tag"] / "progress.pt", map_location="cpu", weights_only=True)
             self.progress = Progress.from_state(state)
+            pending_rng = torch.load(self.ckpt_dir / resume["tag"] / f"rng_rank{self.dist.rank}.pt",
+                                     weights_only=True)
             if resume["stage_complete"]:
+                # Stopped right after the previous stage's end checkpoint: this stage starts as the
+                # uninterrupted run started it, generators included (it saved them at that point).
                 self.progress = Progress(stage_index=stage_index, global_step=self.progress.global_step,
                                          clusters=self.progress.clusters)
+                set_rng_state(pending_rng, self.dist.device)
+                pending_rng = None
         else:
             self.progress = Progress(stage_index=stage_index, global_step=self.progress.global_step,
                                      clusters=carried_clusters)
@@ -798,9 +728,6 @@ class Trainer:
             full = not resume["stage_complete"]
             engine.load_checkpoint(str(self.ckpt_dir), tag=resume["tag"], load_module_only=not full,
                                    load_optimizer_states=full, load_lr_scheduler_states=full)
-            if full:  # applied after the resumed epoch's trained batches are replayed (see below)
-                pending_rng = torch.load(self.ckpt_dir / resume["tag"] / f"rng_rank{self.dist.rank}.pt",
-                                         weights_only=True)
             self._forget_backbone_state()  # the loaded weights may differ from those the clusters used
         cache = self._stage_feature_cache(plan)  # after the checkpoint load: keyed by the loaded weights
         self._write_stage_json(stage_index, plan, trained)
@@ -816,27 +743,41 @@ class Trainer:
                                 dynamic_ncols=True, leave=True)
         window = _Window(self.model.num_experts)
         result: dict[str, Any] = {}
-        while self.progress.stage_step < total_steps:
+
+        def stage_done() -> bool:
+            if stage.epochs is not None:
+                return self.progress.epoch >= stage.epochs
+            return self.progress.stage_step >= total_steps
+
+        while not stage_done():
             if plan.uses_teacher and self.progress.step_in_epoch == 0:
                 self.progress.clusters = self._recompute_clusters(plan)
                 self._write_stage_json(stage_index, plan, trained)
             routing = self._routing_kwargs(plan)
-            self.train_loader.set_epoch(1000 * stage_index + self.progress.epoch)
+            epoch_seed = 1000 * stage_index + self.progress.epoch
+            self.train_loader.set_epoch(epoch_seed)
             self._train_mode(plan)
-            if cache is not None:
-                batches = self._cached_batches(cache, 1000 * stage_index + self.progress.epoch, steps_per_epoch,
-                                               start=self.progress.step_in_epoch)
+            # This epoch's batches, the same count on every rank (a vote per batch on batches that
+            # exist), at most the planned count and, in a stage measured in steps, the steps left.
+            limit = steps_per_epoch
+            if stage.steps is not None:
+                limit = min(limit, self.progress.step_in_epoch + total_steps - self.progress.stage_step)
+            if cache is not None:  # a cache starts anywhere: no replay
+                start = self.progress.step_in_epoch
+                source = self._cached_batches(cache, epoch_seed, steps_per_epoch, start=start)
+                batches = self.comm.agreed(source, pad=False, limit=limit - start)
+                replay = 0
             else:
-                batches = self._equalised(self.train_loader, "min")
-                for _ in range(self.progress.step_in_epoch):
-                    next(batches)  # resuming inside an epoch: replay the data order past the trained batches
+                batches = self.comm.agreed(self.train_loader, pad=False, limit=limit)
+                replay = self.progress.step_in_epoch
+            iterator = iter(batches)
+            for _ in range(replay):
+                next(iterator, None)  # resuming inside an epoch: replay the data order past the trained batches
             if pending_rng is not None:
                 # Restored only now, so the replay's augmentation draws do not shift the stream.
-                set_rng_state(pending_rng)
+                set_rng_state(pending_rng, self.dist.device)
                 pending_rng = None
-            for batch in batches:
-                if self.progress.stage_step >= total_steps:
-                    break
+            for batch in iterator:
                 self._train_step(engine, plan, batch, routing, window)
                 self.progress.step_in_epoch += 1
                 self.progress.stage_step += 1
@@ -846,7 +787,7 @@ class Trainer:
                 if self.progress.global_step % self.config.train.log_every == 0:
                     self._log_window(engine, plan, window)
                 every = self.config.train.checkpoint_every
-                if every and self.progress.global_step % every == 0 and self.progress.stage_step < total_steps:
+                if every and self.progress.global_step % every == 0 and not stage_done():
                     self._save(engine, f"{tag_prefix}-step{self.progress.global_step}", stage_complete=False)
                 if self.args.max_steps is not None and self.progress.global_step >= self.args.max_steps:
                     self._save(engine, f"{tag_prefix}-step{self.progress.global_step}", stage_complete=False)
@@ -854,6 +795,12 @@ class Trainer:
                         progress_bar.close()
                     engine.destroy()
                     return {"stopped": True, "global_step": self.progress.global_step}
+            loader = None if cache is not None else self.train_loader
+            self._log_epoch(stage.name, batches, planned=steps_per_epoch if loader is None else len(loader),
+                            loader=loader)
+            if self.progress.step_in_epoch == 0:
+                raise TrainingError(f"dataset {self.dataset}: stage {stage.name} epoch {self.progress.epoch}: a rank "
+                                    f"had no training batch; see the per-rank lines above")
             self.progress.epoch += 1
             self.progress.step_in_epoch = 0
             val = self.evaluate(self.config.data.val_split, routing, plan)
@@ -872,6 +819,19 @@ class Trainer:
         if "val" not in result:
             result = {"val": self.evaluate(self.config.data.val_split, self._routing_kwargs(plan), plan)}
         return result
+
+    def _log_epoch(self, stage_name: str, batches, planned: int, loader) -> None:
+        """Every rank says how many batches it trained on and why the epoch ended; rank 0 writes the table."""
+        skipped = loader.skipped if loader is not None else 0
+        why = "it ran out of batches" if batches.ran_out else "the epoch ended on every rank"
+        LOG.info("rank %d: stage %s epoch %d: trained on %d batch(es) of %d planned (%s); %d sample(s) skipped",
+                 self.dist.rank, stage_name, self.progress.epoch, batches.steps, planned, why, skipped)
+        table = self.comm.per_rank([planned, int(batches.ran_out), skipped])  # (P, 3)
+        self.logger.log({"event": "epoch", "stage": stage_name, "epoch": self.progress.epoch,
+                         "step": self.progress.global_step, "batches": batches.steps,
+                         "planned_batches_per_rank": table[:, 0].long().tolist(),
+                         "ran_out_per_rank": table[:, 1].bool().tolist(),
+                         "skipped_per_rank": table[:, 2].long().tolist()})
 
     def _loss_weights(self, plan: StagePlan, stage_weights: dict[str, float]) -> dict[str, float]:
         moe = self.config.moe
@@ -894,7 +854,7 @@ class Trainer:
         stage_cfg = self.config.curriculum.stages[self.progress.stage_index]
         weights = self._loss_weights(plan, stage_cfg.loss_weights)
         total = sum(weights.get(name, 1.0) * value for name, value in losses.items())
-        finite = all_reduce_int(int(bool(torch.isfinite(total))), "min")
+        finite = self.comm.reduce_int(int(bool(torch.isfinite(total))), "min")
         if not finite:
             self.progress.bad_steps += 1
             self.logger.log({"event": "non_finite_loss", "step": self.progress.global_step,
@@ -908,14 +868,16 @@ class Trainer:
                                     f"{self.ckpt_dir / last['tag'] if last else 'none yet'}")
             return
         self.progress.bad_steps = 0
+        if self._ordered_params is not None:
+            total = fixed_order_loss(total, self._ordered_params, self._loss_scale(engine))
         engine.backward(total)
         engine.step()
         window.add(losses, out, labels.shape[0], time.perf_counter() - started)
 
     def _log_window(self, engine, plan: StagePlan, window: "_Window") -> None:
-        load = all_reduce_sum(window.load)
-        dropped = all_reduce_sum(window.dropped)
-        images = all_reduce_int(window.images, "sum")
+        load = self.comm.sum(window.load)
+        dropped = self.comm.sum(window.dropped)
+        images = self.comm.reduce_int(window.images, "sum")
         record = {
             "event": "train", "stage": plan.name, "epoch": self.progress.epoch, "step": self.progress.global_step,
             "losses": window.mean_losses(),

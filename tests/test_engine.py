@@ -232,7 +232,7 @@ def test_a_world_of_one_retries_when_its_free_port_is_taken(tmp_path):
     script.write_text(
         "import os, socket, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import mgmoe_ds.engine as engine\n"
+        "import mgmoe_ds.train.distributed as engine\n"
         "busy = socket.socket(); busy.bind(('127.0.0.1', 0)); busy.listen()\n"
         "ports = iter([busy.getsockname()[1]])\n"
         "real = engine._free_port\n"
