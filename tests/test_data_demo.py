@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 
 import numpy as np
 from PIL import Image
@@ -23,6 +24,12 @@ def test_demo_is_deterministic_and_long_tailed(tmp_path):
     assert train == sorted(train, reverse=True) and train[0] >= 5 * train[-1]
     assert first["counts"]["val"]["total"] == 12 and first["counts"]["test"]["total"] == 18
     assert len(set(first["classes"])) == 6
+    for split, table in first["counts"].items():  # per-shard class counts add up to the split's
+        per_class = Counter()
+        for shard in (s for s in first["shards"] if s["split"] == split):
+            assert sum(shard["per_class"].values()) == shard["count"]
+            per_class.update({first["classes"][int(k)]: n for k, n in shard["per_class"].items()})
+        assert dict(per_class) == table["per_class"]
     # Shards of a split get equal sizes (so that data workers get equal shares), not 50 + 50 + rest.
     uneven = load_manifest(build_demo(tmp_path / "four", **dict(SMALL, shard_size=50)))
     train_shards = [s["count"] for s in uneven["shards"] if s["split"] == "train"]

@@ -240,6 +240,21 @@ def test_verify_catches_a_missing_sample(tmp_path):
     assert any("4 samples != manifest 5" in p for p in verify_dataset(out, progress=False))
 
 
+def test_manifest_records_each_shards_class_counts_and_verify_checks_them(tmp_path):
+    out = make_dataset(tmp_path, "d", {"train": [0, 1, 1, 2, 1, 0, 1]}, ["a", "b", "c"], shard_size=4)
+    manifest = load_manifest(out)
+    assert [s["per_class"] for s in manifest["shards"]] == [{"0": 1, "1": 2, "2": 1}, {"0": 1, "1": 2}]  # sparse
+    assert verify_dataset(out, progress=False) == []
+    manifest["shards"][1]["per_class"] = {"0": 2, "1": 2}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (problem,) = verify_dataset(out, progress=False)
+    assert problem == f"{out / 'd-train-000001.tar'}: label 0: 1 samples != manifest per_class 2"
+    for shard in manifest["shards"]:  # a manifest written before per-class counts verifies as before
+        del shard["per_class"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_dataset(out, progress=False) == []
+
+
 def test_verify_groups_samples_as_the_pipeline_does(tmp_path):
     """A key that comes back later in a shard is two samples to the pipeline, so verify counts two;
     a member written twice in one sample is an error for both."""
@@ -251,6 +266,7 @@ def test_verify_groups_samples_as_the_pipeline_does(tmp_path):
         for key in ("k1", "k2", "k1"):
             writer.write({"__key__": key, **fields})
     manifest["shards"][0].update(count=2, sha256=sha256_file(shard))
+    del manifest["shards"][0]["per_class"]  # an entry as written before per-class counts: only the count is checked
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert verify_dataset(out, progress=False) == [f"{shard}: 3 samples != manifest 2"]
     loader, _ = make_loader(out, "train", batch_size=8, img_size=32, train=False)

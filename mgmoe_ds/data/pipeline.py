@@ -17,7 +17,11 @@ What the loader guarantees (``resampled=False``, finite epochs):
   * ranks can get different numbers of samples and batches (``len(loader)`` is this rank's
     count for the current epoch; each worker ends with its own partial batch unless
     ``drop_last``). A trainer that needs equal step counts uses ``resampled=True``, or stops
-    every rank at the smallest ``len`` over ranks.
+    every rank at the smallest ``len`` over ranks;
+  * with ``balance`` each worker repeats samples by systematic rounding of the class repeat
+    factors (:mod:`.balance`), so ``len(loader)`` stays exact when the manifest records each
+    shard's class counts (``per_class``); for a manifest written before those were recorded it
+    is the expected count.
 
 With ``resampled=True`` each worker draws shards with replacement, forever, and the loader stops
 after ``ceil(num_samples / (world_size * batch_size))`` batches per rank, the same on every rank.
@@ -38,13 +42,13 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .balance import balance_offsets, pass_length, repeat_factors, stable_seed, systematic_copies
 from .formats import IMAGE_EXTENSIONS, DataError
 from .registry import DEFAULT_REGISTRY, dataset_path, load_registry, union_label_map
 from .shards import load_manifest
 from .tar_reader import tar_samples
 from .transforms import ImageTransform, create_transform, decode_image_tensor, draft_size
 
-BALANCE_MODES = ("class", "sqrt")
 MAX_REASONS = 20  # skip reasons kept per epoch (the count is always exact)
 
 
@@ -53,6 +57,7 @@ class ShardSpec:
     url: str  # path of the tar file
     count: int  # samples in it, from the manifest
     label_map: Optional[tuple[int, ...]] = None  # dataset class index -> union index (registry only)
+    class_counts: Optional[tuple[tuple[int, int], ...]] = None  # (label, samples), loader labels; None: old manifest
 
 
 @dataclass
@@ -117,7 +122,8 @@ def resolve_source(
             label_map = tuple(union_label_map(registry_data, manifest["classes"]))
             for species, n in manifest["counts"].get(split, {}).get("per_class", {}).items():
                 counts[classes.index(species)] += n
-            shards += [ShardSpec(str(folder / s["path"]), s["count"], label_map)
+            shards += [ShardSpec(str(folder / s["path"]), s["count"], label_map,
+                                 shard_class_counts(s, label_map, len(classes), folder))
                        for s in manifest["shards"] if s["split"] == split]
     else:
         folder = source_path.parent if source_path.is_file() else source_path
@@ -125,10 +131,40 @@ def resolve_source(
         classes = list(manifest["classes"])
         per_class = manifest["counts"].get(split, {}).get("per_class", {})
         counts = [per_class.get(name, 0) for name in classes]
-        shards = [ShardSpec(str(folder / s["path"]), s["count"]) for s in manifest["shards"] if s["split"] == split]
+        shards = [ShardSpec(str(folder / s["path"]), s["count"], None, shard_class_counts(s, None, len(classes), folder))
+                  for s in manifest["shards"] if s["split"] == split]
     if not shards:
         raise DataError(f"{source}: no shards for split {split!r}")
     return shards, classes, counts
+
+
+def shard_class_counts(
+    entry: dict[str, Any], label_map: Optional[tuple[int, ...]], num_classes: int, folder: Path
+) -> Optional[tuple[tuple[int, int], ...]]:
+    """A manifest shard entry's ``per_class`` as sorted ``(label, samples)`` pairs in the loader's
+    label space (through ``label_map`` for registry datasets); None when the entry has none.
+
+    Args:
+        entry: one item of the manifest's ``"shards"``.
+        label_map: dataset class index -> union index, or None.
+        num_classes: size of the loader's label space (the dataset's own without ``label_map``).
+        folder: the dataset folder, for error messages.
+
+    Returns:
+        The pairs, or None for a manifest written before per-shard class counts.
+    """
+    per_class = entry.get("per_class")
+    if per_class is None:
+        return None
+    labels_known = len(label_map) if label_map is not None else num_classes
+    counts: dict[int, int] = {}
+    for key, n in per_class.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < labels_known):
+            raise DataError(f"{folder / 'manifest.json'}: shard {entry['path']}: per_class key {key!r}: "
+                            f"expected a label index 0..{labels_known - 1} as a string")
+        label = label_map[int(key)] if label_map is not None else int(key)
+        counts[label] = counts.get(label, 0) + int(n)
+    return tuple(sorted(counts.items()))
 
 
 def assign_shards(shards: list[ShardSpec], world_size: int) -> list[list[ShardSpec]]:
@@ -140,24 +176,6 @@ def assign_shards(shards: list[ShardSpec], world_size: int) -> list[list[ShardSp
         per_rank[rank].append(shard)
         loads[rank] += shard.count
     return [sorted(r, key=lambda s: s.url) for r in per_rank]
-
-
-def repeat_factors(class_counts: list[int], balance: Optional[str]) -> Optional[np.ndarray]:
-    """Expected copies per sample of each class so that an epoch keeps its length but the
-    class distribution becomes uniform (``"class"``) or proportional to sqrt(count) (``"sqrt"``)."""
-    if balance is None:
-        return None
-    if balance not in BALANCE_MODES:
-        raise DataError(f"balance = {balance!r}: expected one of {BALANCE_MODES} or None")
-    counts = np.asarray(class_counts, dtype=np.float64)
-    present = counts > 0
-    weights = np.where(present, 1.0, 0.0) if balance == "class" else np.sqrt(counts)
-    target = counts.sum() * weights / weights.sum()  # samples per class per epoch
-    return np.where(present, target / np.maximum(counts, 1.0), 0.0)
-
-
-def _stable_seed(*parts: Any) -> int:
-    return random.Random(":".join(str(p) for p in parts)).getrandbits(63)
 
 
 class ShardStream(IterableDataset):
@@ -183,6 +201,7 @@ class ShardStream(IterableDataset):
         resampled: bool,
         batches_per_rank: int,
         factors: Optional[np.ndarray],
+        class_counts: list[int],
         drop_last: bool,
         handler: Optional[Callable[[BaseException], bool]],
     ) -> None:
@@ -192,6 +211,10 @@ class ShardStream(IterableDataset):
         self.shuffle, self.shuffle_buffer, self.epoch_seed = shuffle, shuffle_buffer, epoch_seed
         self.resampled, self.batches_per_rank, self.factors = resampled, batches_per_rank, factors
         self.drop_last, self.handler = drop_last, handler
+        # Expected copies of a sample drawn from the split: what a shard without per-class counts
+        # contributes per sample to a balanced pass (1 as long as the factors keep the epoch length).
+        counts = np.asarray(class_counts, dtype=np.float64)  # (C,)
+        self.copies_per_sample = float(counts @ factors / counts.sum()) if factors is not None else 1.0
         self.label_maps = {s.url: s.label_map for s in all_shards}
         # The epoch lives in shared memory: persistent workers, forked once, read the value the
         # main process set before each pass.
@@ -209,8 +232,31 @@ class ShardStream(IterableDataset):
         """This rank's shards for ``epoch`` (finite mode), then this worker's share of them."""
         shards = list(self.rank_shards)
         if self.shuffle:
-            random.Random(_stable_seed(self.epoch_seed, epoch, self.rank)).shuffle(shards)
+            random.Random(stable_seed(self.epoch_seed, epoch, self.rank)).shuffle(shards)
         return shards[worker::num_workers]
+
+    def pass_samples(self, worker: int, num_workers: int, epoch: int) -> int:
+        """Samples one worker's finite pass of ``epoch`` yields when none is skipped.
+
+        With ``balance`` it is exact when every shard has per-class counts in the manifest: the
+        sum over classes of ``floor(m_c * f_c + u_c)`` (:mod:`.balance`), with the offsets the
+        worker's pass draws. Shards of an older manifest count as their number of samples times
+        the split's expected copies per sample, so the result is then an expectation, rounded.
+        """
+        shards = self.worker_shards(worker, num_workers, epoch)
+        if self.factors is None:
+            return sum(s.count for s in shards)
+        per_class = np.zeros(len(self.factors), dtype=np.int64)  # (C,) samples of each class in the pass
+        uncounted = 0  # samples of shards without per-class counts
+        for shard in shards:
+            if shard.class_counts is None:
+                uncounted += shard.count
+            for label, n in shard.class_counts or ():
+                per_class[label] += n
+        if uncounted:
+            return round(float(per_class @ self.factors) + uncounted * self.copies_per_sample)
+        offsets = balance_offsets(self.epoch_seed, epoch, self.rank, worker, len(self.factors))  # (C,)
+        return pass_length(per_class, self.factors, offsets)
 
     def worker_batches(self, worker: int, num_workers: int) -> int:
         """The resampled mode's batch quota of one worker."""
@@ -222,7 +268,7 @@ class ShardStream(IterableDataset):
             for shard in self.worker_shards(worker, num_workers, epoch):
                 yield {"url": shard.url}
             return
-        rng = random.Random(_stable_seed(self.epoch_seed, epoch, self.rank, worker, "shards"))
+        rng = random.Random(stable_seed(self.epoch_seed, epoch, self.rank, worker, "shards"))
         while True:
             yield {"url": rng.choice(self.all_shards).url}
 
@@ -231,16 +277,22 @@ class ShardStream(IterableDataset):
         label_map = self.label_maps.get(sample["__url__"])
         return label_map[label] if label_map is not None else label
 
-    def _rebalance(self, rng: random.Random) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    def _rebalance(self, offsets: np.ndarray, handler: Callable[[BaseException], bool]
+                   ) -> Callable[[Iterator[dict]], Iterator[dict]]:
+        # Systematic rounding per class instead of a coin flip per sample: less variance, and the
+        # pass has a length known in advance, which ``len(loader)`` computes (see :mod:`.balance`).
         def stage(samples: Iterator[dict]) -> Iterator[dict]:
+            seen = [0] * len(self.factors)  # samples of each class so far in this pass
             for sample in samples:
                 try:
-                    factor = self.factors[self._label(sample)]
+                    label = self._label(sample)
+                    factor = float(self.factors[label])
                 except Exception as exn:  # a sample without a usable cls is skipped by the handler
-                    if self.handler is None or not self.handler(exn):
+                    if not handler(exn):
                         raise
                     continue
-                copies = int(factor) + (rng.random() < factor - int(factor))
+                copies = systematic_copies(seen[label], factor, float(offsets[label]))
+                seen[label] += 1
                 for _ in range(copies):
                     yield sample
         return stage
@@ -298,7 +350,7 @@ class ShardStream(IterableDataset):
                     counter(exn)
                 return keep_going
         epoch = self.epoch  # read once: the shared value may move on while this pass runs
-        seed = _stable_seed(self.epoch_seed, epoch, self.rank, worker)
+        seed = stable_seed(self.epoch_seed, epoch, self.rank, worker)
         if info is not None:
             # Augmentation draws from the worker's global RNGs (timm uses ``random`` and, for
             # RandAugment, NumPy; torchvision ``torch``), which DataLoader seeds once per worker
@@ -312,7 +364,8 @@ class ShardStream(IterableDataset):
         pipeline = wds.DataPipeline(
             lambda: self._shard_urls(worker, num_workers, epoch),
             functools.partial(tar_samples, handler=handler),
-            self._rebalance(random.Random(seed + 1)) if self.factors is not None else None,
+            self._rebalance(balance_offsets(self.epoch_seed, epoch, self.rank, worker, len(self.factors)), handler)
+            if self.factors is not None else None,
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=random.Random(seed))
             if self.shuffle and self.shuffle_buffer > 1 else None,
             wds.map(self._decode, handler=handler),
@@ -350,16 +403,14 @@ class ShardLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        """Batches this rank yields in the current epoch (exact unless samples are skipped or
-        ``balance`` is set, where it is the expected count)."""
+        """Batches this rank yields in the current epoch: exact unless samples are skipped, or
+        ``balance`` is set and the manifest predates per-shard class counts (then expected)."""
         stream, workers = self.stream, max(1, self.num_workers)
         if stream.resampled:
             return stream.batches_per_rank
         total = 0
         for worker in range(workers):
-            n = sum(s.count for s in stream.worker_shards(worker, workers, self.epoch))
-            if stream.factors is not None:
-                n = round(n * float(np.mean(stream.factors[stream.factors > 0])))
+            n = stream.pass_samples(worker, workers, self.epoch)
             total += n // stream.batch_size if stream.drop_last else math.ceil(n / stream.batch_size)
         return total
 
@@ -472,6 +523,7 @@ def make_loader(
         resampled=resampled,
         batches_per_rank=math.ceil(num_samples / (world_size * batch_size)),
         factors=repeat_factors(class_counts, balance),
+        class_counts=class_counts,
         drop_last=drop_last,
         handler=handler,
     )

@@ -139,11 +139,14 @@ def write_shards(
             (:func:`shard_sizes`); None fills each shard up to ``shard_size`` in turn.
 
     Returns:
-        One ``{"path", "split", "count", "sha256"}`` entry per shard, with ``path`` relative to
-        ``out_dir``, and the label of every sample written.
+        One ``{"path", "split", "count", "sha256", "per_class"}`` entry per shard, with ``path``
+        relative to ``out_dir`` and ``per_class`` the samples of each label present, keyed by the
+        label index as a string (what re-balancing needs to know a pass's length in advance);
+        and the label of every sample written.
     """
     planned = shard_sizes(count, shard_size) if count is not None else []
     counts: dict[str, int] = {}  # shard file -> samples, in write order
+    class_counts: dict[str, dict[int, int]] = {}  # shard file -> label -> samples
     labels: list[int] = []
     writer, path, capacity = None, "", 0
     for sample in samples:
@@ -154,7 +157,7 @@ def write_shards(
             path = shard_pattern(out_dir, name, split) % index
             capacity = planned[index] if index < len(planned) else shard_size
             writer = TarWriter(path, encoder=False, mtime=SHARD_MTIME, mode=0o0444)
-            counts[path] = 0
+            counts[path], class_counts[path] = 0, {}
         writer.write({
             "__key__": sample.key,
             sample.ext: sample.data,
@@ -162,10 +165,12 @@ def write_shards(
             "json": json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
         })
         counts[path] += 1
+        class_counts[path][sample.label] = class_counts[path].get(sample.label, 0) + 1
         labels.append(sample.label)
     if writer is not None:
         writer.close()
-    shards = [{"path": Path(fname).name, "split": split, "count": shard_count, "sha256": sha256_file(Path(fname))}
+    shards = [{"path": Path(fname).name, "split": split, "count": shard_count, "sha256": sha256_file(Path(fname)),
+               "per_class": {str(label): n for label, n in sorted(class_counts[fname].items())}}
               for fname, shard_count in counts.items()]
     return shards, labels
 

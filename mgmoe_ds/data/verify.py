@@ -22,8 +22,9 @@ def _shard_samples(path: Path) -> list[dict]:
 def verify_dataset(dataset_dir: Path | str, progress: bool = True) -> list[str]:
     """Check every shard of a dataset; return the problems found (empty when all is well).
 
-    Each shard must exist, match the manifest's sha256 and sample count, and every sample must
-    have a ``cls``, a ``json`` and one image that decodes.
+    Each shard must exist, match the manifest's sha256 and sample count (and its per-class
+    counts, when the manifest has them: older ones do not), and every sample must have an
+    integer ``cls``, a ``json`` and one image that decodes.
 
     Args:
         dataset_dir: the dataset folder holding ``manifest.json``.
@@ -50,6 +51,7 @@ def verify_dataset(dataset_dir: Path | str, progress: bool = True) -> list[str]:
             continue
         if len(samples) != shard["count"]:
             problems.append(f"{path}: {len(samples)} samples != manifest {shard['count']}")
+        per_class: dict[str, int] = {}  # label index as in the manifest -> samples
         for sample in samples:
             key = sample["__key__"]
             fields = {name: data for name, data in sample.items() if not name.startswith("__")}
@@ -57,8 +59,21 @@ def verify_dataset(dataset_dir: Path | str, progress: bool = True) -> list[str]:
             if len(images) != 1 or "cls" not in fields or "json" not in fields:
                 problems.append(f"{path}: {key}: expected one image, cls and json, got {sorted(fields)}")
                 continue
+            label = fields["cls"].decode("ascii", "replace").strip()
+            if not label.isdigit():
+                problems.append(f"{path}: {key}.cls = {label!r}: expected a class index")
+            else:
+                per_class[str(int(label))] = per_class.get(str(int(label)), 0) + 1
             try:
                 decode_image(fields[images[0]], min_side=64)
             except Exception as exn:  # report every undecodable image, keep checking
                 problems.append(f"{path}: {key}.{images[0]}: does not decode ({type(exn).__name__}: {exn})")
+        expected = shard.get("per_class")  # absent from manifests written before it was added
+        if expected is not None:
+            wrong = [label for label in sorted(set(per_class) | set(expected), key=lambda k: (len(k), k))
+                     if per_class.get(label, 0) != expected.get(label, 0)]
+            if wrong:
+                more = f" (and {len(wrong) - 1} more label(s))" if len(wrong) > 1 else ""
+                problems.append(f"{path}: label {wrong[0]}: {per_class.get(wrong[0], 0)} samples != manifest "
+                                f"per_class {expected.get(wrong[0], 0)}{more}")
     return problems
