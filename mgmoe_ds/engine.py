@@ -191,6 +191,12 @@ class Trainer:
         self.input_dtype = (torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else
                             torch.float16 if self.ds_config.get("fp16", {}).get("enabled") else torch.float32)
         self.is_main = self.dist.rank == 0
+        zero_stage = int((self.ds_config.get("zero_optimization") or {}).get("stage", 0))
+        if (self.is_main and zero_stage == 0 and self.config.moe.expert_parallel_size > 1
+                and float(self.ds_config.get("gradient_clipping", 0) or 0) > 0):
+            LOG.warning("ZeRO stage 0 with expert_parallel_size > 1: DeepSpeed clips by the mean of each rank's "
+                        "local gradient norm, not the global norm, so training differs from data parallelism; "
+                        "use ZeRO-1 or ZeRO-2 (ds_configs/zero1.json, zero2.json)")
         if args.resume is not None:
             self.run_dir = Path(args.resume)
         else:
@@ -681,12 +687,15 @@ class Trainer:
         return self.evaluate("test", self._routing_kwargs(plan_stage(self.config.curriculum.stages[-1],
                                                                      self.base_lr)))
 
-    def _stage_length(self, stage, cached: bool = False) -> tuple[int, int]:
+    def _stage_length(self, stage, stage_index: int, cached: bool = False) -> tuple[int, int]:
+        """Planned batches per epoch (the smallest rank's, in the stage's first epoch) and steps in
+        the stage; the plan sets the learning-rate schedule, so a resumed run must compute the same."""
         if cached:  # the manifest's count of this rank's samples, known before the cache is built
             from mgmoe_ds.feature_cache import batches_per_epoch
 
             local = batches_per_epoch(self.train_info.samples_per_rank[self.dist.rank], self.micro_batch)
         else:
+            self.train_loader.set_epoch(1000 * stage_index)
             local = len(self.train_loader)
         steps_per_epoch = self.comm.reduce_int(local, "min")
         if steps_per_epoch == 0:
@@ -701,7 +710,7 @@ class Trainer:
         self._forget_backbone_state()  # keyed by the weights this stage starts from
         pending_rng: Optional[dict[str, Any]] = None
         use_cache = self._cache_refusal(plan) is None
-        steps_per_epoch, total_steps = self._stage_length(stage, cached=use_cache)
+        steps_per_epoch, total_steps = self._stage_length(stage, stage_index, cached=use_cache)
         tag_prefix = f"stage{stage_index}-{stage.name}"
         carried_clusters = self.progress.clusters
         if resume is not None:
@@ -758,8 +767,9 @@ class Trainer:
             self.train_loader.set_epoch(epoch_seed)
             self._train_mode(plan)
             # This epoch's batches, the same count on every rank (a vote per batch on batches that
-            # exist), at most the planned count and, in a stage measured in steps, the steps left.
-            limit = steps_per_epoch
+            # exist), at most the smallest rank's planned count for this epoch (re-balancing makes
+            # it change from epoch to epoch) and, in a stage measured in steps, the steps left.
+            limit = steps_per_epoch if cache is not None else self.comm.reduce_int(len(self.train_loader), "min")
             if stage.steps is not None:
                 limit = min(limit, self.progress.step_in_epoch + total_steps - self.progress.stage_step)
             if cache is not None:  # a cache starts anywhere: no replay
@@ -795,9 +805,7 @@ class Trainer:
                         progress_bar.close()
                     engine.destroy()
                     return {"stopped": True, "global_step": self.progress.global_step}
-            loader = None if cache is not None else self.train_loader
-            self._log_epoch(stage.name, batches, planned=steps_per_epoch if loader is None else len(loader),
-                            loader=loader)
+            self._log_epoch(stage.name, batches, cache)
             if self.progress.step_in_epoch == 0:
                 raise TrainingError(f"dataset {self.dataset}: stage {stage.name} epoch {self.progress.epoch}: a rank "
                                     f"had no training batch; see the per-rank lines above")
@@ -820,9 +828,16 @@ class Trainer:
             result = {"val": self.evaluate(self.config.data.val_split, self._routing_kwargs(plan), plan)}
         return result
 
-    def _log_epoch(self, stage_name: str, batches, planned: int, loader) -> None:
-        """Every rank says how many batches it trained on and why the epoch ended; rank 0 writes the table."""
-        skipped = loader.skipped if loader is not None else 0
+    def _log_epoch(self, stage_name: str, batches, cache) -> None:
+        """Every rank says how many batches it trained on, of how many it planned, and why the epoch
+        ended; rank 0 writes the table of all ranks to ``metrics.jsonl``."""
+        if cache is not None:  # planned from the manifest's count of this rank's samples
+            from mgmoe_ds.feature_cache import batches_per_epoch
+
+            planned = batches_per_epoch(self.train_info.samples_per_rank[self.dist.rank], self.micro_batch)
+            skipped = 0
+        else:
+            planned, skipped = len(self.train_loader), self.train_loader.skipped
         why = "it ran out of batches" if batches.ran_out else "the epoch ended on every rank"
         LOG.info("rank %d: stage %s epoch %d: trained on %d batch(es) of %d planned (%s); %d sample(s) skipped",
                  self.dist.rank, stage_name, self.progress.epoch, batches.steps, planned, why, skipped)
@@ -878,9 +893,14 @@ class Trainer:
         load = self.comm.sum(window.load)
         dropped = self.comm.sum(window.dropped)
         images = self.comm.reduce_int(window.images, "sum")
+        # Each loss averaged over steps and ranks, as data parallelism averages it (an expert's loss
+        # under expert parallelism is summed on the rank that holds it, then divided by all ranks).
+        names = self.comm.union(window.loss_sums)
+        sums = self.comm.sum(torch.tensor([window.loss_sums.get(n, 0.0) for n in names], dtype=torch.float64))
+        losses = dict(zip(names, (sums / (self.dist.world_size * max(1, window.steps))).tolist()))
         record = {
             "event": "train", "stage": plan.name, "epoch": self.progress.epoch, "step": self.progress.global_step,
-            "losses": window.mean_losses(),
+            "losses": losses,
             "lr": {g.get("mgmoe_group", g["name"]): g["lr"] for g in engine.optimizer.param_groups},
             "samples_per_s": images / max(window.seconds, 1e-9) if window.seconds else 0.0,
             "expert_load": (load / load.sum().clamp_min(1)).tolist(),
@@ -935,8 +955,6 @@ class _Window:
         self.load += out.route.load_per_expert.float().cpu()
         self.dropped += out.route.dropped_per_expert.float().cpu()
 
-    def mean_losses(self) -> dict[str, float]:
-        return {k: v / max(1, self.steps) for k, v in self.loss_sums.items()}
 
 
 def train(args: TrainArgs) -> dict[str, Any]:

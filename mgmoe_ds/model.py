@@ -28,7 +28,12 @@ ROUTER_INPUT = "pooled"
 
 @dataclass
 class ModelOutput:
-    """One forward of MG-MoE; every loss is returned here by name."""
+    """One forward of MG-MoE; every loss is returned here by name.
+
+    A dataclass on purpose: DeepSpeed hooks the tensors (and tuples, lists, dicts of tensors) an
+    engine's forward returns, and those hooks must not run inside the trainer's fixed-order
+    backward (``train.distributed.fixed_order_loss``).
+    """
 
     logits: Tensor  # (B, classes) fused logits
     route: RouteOutput  # routing weights, indices, capacity and drop counts

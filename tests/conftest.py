@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,3 +61,91 @@ def write_tiny_config(path: Path, **mgmoe_changes) -> Path:
         block[key] = dict(block.get(key, {}), **value) if isinstance(value, dict) else value
     path.write_text(json.dumps({**TINY_DS, "mgmoe": block}, indent=2))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Training jobs as a user runs them, and small data sets made to order
+
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+# The real experts with their random draws off (part dropout, dropout, the jigsaw's permutation):
+# a run at P = 1 and one at P = 2 draw different random numbers, so only without them can their
+# weights be compared. Their own mean-reduced losses stay on.
+EQUIVALENCE_EXPERTS = [
+    {"name": "mpsa", "options": {"dim": 32, "num_parts": [4, 4, 2, 2], "part_drop": 0.0, "dropout": 0.0}},
+    {"name": "pmg", "options": {"mid_channels": 16, "out_channels": 16, "hidden": 32, "granularities": [1, 1, 1]}},
+    {"name": "transfg"},
+    {"name": "pim", "options": {"dim": 32, "dropout": 0.0}},
+]
+THREE_STAGES = {"stages": [{"name": "warmup", "steps": 3}, {"name": "routing", "steps": 3},
+                           {"name": "residual", "steps": 3}], "num_clusters": 2}
+
+
+def launch_training(config: Path, dataset: Path, run: Path, *, ranks: int = 1, resume: bool = False,
+                    timeout: float = 420, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``jobs/train.py`` in a fresh process: one rank without a launcher, or ``ranks`` CPU ranks
+    through DeepSpeed's launcher. Returns the finished process (the caller checks its code)."""
+    from dist_utils import free_port
+
+    command = [sys.executable] if ranks == 1 else [DEEPSPEED, "--num_gpus", str(ranks), "--master_port",
+                                                   str(free_port())]
+    command += [str(ROOT / "jobs" / "train.py"), "--deepspeed", str(config), "--data", str(dataset)]
+    command += ["--resume", str(run)] if resume else ["--output", str(run)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(command + list(extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+def write_equivalence_config(path: Path, expert_parallel_size: int) -> Path:
+    return write_tiny_config(path, model=dict(TINY_MGMOE["model"], experts=EQUIVALENCE_EXPERTS),
+                             moe={"expert_parallel_size": expert_parallel_size}, curriculum=THREE_STAGES,
+                             train={"seed": 0, "log_every": 2, "checkpoint_every": 2})
+
+
+@pytest.fixture(scope="session")
+def two_rank_runs(tiny_dataset, tmp_path_factory) -> dict[int, dict]:
+    """The same job on two ranks at P = 1 (plain data parallelism) and at P = 2, every stage.
+
+    Returns ``{P: {"config", "run", "output"}}``.
+    """
+    runs = {}
+    for ep in (1, 2):
+        folder = tmp_path_factory.mktemp(f"two_ranks_p{ep}")
+        config = write_equivalence_config(folder / "ds.json", ep)
+        result = succeeded(launch_training(config, tiny_dataset, folder / "run", ranks=2))
+        runs[ep] = {"config": config, "run": folder / "run", "output": result.stdout + result.stderr}
+    return runs
+
+
+def write_small_set(root: Path, name: str, sizes: dict[str, int], shard_size: int, *, num_classes: int = 4,
+                    corrupt: tuple[int, ...] = (), seed: int = 0) -> Path:
+    """A dataset written by the real shard writer: ``sizes[split]`` samples per split in shards of
+    equal size at most ``shard_size``, classes in turn, 32 px JPEGs; the training samples at the
+    indices in ``corrupt`` hold bytes that are no image (as a damaged file would)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mgmoe_ds.data.shards import Sample, write_dataset
+
+    rng = np.random.default_rng(seed)
+    classes = [f"species_{i}" for i in range(num_classes)]
+
+    def samples(split: str):
+        for i in range(sizes[split]):
+            label = i % num_classes
+            if split == "train" and i in corrupt:
+                data = b"\xff\xd8\xff\xe0 damaged in transfer"
+            else:
+                pixels = rng.integers(0, 60, (32, 32, 3)) + np.array([60 * label, 255 - 60 * label, 120])
+                buffer = io.BytesIO()
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG")
+                data = buffer.getvalue()
+            yield Sample(key=f"{split}_{i:05d}", data=data, ext="jpg", label=label, meta={"split": split})
+
+    return write_dataset({split: samples(split) for split in sizes}, classes, root, name, shard_size=shard_size,
+                         skipped=[], options={}, source="tests", split_sizes=sizes)

@@ -13,11 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, write_tiny_config
+from conftest import (
+    DEEPSPEED,
+    ROOT,
+    launch_training,
+    succeeded,
+    write_small_set,
+    write_tiny_config,
+)
 from dist_utils import free_port
 
 TRAIN = [sys.executable, str(ROOT / "jobs" / "train.py")]
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
 def run_job(args: list[str], timeout: float = 420, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
@@ -88,43 +94,161 @@ def test_stages_train_exactly_their_parameter_groups(full_run):
     assert json.loads((run / "final_metrics.json").read_text())["test"]["images"] == 16
 
 
+def kill_after_checkpoint(command: list[str], run: Path, wanted) -> dict:
+    """Starts ``command`` (a whole process group: a launcher and its ranks), SIGKILLs every process
+    as soon as ``checkpoints/last_good.json`` satisfies ``wanted``, and returns that pointer."""
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    pointer = run / "checkpoints" / "last_good.json"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if pointer.is_file() and wanted(json.loads(pointer.read_text())):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished (or failed) before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (run / "final_metrics.json").exists()
+    return json.loads(pointer.read_text())
+
+
+def assert_same_run(got: Path, expected: Path) -> None:
+    """Bit-identical final weights and metrics."""
+    tag = "stage2-residual-end"
+    reference, resumed = load_state(expected, tag), load_state(got, tag)
+    assert resumed.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), f"{key} differs after the resume"
+    assert json.loads((got / "final_metrics.json").read_text()) == json.loads((expected / "final_metrics.json").read_text())
+
+
+MID_STAGE = ("mid-stage", lambda p: not p["stage_complete"] and p["stage_index"] == 1)
+STAGE_END = ("stage end", lambda p: p["tag"] == "stage0-warmup-end")
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_ends_with_the_same_metrics(full_run, tiny_dataset, tmp_path):
+@pytest.mark.parametrize("kind, wanted", [MID_STAGE, STAGE_END], ids=["mid_stage", "stage_end"])
+def test_sigkill_after_a_checkpoint_then_resume_is_the_uninterrupted_run_at_one_rank(full_run, tiny_dataset,
+                                                                                      tmp_path, kind, wanted):
     config, reference = full_run
     run = tmp_path / "run"
     command = TRAIN + ["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = run / "checkpoints" / "last_good.json"
-    deadline = time.time() + 300
-    # Kill inside stage 1, after its first periodic checkpoint (step 6) is complete.
-    while time.time() < deadline and proc.poll() is None:
-        if pointer.is_file() and json.loads(pointer.read_text())["global_step"] >= 6:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(pointer.read_text())
-    assert not (run / "final_metrics.json").exists()
-    checked(run_job(["--deepspeed", str(config), "--data", str(tiny_dataset), "--resume", str(run)]))
-    expected = json.loads((reference / "final_metrics.json").read_text())
-    got = json.loads((run / "final_metrics.json").read_text())
-    assert got == expected, f"killed after {killed_at}: {got} != {expected}"
+    killed_at = kill_after_checkpoint(command, run, wanted)
+    assert wanted(killed_at), f"killed after {killed_at}, not after a {kind} checkpoint"
+    succeeded(launch_training(config, tiny_dataset, run, resume=True))
+    assert_same_run(run, reference)
 
 
 @pytest.mark.slow
-def test_two_ranks_with_expert_parallelism_two(tiny_dataset, tmp_path):
-    # One data worker per rank, kept between epochs (the default), as production runs use workers.
-    config = write_tiny_config(tmp_path / "ds.json", moe={"expert_parallel_size": 2}, data={"num_workers": 1})
+@pytest.mark.parametrize("kind, wanted", [MID_STAGE, STAGE_END], ids=["mid_stage", "stage_end"])
+def test_sigkill_after_a_checkpoint_then_resume_is_the_uninterrupted_run_at_two_ranks(two_rank_runs, tiny_dataset,
+                                                                                       tmp_path, kind, wanted):
+    reference = two_rank_runs[2]
     run = tmp_path / "run"
-    launcher = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port())]
-    result = checked(run_job(["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)],
-                             launcher=launcher))
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "jobs" / "train.py"),
+               "--deepspeed", str(reference["config"]), "--data", str(tiny_dataset), "--output", str(run)]
+    killed_at = kill_after_checkpoint(command, run, wanted)
+    assert wanted(killed_at), f"killed after {killed_at}, not after a {kind} checkpoint"
+    succeeded(launch_training(reference["config"], tiny_dataset, run, ranks=2, resume=True))
+    assert_same_run(run, reference["run"])
+
+
+@pytest.mark.slow
+def test_expert_parallel_training_equals_data_parallel_training(two_rank_runs):
+    # Two ranks at P = 2 (each holds two of the four real experts) against the same two ranks at
+    # P = 1 (every expert replicated): ZeRO-2, AdamW, the experts' own mean-reduced losses, every
+    # stage. Equal up to fp32 summation order: a lost 1/P on an expert loss, or gradients summed
+    # out of order, move weights by about the learning rate (2e-3) per step.
+    for tag in ("stage0-warmup-end", "stage1-routing-end", "stage2-residual-end"):
+        data_parallel, expert_parallel = (load_state(two_rank_runs[p]["run"], tag) for p in (1, 2))
+        assert data_parallel.keys() == expert_parallel.keys()
+        for key, value in data_parallel.items():
+            torch.testing.assert_close(expert_parallel[key], value, atol=1e-4, rtol=0, msg=f"{tag}: {key}")
+    metrics = [json.loads((two_rank_runs[p]["run"] / "final_metrics.json").read_text()) for p in (1, 2)]
+    assert metrics[0]["val"]["loss"] == pytest.approx(metrics[1]["val"]["loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_two_ranks_with_expert_parallelism_two(two_rank_runs):
+    run, output = two_rank_runs[2]["run"], two_rank_runs[2]["output"]
     saved = load_state(run, "stage2-residual-end")
     assert {k.split(".")[4] for k in saved if k.startswith("moe.deepspeed_moe.")} == {"0", "1", "2", "3"}
     metrics = json.loads((run / "final_metrics.json").read_text())
     assert metrics["val"]["images"] == 24  # every validation image counted once across the two ranks
-    assert "CPU accelerator" in result.stdout + result.stderr
+    assert "CPU accelerator" in output
+
+
+EPOCH_STAGES = {"stages": [{"name": "warmup", "epochs": 1}, {"name": "routing", "epochs": 1},
+                           {"name": "residual", "epochs": 1}], "num_clusters": 2}
+
+
+def epoch_events(run: Path) -> list[dict]:
+    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == "epoch"]
+
+
+def train_two_ranks_on(dataset: Path, tmp_path: Path, **changes) -> tuple[Path, str]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = write_tiny_config(tmp_path / "ds.json", **{"curriculum": EPOCH_STAGES, "data": {"num_workers": 1}, **changes})
+    run = tmp_path / "run"
+    result = succeeded(launch_training(config, dataset, run, ranks=2, timeout=300))
+    return run, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_with_sqrt_balance_on_a_long_tailed_set(tiny_dataset, tmp_path):
+    run, output = train_two_ranks_on(tiny_dataset, tmp_path, data={"num_workers": 1, "balance": "sqrt"})
+    epochs = epoch_events(run)
+    assert [e["stage"] for e in epochs] == ["warmup", "routing", "residual"]
+    for event in epochs:
+        # len() is exact under re-balancing: no rank planned a batch it did not have
+        assert event["ran_out_per_rank"] == [False, False], event
+        assert event["batches"] == min(event["planned_batches_per_rank"]) and event["skipped_per_rank"] == [0, 0]
+    for rank in (0, 1):
+        assert f"rank {rank}: stage warmup epoch 0: trained on {epochs[0]['batches']} batch(es)" in output
+    assert (run / "final_metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_ranks_with_a_damaged_image_in_one_ranks_shard(tmp_path):
+    # 98 training images in two shards of 49, one per rank; one image of rank 0's shard (2%) is
+    # damaged: rank 0 has 48 images, 6 batches of 8, where the manifest promised 7.
+    dataset = write_small_set(tmp_path / "data", "damaged", {"train": 98, "val": 16, "test": 8}, shard_size=49,
+                              corrupt=(10,))
+    run, output = train_two_ranks_on(dataset, tmp_path / "job")
+    epochs = epoch_events(run)
+    images = [e for e in epochs if e["stage"] in ("warmup", "routing")]  # stages that read images
+    for event in images:
+        assert event["planned_batches_per_rank"] == [7, 7] and event["batches"] == 6, event
+        assert event["ran_out_per_rank"] == [True, False] and event["skipped_per_rank"] == [1, 0], event
+    assert "rank 0: stage warmup epoch 0: trained on 6 batch(es) of 7 planned (it ran out of batches); " \
+           "1 sample(s) skipped" in output
+    assert "rank 1: stage warmup epoch 0: trained on 6 batch(es) of 7 planned (the epoch ended on every rank)" in output
+    assert json.loads((run / "final_metrics.json").read_text())["test"]["images"] == 8
+
+
+@pytest.mark.slow
+def test_two_ranks_with_uneven_shard_counts(tmp_path):
+    # Three training shards of 24 for two ranks: rank 0 reads two (6 batches), rank 1 one (3).
+    dataset = write_small_set(tmp_path / "data", "uneven", {"train": 72, "val": 16}, shard_size=24)
+    run, _ = train_two_ranks_on(dataset, tmp_path / "job")
+    for event in epoch_events(run):
+        assert event["planned_batches_per_rank"] == [6, 3] and event["batches"] == 3, event
+        assert event["ran_out_per_rank"] == [False, False]
+    metrics = json.loads((run / "final_metrics.json").read_text())
+    assert metrics["val"]["images"] == 16 and metrics["test"] is None  # the set has no test split
+
+
+@pytest.mark.slow
+def test_an_expert_parallel_size_the_world_cannot_hold_fails_in_one_line_on_every_rank(tiny_dataset, tmp_path):
+    config = write_tiny_config(tmp_path / "ds.json", moe={"expert_parallel_size": 4})
+    started = time.time()
+    result = launch_training(config, tiny_dataset, tmp_path / "run", ranks=2, timeout=120)
+    assert result.returncode != 0 and time.time() - started < 120
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "error: " in line]
+    expected = f"error: {config}: mgmoe.moe.expert_parallel_size = 4 does not divide the number of ranks (2)"
+    assert len(errors) == 2 and all(expected in line for line in errors), errors
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,59 @@ def test_fixed_order_loss_gives_each_parameter_its_gradient_in_one_order(late, l
     for name in ("a", "b"):
         torch.testing.assert_close(model.get_parameter(name).grad / loss_scale, by_hand[name])
     assert torch.equal(model.unused.grad, torch.zeros(1))  # unused: a zero gradient, so its hook still fires
+
+
+@dataclass
+class _Output:
+    """A dataclass, as ``ModelOutput`` is: DeepSpeed hooks tensors (and tuples, lists, dicts of
+    them) that a forward returns, and those hooks must not fire inside ``fixed_order_loss``."""
+
+    loss: torch.Tensor
+
+
+class _RankDependentOrder(nn.Module):
+    """Rank 0 reaches ``a`` last in backward, rank 1 reaches it first (as a routed expert is
+    reached late where it ran and early where only its zero term touched it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.arange(1.0, 7.0) / 10)  # 6 elements
+        self.b = nn.Parameter(torch.arange(1.0, 5.0) / 10)  # 4: ZeRO-2 splits the 10 into 5 + 5
+
+    def forward(self, x: torch.Tensor, rank: int) -> _Output:
+        if rank == 0:
+            return _Output(((x[:6] * self.a).sum() * self.b).sum())
+        return _Output((self.b * x[:4]).sum() ** 2 + (self.a ** 2).sum())  # ``a`` made last: reached first
+
+
+def _zero2_order_worker(rank: int, world_size: int, out_dir: str, fixed: bool) -> None:
+    import deepspeed
+
+    model = _RankDependentOrder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}, "steps_per_print": 10**6,
+              "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True}  # SGD: the update is the mean gradient
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    x = torch.arange(1.0, 7.0)
+    loss = engine(x, rank).loss
+    if fixed:
+        loss = fixed_order_loss(loss, [model.a, model.b])
+    engine.backward(loss)
+    engine.step()
+    torch.save({"a": model.a.detach().clone(), "b": model.b.detach().clone()}, Path(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_zero2_averages_the_gradients_of_ranks_that_reach_parameters_in_different_orders(tmp_path):
+    run_ranks(_zero2_order_worker, 2, str(tmp_path), True, timeout=120)
+    a0, b0 = torch.arange(1.0, 7.0) / 10, torch.arange(1.0, 5.0) / 10
+    x = torch.arange(1.0, 7.0)
+    # by hand: rank 0's loss s * sum(b) with s = <x, a>; rank 1's |a|^2 + <b, x[:4]>^2
+    s = float((x * a0).sum())
+    grad_rank0 = {"a": x * float(b0.sum()), "b": torch.full((4,), s)}
+    grad_rank1 = {"a": 2 * a0, "b": 2 * float((b0 * x[:4]).sum()) * x[:4]}
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, start in (("a", a0), ("b", b0)):
+            expected = start - (grad_rank0[name] + grad_rank1[name]) / 2  # SGD, lr 1, the average gradient
+            torch.testing.assert_close(got[name], expected, msg=f"rank {rank}: {name}")

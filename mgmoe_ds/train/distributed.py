@@ -143,6 +143,12 @@ class Collectives:
         table[self.rank] = row
         return self.sum(table)
 
+    def union(self, names: Iterable[str]) -> list[str]:
+        """The sorted union of every rank's ``names`` (ranks holding different experts log different losses)."""
+        gathered: list[Optional[list[str]]] = [None] * self.world_size
+        dist.all_gather_object(gathered, sorted(set(names)), group=self.group)
+        return sorted(set().union(*gathered))
+
     def broadcast_from_main(self, t: Tensor) -> Tensor:
         """Rank 0's ``t`` on every rank (same shape and dtype everywhere), on ``t``'s device."""
         on_device = t.detach().to(self.device, copy=True)
@@ -232,6 +238,10 @@ def fixed_order_loss(loss: Tensor, params: list[torch.nn.Parameter], loss_scale:
     (no hook fires), and the gradients are handed to DeepSpeed through a surrogate
     ``sum_i <p_i, g_i>`` whose own backward gives each ``p_i`` exactly ``g_i``, in an order that
     is the same on every rank. The price: the gradient reduction no longer overlaps the backward.
+
+    ``loss`` must not come from tensors an engine's forward returned bare (or in a tuple, list or
+    dict): DeepSpeed hooks those, and its hooks would start its backward epilogue inside
+    ``autograd.grad``. The model returns a dataclass (``ModelOutput``), which it leaves alone.
 
     Args:
         loss: the scalar to differentiate (it may run collectives in backward: they run here,
