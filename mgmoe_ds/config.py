@@ -90,7 +90,7 @@ class CurriculumConfig:
     )
     num_clusters: int = 8  # clusters of training samples for cluster-level routing
     teacher_temperature: float = 1.0  # softmax temperature of the cluster teacher
-    kl_weight: float = 1.0  # weight of KL(router || cluster teacher) in stage 1
+    kl_weight: float = 1.0  # weight of KL(cluster teacher || router) in stage 1 (the teacher is the target)
 
 
 @dataclass(frozen=True)

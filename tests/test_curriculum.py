@@ -1,4 +1,3 @@
-import math
 
 import pytest
 import torch
@@ -52,9 +51,17 @@ def test_teacher_and_kl_on_a_hand_made_case():
     # KL(teacher || router) is zero when the router equals the teacher, positive otherwise
     router = teacher[clusters]
     assert teacher_kl(router, teacher[clusters]).item() == pytest.approx(0.0, abs=1e-6)
-    uniform = torch.full((3, 3), 1 / 3)
-    manual = sum((t * (t.log() - math.log(1 / 3))).sum() for t in teacher[clusters]) / 3
-    assert teacher_kl(uniform, teacher[clusters]).item() == pytest.approx(float(manual), rel=1e-5)
+
+
+def test_kl_runs_from_the_teacher_to_the_router_on_a_hand_computed_case():
+    # teacher (0.8, 0.2), router (0.5, 0.5):
+    #   KL(teacher || router) = 0.8 ln(0.8 / 0.5) + 0.2 ln(0.2 / 0.5) = 0.376003 - 0.183258 = 0.192745
+    #   KL(router || teacher) = 0.5 ln(0.5 / 0.8) + 0.5 ln(0.5 / 0.2) = -0.235002 + 0.458145 = 0.223144
+    teacher = torch.tensor([[0.8, 0.2], [0.5, 0.5]])
+    router = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    # the mean over the two images: (0.192745 + 0) / 2
+    assert teacher_kl(router, teacher).item() == pytest.approx(0.192745 / 2, abs=1e-6)
+    assert teacher_kl(teacher, router).item() == pytest.approx(0.223144 / 2, abs=1e-6)  # swapped: the other KL
 
 
 def test_kmeans_finds_separated_clusters_and_reduces_sums():
