@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, TypeVar, Union
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
 
@@ -23,10 +23,21 @@ class ConfigError(ValueError):
     """A user-caused configuration error; its message is one line naming file, key and value."""
 
 
+class RangeError(ConfigError):
+    """An out-of-range field, raised by a config dataclass's own checks (an expert's options ``validate``).
+
+    It names the field only; the loader that built the dataclass re-raises it with the file and the key path.
+    """
+
+    def __init__(self, key: str, value: Any, accepted: str) -> None:
+        self.key, self.value, self.accepted = key, value, accepted
+        super().__init__(f"{key} = {_shown(value)}: expected {accepted}")
+
+
 @dataclass(frozen=True)
 class ExpertSpec:
     name: str  # a name from mgmoe_ds.experts.list_experts()
-    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments for create_expert
+    options: dict[str, Any] = field(default_factory=dict)  # create_expert keywords, checked at load (options_class)
 
 
 def _default_experts() -> list[ExpertSpec]:
@@ -128,6 +139,24 @@ class RunConfig:
 # Strict construction from JSON values
 
 
+_PLURALS = {"integer": "integers", "number": "numbers", "string": "strings", "object": "objects",
+            "true/false": "true/false values", "any": "values"}
+
+
+def _plural(annotation: Any) -> str:
+    """The accepted type of a list's items, in words: "integers", "objects"."""
+    name = _type_name(annotation)
+    return _PLURALS.get(name, name)
+
+
+def _tuple_items(annotation: Any, length: int) -> Optional[tuple[Any, ...]]:
+    """The item types of a ``tuple[...]`` annotation for a value of ``length`` items; None if the length is wrong."""
+    args = typing.get_args(annotation)
+    if args[1:] == (Ellipsis,):  # tuple[int, ...]: any length
+        return (args[0],) * length
+    return args if len(args) == length else None
+
+
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is Literal:
@@ -135,9 +164,17 @@ def _type_name(annotation: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(annotation))
     if origin is list:
-        return f"list of {_type_name(typing.get_args(annotation)[0])}"
+        return f"list of {_plural(typing.get_args(annotation)[0])}"
+    if origin is tuple:  # JSON has no tuples: a list of a fixed length (or any length for tuple[T, ...])
+        args = typing.get_args(annotation)
+        if args[1:] == (Ellipsis,):
+            return f"list of {_plural(args[0])}"
+        if len(set(args)) == 1:
+            return f"list of {len(args)} {_plural(args[0])}"
+        return f"list of [{', '.join(_type_name(a) for a in args)}]"
     if origin is dict:
-        return f"object of {_type_name(typing.get_args(annotation)[1])}"
+        value_type = typing.get_args(annotation)[1]
+        return "object" if value_type is Any else f"object of {_plural(value_type)}"
     if annotation is type(None):
         return "null"
     if dataclasses.is_dataclass(annotation):
@@ -147,11 +184,13 @@ def _type_name(annotation: Any) -> str:
     return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(annotation, str(annotation))
 
 
-def _fail(source: str, key: str, value: Any, accepted: str) -> ConfigError:
+def _shown(value: Any) -> str:
     shown = json.dumps(value) if not isinstance(value, str) else repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return ConfigError(f"{source}: {key} = {shown}: expected {accepted}")
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _fail(source: str, key: str, value: Any, accepted: str) -> ConfigError:
+    return ConfigError(f"{source}: {key} = {_shown(value)}: expected {accepted}")
 
 
 def _convert(annotation: Any, value: Any, key: str, source: str) -> Any:
@@ -178,6 +217,11 @@ def _convert(annotation: Any, value: Any, key: str, source: str) -> Any:
             raise _fail(source, key, value, _type_name(annotation))
         (item_type,) = typing.get_args(annotation)
         return [_convert(item_type, item, f"{key}[{i}]", source) for i, item in enumerate(value)]
+    if origin is tuple:
+        item_types = _tuple_items(annotation, len(value)) if isinstance(value, (list, tuple)) else None
+        if item_types is None:
+            raise _fail(source, key, value, _type_name(annotation))
+        return tuple(_convert(t, item, f"{key}[{i}]", source) for i, (t, item) in enumerate(zip(item_types, value)))
     if origin is dict:
         if not isinstance(value, dict):
             raise _fail(source, key, value, _type_name(annotation))
@@ -226,7 +270,46 @@ def _build_dataclass(cls: type, value: Any, key: str, source: str) -> Any:
             kwargs[name] = _convert(hints[name], value[name], sub_key, source)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}: missing required key {sub_key}")
-    return cls(**kwargs)
+    try:
+        built = cls(**kwargs)
+    except RangeError as err:  # the dataclass's own check names the field only
+        raise _fail(source, f"{key}.{err.key}" if key else err.key, err.value, err.accepted) from None
+    if cls is ExpertSpec:
+        _check_expert(built, key, source)
+    return built
+
+
+T = TypeVar("T")
+
+
+def options_from_dict(options_class: type[T], options: dict[str, Any], source: str, key: str = "") -> T:
+    """Builds a typed options dataclass from plain values, as strictly as the run config itself.
+
+    The one checker behind both the run config's ``model.experts[i].options`` and ``create_expert``.
+
+    Args:
+        options_class: a frozen dataclass whose fields all have defaults (an expert's ``options_class``).
+        options: field values as JSON gives them (a list for a tuple); absent fields keep their defaults.
+        source: where the values come from, first in an error message (a file, or "expert 'pim'").
+        key: the key path of ``options`` in that source; "" for none.
+
+    Returns:
+        The options, with the caller's values over the defaults.
+
+    Raises:
+        ConfigError: one line naming the source, the key, the value and what is accepted, on an unknown
+            key, a wrong type or an out-of-range value.
+    """
+    return _build_dataclass(options_class, options, key, source)
+
+
+def _check_expert(spec: ExpertSpec, key: str, source: str) -> None:
+    """The expert is registered and its options build its options dataclass."""
+    from mgmoe_ds.experts import expert_class, list_experts  # here, not at the top: the registry imports timm
+
+    if spec.name not in list_experts():
+        raise _fail(source, f"{key}.name", spec.name, f"a registered expert ({', '.join(list_experts())})")
+    options_from_dict(expert_class(spec.name).options_class, spec.options, source, f"{key}.options")
 
 
 def _validate(config: RunConfig, source: str) -> None:

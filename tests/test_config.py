@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,10 +41,114 @@ def test_deepspeed_part_is_passed_through_untouched(tmp_path):
 
 
 def test_expert_short_form_and_options():
-    config = config_from_dict({"model": {"experts": ["mlp", {"name": "pim", "options": {"top_k": [8, 4, 2, 1]}}]},
+    config = config_from_dict({"model": {"experts": ["mlp", {"name": "pim", "options": {"num_selects": [8, 4, 2, 1]}}]},
                                "moe": {"top_k": 1}})
-    assert config.model.experts == [ExpertSpec("mlp"), ExpertSpec("pim", {"top_k": [8, 4, 2, 1]})]
+    assert config.model.experts == [ExpertSpec("mlp"), ExpertSpec("pim", {"num_selects": [8, 4, 2, 1]})]
     assert config.num_experts == 2
+
+
+def test_an_option_pim_does_not_have_is_refused_at_load(tmp_path):
+    path = write(tmp_path, {"model": {"experts": ["mlp", {"name": "pim", "options": {"top_k": [8, 4, 2, 1]}}]},
+                            "moe": {"top_k": 1}})
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert str(err.value) == (f"{path}: unknown key mgmoe.model.experts[1].options.top_k; accepted keys: "
+                              "combiner_weight, dim, dropout, level_weight, num_nodes, num_selects, select_ratio, "
+                              "suppression_weight")
+
+
+# Per expert: a wrong type, a wrong tuple length (or a wrong entry), an out-of-range value, an unknown key.
+BAD_EXPERT_OPTIONS = [
+    ("mlp", {"hidden_dim": "wide"}, "options.hidden_dim = 'wide': expected integer or null"),
+    ("mlp", {"hidden_dim": 0}, "options.hidden_dim = 0: expected an integer >= 1"),
+    ("mlp", {"dropout": 1}, "options.dropout = 1.0: expected a number in [0, 1)"),
+    ("mpsa", {"num_parts": [16, 8, 8]}, "options.num_parts = [16, 8, 8]: expected list of 4 integers"),
+    ("mpsa", {"num_parts": [16, 8, 0, 4]}, "options.num_parts[2] = 0: expected an integer >= 1"),
+    ("mpsa", {"dim": 12.5}, "options.dim = 12.5: expected integer"),
+    ("mpsa", {"part_drop": -0.1}, "options.part_drop = -0.1: expected a number in [0, 1)"),
+    ("mpsa", {"label_smoothing": True}, "options.label_smoothing = true: expected number"),
+    ("pmg", {"granularities": "4,2,1"}, "options.granularities = '4,2,1': expected list of 3 integers"),
+    ("pmg", {"granularities": [4, 2, 1, 1]}, "options.granularities = [4, 2, 1, 1]: expected list of 3 integers"),
+    ("pmg", {"granularities": [4, 2.5, 1]}, "options.granularities[1] = 2.5: expected integer"),
+    ("pmg", {"level_weight": -1}, "options.level_weight = -1.0: expected a number >= 0"),
+    ("pmg", {"hidden": 0}, "options.hidden = 0: expected an integer >= 1"),
+    ("transfg", {"num_queries": "4"}, "options.num_queries = '4': expected integer"),
+    ("transfg", {"margin": 2}, "options.margin = 2.0: expected a number in [-1, 1]"),
+    ("transfg", {"dim": 0}, "options.dim = 0: expected an integer >= 1"),
+    ("pim", {"select_ratio": 0}, "options.select_ratio = 0.0: expected a number in (0, 1]"),
+    ("pim", {"select_ratio": 1.5}, "options.select_ratio = 1.5: expected a number in (0, 1]"),
+    ("pim", {"num_selects": [3, 2, 2]}, "options.num_selects = [3, 2, 2]: expected list of 4 integers or null"),
+    ("pim", {"num_selects": [3, 2, 0, 1]}, "options.num_selects[2] = 0: expected an integer >= 1"),
+    ("pim", {"suppression_weight": -5}, "options.suppression_weight = -5.0: expected a number >= 0"),
+]
+UNKNOWN_OPTION_MESSAGES = {
+    "mlp": "dropout, hidden_dim",
+    "mpsa": "dim, dropout, label_smoothing, num_parts, part_drop, se_reduction",
+    "pmg": "concat_weight, granularities, hidden, level_weight, mid_channels, out_channels",
+    "transfg": "contrastive_weight, dim, dropout, margin, num_queries",
+    "pim": "combiner_weight, dim, dropout, level_weight, num_nodes, num_selects, select_ratio, suppression_weight",
+}
+
+
+def load_expert(tmp_path, expert):
+    """Loads a file whose second expert is ``expert`` (after a plain "mlp")."""
+    return load_run_config(write(tmp_path, {"model": {"experts": ["mlp", expert]}, "moe": {"top_k": 1}}))
+
+
+@pytest.mark.parametrize("name, options, message", BAD_EXPERT_OPTIONS,
+                         ids=[f"{n}-{next(iter(o))}-{i}" for i, (n, o, _) in enumerate(BAD_EXPERT_OPTIONS)])
+def test_bad_expert_options_fail_at_load_in_one_exact_line(tmp_path, name, options, message):
+    with pytest.raises(ConfigError) as err:
+        load_expert(tmp_path, {"name": name, "options": options})
+    assert str(err.value) == f"{tmp_path / 'ds.json'}: mgmoe.model.experts[1].{message}"
+
+
+@pytest.mark.parametrize("name", sorted(UNKNOWN_OPTION_MESSAGES))
+def test_unknown_expert_option_fails_at_load_listing_the_accepted_keys(tmp_path, name):
+    with pytest.raises(ConfigError) as err:
+        load_expert(tmp_path, {"name": name, "options": {"depth": 3}})
+    assert str(err.value) == (f"{tmp_path / 'ds.json'}: unknown key mgmoe.model.experts[1].options.depth; "
+                              f"accepted keys: {UNKNOWN_OPTION_MESSAGES[name]}")
+
+
+def test_unknown_expert_name_fails_at_load_listing_the_registered_experts(tmp_path):
+    from mgmoe_ds.experts import list_experts
+
+    with pytest.raises(ConfigError) as err:
+        load_expert(tmp_path, "vit")
+    assert str(err.value) == (f"{tmp_path / 'ds.json'}: mgmoe.model.experts[1].name = 'vit': "
+                              f"expected a registered expert ({', '.join(list_experts())})")
+
+
+def test_expert_options_as_given_are_kept_once_valid(tmp_path):
+    options = {"granularities": [2, 2, 1], "level_weight": 0}
+    config, _ = load_expert(tmp_path, {"name": "pmg", "options": options})
+    assert config.model.experts[1] == ExpertSpec("pmg", options)  # plain JSON values, for run folders and exports
+
+
+def test_tuple_annotations_read_json_lists_of_the_right_length():
+    from typing import Optional
+
+    from mgmoe_ds.config import _convert, _type_name
+
+    assert _convert(tuple[int, int, int], [4, 2, 1], "k", "f") == (4, 2, 1)
+    assert _convert(tuple[float, ...], [1, 2.5], "k", "f") == (1.0, 2.5)
+    assert _convert(tuple[int, ...], [], "k", "f") == ()
+    assert _convert(Optional[tuple[int, int]], None, "k", "f") is None
+    assert _type_name(tuple[int, int, int]) == "list of 3 integers"
+    assert _type_name(tuple[int, ...]) == "list of integers"
+    assert _type_name(Optional[tuple[int, int, int, int]]) == "list of 4 integers or null"
+    with pytest.raises(ConfigError, match=r"^f: k = \[1, 2\]: expected list of 3 integers$"):
+        _convert(tuple[int, int, int], [1, 2], "k", "f")
+    with pytest.raises(ConfigError, match=r"^f: k\[1\] = 'x': expected integer$"):
+        _convert(tuple[int, ...], [1, "x"], "k", "f")
+
+
+def test_importing_the_config_imports_neither_torch_nor_timm():
+    code = "import sys, mgmoe_ds.config; print(sorted(m for m in ('timm', 'torch') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("block, message", [

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import json
 import logging
 
 import pytest
@@ -48,9 +51,47 @@ def test_duplicate_registration_raises():
 
 
 def test_unknown_option_is_one_line_error_naming_expert_and_option(backbone):
-    with pytest.raises(ExpertError, match=r"expert 'pim': unknown option 'depth'") as error:
+    with pytest.raises(ExpertError, match=r"^expert 'pim': unknown key depth; accepted keys: combiner_weight, ") as error:
         create_expert("pim", info=backbone.info, num_classes=NUM_CLASSES, depth=3)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("pmg", dict(granularities="4,2,1"), "expert 'pmg': granularities = '4,2,1': expected list of 3 integers"),
+    ("pmg", dict(granularities=(4, 2)), "expert 'pmg': granularities = [4, 2]: expected list of 3 integers"),
+    ("pim", dict(select_ratio=1.5), "expert 'pim': select_ratio = 1.5: expected a number in (0, 1]"),
+    ("pim", dict(num_selects=(3, 2, -1, 1)), "expert 'pim': num_selects[2] = -1: expected an integer >= 1"),
+    ("mlp", dict(dropout=None), "expert 'mlp': dropout = null: expected number"),
+    ("transfg", dict(num_queries=2.0), "expert 'transfg': num_queries = 2.0: expected integer"),
+    ("mpsa", dict(se_reduction=0), "expert 'mpsa': se_reduction = 0: expected an integer >= 1"),
+])
+def test_create_expert_refuses_wrong_types_and_ranges_in_one_line(name, options, message):
+    # the checks run before the expert is built, so no backbone is needed
+    with pytest.raises(ExpertError) as error:
+        create_expert(name, info=None, num_classes=NUM_CLASSES, **options)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("name", list_experts())
+def test_every_expert_has_frozen_typed_options_whose_defaults_build_it(backbone, name):
+    from mgmoe_ds.config import options_from_dict
+    from mgmoe_ds.experts.base import ExpertOptions
+
+    cls = expert_class(name)
+    options_class = cls.options_class
+    assert options_class is not ExpertOptions and issubclass(options_class, ExpertOptions), name
+    assert options_class.__module__ == cls.__module__  # in the expert's own file
+    defaults = options_class()
+    fields = [f.name for f in dataclasses.fields(options_class)]
+    # every keyword of the expert's __init__ after info and num_classes is an option, and nothing else
+    assert fields == [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "info", "num_classes")]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(defaults, fields[0], getattr(defaults, fields[0]))
+    # the defaults survive a trip through JSON (a run folder, an export) and build the expert
+    as_json = json.loads(json.dumps(dataclasses.asdict(defaults)))
+    assert options_from_dict(options_class, as_json, "run.json") == defaults
+    expert = create_expert(name, info=backbone.info, num_classes=NUM_CLASSES, **as_json)
+    assert isinstance(expert, cls)
 
 
 def test_caller_options_win_over_defaults(backbone):

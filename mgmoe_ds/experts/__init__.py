@@ -6,9 +6,11 @@ complete as soon as the package is imported.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
-from mgmoe_ds.experts.base import Expert, ExpertOutput
+from mgmoe_ds.config import ConfigError, options_from_dict
+from mgmoe_ds.experts.base import Expert, ExpertOptions, ExpertOutput
 
 _EXPERTS: dict[str, type[Expert]] = {}
 
@@ -47,21 +49,25 @@ def create_expert(name: str, *, info, num_classes: int, **options: Any) -> Exper
         name: a name from ``list_experts()``.
         info: the backbone's ``BackboneInfo``.
         num_classes: classes to predict.
-        **options: overrides of the expert's ``default_options`` (the caller wins).
+        **options: fields of the expert's ``options_class``, over its defaults (the caller wins); plain
+            values as in the run config (a list for a tuple) or Python ones.
 
     Returns:
         The expert module.
+
+    Raises:
+        ExpertError: one line, on an unknown name, an unknown option, a wrong type or an out-of-range value.
     """
     cls = expert_class(name)
-    for option in options:
-        if option not in cls.default_options:
-            raise ExpertError(
-                f"expert {name!r}: unknown option {option!r}; accepted: {', '.join(sorted(cls.default_options))}"
-            )
-    return cls(info=info, num_classes=num_classes, **dict(cls.default_options, **options))
+    try:
+        chosen = options_from_dict(cls.options_class, options, source=f"expert {name!r}")
+    except ConfigError as err:
+        raise ExpertError(str(err)) from None
+    return cls(info=info, num_classes=num_classes, **dataclasses.asdict(chosen))
 
 
 # Imported for their registration side effect, explicitly, one per expert.
 from mgmoe_ds.experts import mlp, mpsa, pim, pmg, transfg  # noqa: E402,F401
 
-__all__ = ["Expert", "ExpertOutput", "ExpertError", "create_expert", "list_experts", "register_expert", "expert_class"]
+__all__ = ["Expert", "ExpertOptions", "ExpertOutput", "ExpertError", "create_expert", "list_experts", "register_expert",
+           "expert_class"]

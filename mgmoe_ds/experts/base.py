@@ -21,10 +21,12 @@ instead), draw random numbers only in ``self.training``, and never touch torch.d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from mgmoe_ds.config import RangeError
 
 Segments = Optional[Sequence[int]]  # rows per source rank, in row order; None: all rows from one rank
 
@@ -35,17 +37,56 @@ class ExpertOutput:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # weighted scalars by name; empty when targets is None
 
 
+@dataclass(frozen=True)
+class Bound:
+    """A range an option must lie in; a tuple's entries are checked one by one, and None always passes."""
+
+    accepted: str  # what is accepted, in words, for the error line
+    holds: Callable[[Any], bool]  # True for a value in range
+
+    def check(self, options: ExpertOptions, *names: str) -> None:
+        """Raises ``RangeError`` naming the first of the ``names`` options (or tuple entry) out of range."""
+        for name in names:
+            value = getattr(options, name)
+            for index, entry in enumerate(value) if isinstance(value, tuple) else [(None, value)]:
+                if entry is not None and not self.holds(entry):
+                    raise RangeError(name if index is None else f"{name}[{index}]", entry, self.accepted)
+
+
+AT_LEAST_ONE = Bound("an integer >= 1", lambda v: v >= 1)  # widths, counts, grids
+NON_NEGATIVE = Bound("a number >= 0", lambda v: v >= 0)  # loss weights
+RATE = Bound("a number in [0, 1)", lambda v: 0 <= v < 1)  # dropout, part drop, label smoothing
+
+
+@dataclass(frozen=True)
+class ExpertOptions:
+    """Base of an expert's options: a frozen dataclass with one typed, defaulted field per keyword of
+    the expert's ``__init__`` (after ``info`` and ``num_classes``).
+
+    ``create_expert`` and the run config build it strictly from plain values
+    (``config.options_from_dict``: unknown keys and wrong types are refused there); ``validate``
+    holds the range checks and runs on construction.
+    """
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ``config.RangeError`` naming the first option out of range."""
+
+
 class Expert(nn.Module):
     """Base class of every expert.
 
     ``required_features`` is the class default; an expert whose needs depend on the backbone
     (TransFG without CLS attention) overrides it on the instance, so read it from the instance,
     or, before building, from ``features_for(info, **options)``.
-    ``default_options`` lists every keyword ``create_expert`` accepts, with its default.
+    ``options_class`` is the expert's options dataclass: its fields are every keyword
+    ``create_expert`` accepts, with their defaults.
     """
 
     required_features: ClassVar[frozenset[str]] = frozenset()
-    default_options: ClassVar[dict[str, Any]] = {}
+    options_class: ClassVar[type[ExpertOptions]] = ExpertOptions
     # Training from a feature cache (frozen backbone): an expert that needs the raw image in
     # training sets needs_raw_images, and its stages then run uncached; one that trains on a
     # cached substitute of an image-space step says which in cached_training_note (logged).

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 from torch import Tensor, nn
 
 from mgmoe_ds.backbone import BackboneInfo
 from mgmoe_ds.experts import register_expert
-from mgmoe_ds.experts.base import Expert, ExpertOutput, Segments
+from mgmoe_ds.experts.base import AT_LEAST_ONE, RATE, Expert, ExpertOptions, ExpertOutput, Segments
+
+
+@dataclass(frozen=True)
+class MLPOptions(ExpertOptions):
+    hidden_dim: Optional[int] = None  # hidden width; None: the pooled width
+    dropout: float = 0.0  # dropout before the classifier (training only, as nn.Dropout does)
+
+    def validate(self) -> None:
+        AT_LEAST_ONE.check(self, "hidden_dim")
+        RATE.check(self, "dropout")
 
 
 @register_expert("mlp")
@@ -18,12 +29,11 @@ class MLPExpert(Expert):
     Args:
         info: the backbone's description.
         num_classes: classes to predict.
-        hidden_dim: hidden width; None means the pooled width.
-        dropout: dropout before the classifier (training only, as nn.Dropout does).
+        **options: the fields of ``MLPOptions``.
     """
 
     required_features = frozenset({"pooled"})
-    default_options = dict(hidden_dim=None, dropout=0.0)
+    options_class = MLPOptions
 
     def __init__(self, *, info: BackboneInfo, num_classes: int, hidden_dim: Optional[int], dropout: float):
         super().__init__()

@@ -9,6 +9,7 @@ importance gives each query token a weight, used to pool the fused features.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 
 from mgmoe_ds.backbone import LEVEL_KEYS, BackboneInfo
 from mgmoe_ds.experts import register_expert
-from mgmoe_ds.experts.base import Expert, ExpertOutput, Segments, map_to_tokens, segment_mean
+from mgmoe_ds.experts.base import (AT_LEAST_ONE, RATE, Expert, ExpertOptions, ExpertOutput, Segments, map_to_tokens,
+                                   segment_mean)
 
 
 class PartAssignment(nn.Module):
@@ -79,31 +81,40 @@ class PartSamplingAttention(nn.Module):
         return attention @ v, weights.squeeze(-1)  # (n, S, D), (n, S)
 
 
+@dataclass(frozen=True)
+class MPSAOptions(ExpertOptions):
+    num_parts: tuple[int, int, int, int] = (16, 8, 8, 4)  # parts per level, shallow to deep (more = finer)
+    dim: int = 128  # width of the part-sampling attention
+    part_drop: float = 0.1  # probability of dropping a part in training
+    se_reduction: int = 2  # squeeze-excitation reduction over the parts
+    dropout: float = 0.1  # dropout on the fused features (training only)
+    label_smoothing: float = 0.0  # > 0 adds mpsa.label_smoothing (see MPSAExpert); 0: no own loss
+
+    def validate(self) -> None:
+        AT_LEAST_ONE.check(self, "num_parts", "dim", "se_reduction")
+        RATE.check(self, "part_drop", "dropout", "label_smoothing")
+
+
 @register_expert("mpsa")
 class MPSAExpert(Expert):
     """MPSA head over the four backbone levels.
 
+    With ``label_smoothing`` > 0 it adds ``mpsa.label_smoothing`` = label-smoothed CE minus plain CE
+    of this expert's logits, i.e. the part of MPSA's loss the model's fused CE lacks. At 0 (the
+    default) it adds no auxiliary loss: the model's CE on fused logits already trains it.
+
     Args:
         info: the backbone's description.
         num_classes: classes to predict.
-        num_parts: parts per level, shallow to deep (more parts = finer granularity).
-        dim: width of the part-sampling attention.
-        part_drop: probability of dropping a part in training.
-        se_reduction: squeeze-excitation reduction over parts.
-        dropout: dropout on the fused features (training only).
-        label_smoothing: if > 0, adds ``mpsa.label_smoothing`` = label-smoothed CE minus plain CE
-            of this expert's logits, i.e. the part of MPSA's loss the model's fused CE lacks.
-            0 (default) adds no auxiliary loss: the model's CE on fused logits already trains it.
+        **options: the fields of ``MPSAOptions``.
     """
 
     required_features = frozenset(LEVEL_KEYS)
-    default_options = dict(num_parts=(16, 8, 8, 4), dim=128, part_drop=0.1, se_reduction=2, dropout=0.1, label_smoothing=0.0)
+    options_class = MPSAOptions
 
-    def __init__(self, *, info: BackboneInfo, num_classes: int, num_parts, dim: int, part_drop: float,
-                 se_reduction: int, dropout: float, label_smoothing: float):
+    def __init__(self, *, info: BackboneInfo, num_classes: int, num_parts: tuple[int, ...], dim: int,
+                 part_drop: float, se_reduction: int, dropout: float, label_smoothing: float):
         super().__init__()
-        if len(num_parts) != len(LEVEL_KEYS):
-            raise ValueError(f"expert 'mpsa': num_parts={tuple(num_parts)} must have {len(LEVEL_KEYS)} entries")
         self.label_smoothing = label_smoothing
         self.assignments = nn.ModuleList(
             PartAssignment(c, p, size) for c, p, size in zip(info.level_channels, num_parts, info.level_sizes)

@@ -12,6 +12,7 @@ instead of PIM's Conv1d over a fixed token count, so it does not depend on the i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -20,7 +21,8 @@ from torch import Tensor, nn
 
 from mgmoe_ds.backbone import LEVEL_KEYS, BackboneInfo
 from mgmoe_ds.experts import register_expert
-from mgmoe_ds.experts.base import Expert, ExpertOutput, Segments, map_to_tokens, segment_mean, segment_ratio
+from mgmoe_ds.experts.base import (AT_LEAST_ONE, NON_NEGATIVE, RATE, Bound, Expert, ExpertOptions, ExpertOutput,
+                                   Segments, map_to_tokens, segment_mean, segment_ratio)
 
 
 def select_tokens(features: Tensor, token_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -69,6 +71,24 @@ class GraphCombiner(nn.Module):
         return self.head(self.drop(nodes.mean(dim=1)))  # (n, classes)
 
 
+@dataclass(frozen=True)
+class PIMOptions(ExpertOptions):
+    dim: int = 128  # FPN width D
+    select_ratio: float = 0.25  # fraction of each level's tokens the selector keeps (at least 1)
+    num_selects: Optional[tuple[int, int, int, int]] = None  # tokens kept per level; overrides select_ratio
+    num_nodes: int = 4  # graph nodes in the combiner
+    dropout: float = 0.1  # combiner dropout (training only)
+    level_weight: float = 0.5  # weight of the sum over levels of CE(mean token logits) (pim.levels)
+    suppression_weight: float = 5.0  # weight of MSE(tanh(dropped logits), -1) (pim.suppression)
+    combiner_weight: float = 1.0  # weight of CE(combiner logits) (pim.combiner)
+
+    def validate(self) -> None:
+        AT_LEAST_ONE.check(self, "dim", "num_selects", "num_nodes")
+        Bound("a number in (0, 1]", lambda ratio: 0 < ratio <= 1).check(self, "select_ratio")
+        RATE.check(self, "dropout")
+        NON_NEGATIVE.check(self, "level_weight", "suppression_weight", "combiner_weight")
+
+
 @register_expert("pim")
 class PIMExpert(Expert):
     """PIM head over the four backbone levels.
@@ -76,26 +96,16 @@ class PIMExpert(Expert):
     Args:
         info: the backbone's description.
         num_classes: classes to predict.
-        dim: FPN width D.
-        select_ratio: fraction of each level's tokens kept by the selector (at least 1).
-        num_selects: tokens kept per level (4 ints); overrides select_ratio when given.
-        num_nodes: graph nodes in the combiner.
-        dropout: combiner dropout (training only).
-        level_weight: weight of sum over levels of CE(mean token logits) (``pim.levels``).
-        suppression_weight: weight of MSE(tanh(dropped logits), -1) (``pim.suppression``).
-        combiner_weight: weight of CE(combiner logits) (``pim.combiner``).
+        **options: the fields of ``PIMOptions``.
     """
 
     required_features = frozenset(LEVEL_KEYS)
-    default_options = dict(dim=128, select_ratio=0.25, num_selects=None, num_nodes=4, dropout=0.1,
-                           level_weight=0.5, suppression_weight=5.0, combiner_weight=1.0)
+    options_class = PIMOptions
 
     def __init__(self, *, info: BackboneInfo, num_classes: int, dim: int, select_ratio: float,
-                 num_selects, num_nodes: int, dropout: float, level_weight: float, suppression_weight: float,
-                 combiner_weight: float):
+                 num_selects: Optional[tuple[int, ...]], num_nodes: int, dropout: float, level_weight: float,
+                 suppression_weight: float, combiner_weight: float):
         super().__init__()
-        if num_selects is not None and len(num_selects) != len(LEVEL_KEYS):
-            raise ValueError(f"expert 'pim': num_selects={tuple(num_selects)} must have {len(LEVEL_KEYS)} entries")
         self.select_ratio, self.num_selects = select_ratio, num_selects
         self.level_weight, self.suppression_weight, self.combiner_weight = level_weight, suppression_weight, combiner_weight
         self.projections = nn.ModuleList(

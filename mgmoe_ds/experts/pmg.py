@@ -17,6 +17,7 @@ routed batch of one image trains and statistics do not depend on which images we
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -25,7 +26,8 @@ from torch import Tensor, nn
 
 from mgmoe_ds.backbone import BackboneInfo
 from mgmoe_ds.experts import register_expert
-from mgmoe_ds.experts.base import Expert, ExpertOutput, Segments, segment_mean
+from mgmoe_ds.experts.base import (AT_LEAST_ONE, NON_NEGATIVE, Expert, ExpertOptions, ExpertOutput, Segments,
+                                   segment_mean)
 
 PMG_LEVELS = ("level1", "level2", "level3")
 
@@ -72,6 +74,20 @@ def _classifier(in_dim: int, hidden: int, num_classes: int) -> nn.Sequential:
                          nn.Linear(hidden, num_classes))
 
 
+@dataclass(frozen=True)
+class PMGOptions(ExpertOptions):
+    mid_channels: int = 128  # D, width after each level's 1x1 conv
+    out_channels: int = 256  # D', width after the 3x3 conv (the pooled level feature)
+    hidden: int = 256  # hidden width of each classifier
+    granularities: tuple[int, int, int] = (4, 2, 1)  # jigsaw grid of level1..level3, reduced to divide the map
+    level_weight: float = 1.0  # weight of each jigsawed level's CE (pmg.level1..pmg.level3)
+    concat_weight: float = 1.0  # weight of the concat head's CE (pmg.concat)
+
+    def validate(self) -> None:
+        AT_LEAST_ONE.check(self, "mid_channels", "out_channels", "hidden", "granularities")
+        NON_NEGATIVE.check(self, "level_weight", "concat_weight")
+
+
 @register_expert("pmg")
 class PMGExpert(Expert):
     """PMG head on ``level1``..``level3``.
@@ -79,27 +95,19 @@ class PMGExpert(Expert):
     Args:
         info: the backbone's description.
         num_classes: classes to predict.
-        mid_channels: D, width after the 1x1 conv.
-        out_channels: D', width after the 3x3 conv (the pooled level feature).
-        hidden: classifier hidden width.
-        granularities: jigsaw grid per level (level1, level2, level3), reduced to divide the map.
-        level_weight: weight of each jigsawed level's CE (``pmg.level1``..``pmg.level3``).
-        concat_weight: weight of the concat head's CE (``pmg.concat``).
+        **options: the fields of ``PMGOptions``.
     """
 
     required_features = frozenset(PMG_LEVELS)
-    default_options = dict(mid_channels=128, out_channels=256, hidden=256, granularities=(4, 2, 1),
-                           level_weight=1.0, concat_weight=1.0)
+    options_class = PMGOptions
     cached_training_note = ("its jigsaw shuffles the cached feature maps (the feature-space substitute it also "
                             "uses uncached); no raw image needed")
 
     def __init__(self, *, info: BackboneInfo, num_classes: int, mid_channels: int, out_channels: int, hidden: int,
-                 granularities, level_weight: float, concat_weight: float):
+                 granularities: tuple[int, ...], level_weight: float, concat_weight: float):
         super().__init__()
-        if len(granularities) != len(PMG_LEVELS):
-            raise ValueError(f"expert 'pmg': granularities={tuple(granularities)} must have {len(PMG_LEVELS)} entries")
         channels = info.level_channels[1:]
-        self.granularities = tuple(int(g) for g in granularities)
+        self.granularities = tuple(granularities)
         self.level_weight, self.concat_weight = level_weight, concat_weight
         self.blocks = nn.ModuleList(LevelBlock(c, mid_channels, out_channels) for c in channels)
         self.level_heads = nn.ModuleList(_classifier(out_channels, hidden, num_classes) for _ in channels)

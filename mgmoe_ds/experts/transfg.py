@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -30,7 +31,8 @@ from torch import Tensor, nn
 
 from mgmoe_ds.backbone import BackboneInfo
 from mgmoe_ds.experts import register_expert
-from mgmoe_ds.experts.base import Expert, ExpertOutput, Segments, segment_ids, zero_loss
+from mgmoe_ds.experts.base import (AT_LEAST_ONE, NON_NEGATIVE, RATE, Bound, Expert, ExpertOptions, ExpertOutput,
+                                   Segments, segment_ids, zero_loss)
 
 logger = logging.getLogger(__name__)
 _substitute_logged = False
@@ -83,24 +85,35 @@ def _heads_for(dim: int) -> int:
     return next(h for h in (8, 4, 2, 1) if dim % h == 0)
 
 
+@dataclass(frozen=True)
+class TransFGOptions(ExpertOptions):
+    contrastive_weight: float = 1.0  # weight of transfg.contrastive
+    margin: float = 0.4  # cosine margin of the contrastive loss for different-class pairs
+    num_queries: int = 4  # learned queries of the substitute (ignored on a ViT with CLS)
+    dim: int = 256  # substitute's part-block width, the final tokens projected to it (ignored on a ViT with CLS)
+    dropout: float = 0.0  # dropout before the classifier (training only)
+
+    def validate(self) -> None:
+        NON_NEGATIVE.check(self, "contrastive_weight")
+        Bound("a number in [-1, 1]", lambda cosine: -1 <= cosine <= 1).check(self, "margin")
+        AT_LEAST_ONE.check(self, "num_queries", "dim")
+        RATE.check(self, "dropout")
+
+
 @register_expert("transfg")
 class TransFGExpert(Expert):
     """TransFG head: rollout part selection on a ViT with CLS; on Swin/CNNs, the declared substitute
-    (learned queries attending over the final tokens, see the module docstring).
+    (learned queries attending over the final tokens, see the module docstring). On a ViT with CLS
+    the part block is a copy of the backbone's last block, at the backbone's width.
 
     Args:
         info: the backbone's description.
         num_classes: classes to predict.
-        contrastive_weight: weight of ``transfg.contrastive``.
-        margin: cosine margin of the contrastive loss.
-        num_queries: learned queries of the substitute (ignored on a ViT with CLS).
-        dim: width of the substitute's part block; the final tokens are projected to it (ignored on
-            a ViT with CLS, whose part block is a copy of the backbone's last block).
-        dropout: dropout before the classifier (training only).
+        **options: the fields of ``TransFGOptions``.
     """
 
     required_features = frozenset({"rollout", "pre_last"})
-    default_options = dict(contrastive_weight=1.0, margin=0.4, num_queries=4, dim=256, dropout=0.0)
+    options_class = TransFGOptions
 
     @classmethod
     def features_for(cls, info: BackboneInfo, **options) -> frozenset[str]:
