@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from mgmoe_ds.report import (
+from mgmoe_ds.evaluation import (
     ROUTED,
     EvaluationArgs,
     HeadRouting,

@@ -55,7 +55,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from mgmoe_ds.report import EvalArgs, evaluate_model
+    from mgmoe_ds.evaluation import EvalArgs, evaluate_model
 
     report = evaluate_model(EvalArgs(checkpoint=args.checkpoint, data=args.data, out=args.out, split=args.split,
                                      batch_size=args.batch_size, num_workers=args.num_workers,

@@ -120,6 +120,32 @@ def two_rank_runs(tiny_dataset, tmp_path_factory) -> dict[int, dict]:
     return runs
 
 
+# The trained run and its eval report serve test_evaluation.py (eval, ablate) and
+# test_inference.py (export, and predict checked against eval's predictions).
+INFERENCE_STAGES = {"stages": [{"name": "warmup", "steps": 3}, {"name": "routing", "steps": 3},
+                               {"name": "residual", "steps": 3}], "num_clusters": 3}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_dataset) -> Path:
+    """One tiny single-process run through warmup, routing and residual (cluster-level routing)."""
+    tmp = tmp_path_factory.mktemp("inference_run")
+    config = write_tiny_config(tmp / "ds.json", curriculum=INFERENCE_STAGES)
+    succeeded(launch_training(config, tiny_dataset, tmp / "run"))
+    return tmp / "run"
+
+
+@pytest.fixture(scope="session")
+def eval_report(trained_run, tiny_dataset, tmp_path_factory) -> Path:
+    """The folder ``mgmoe eval`` wrote for ``trained_run`` on the tiny test split."""
+    from mgmoe_ds.cli import main
+
+    out = tmp_path_factory.mktemp("eval")
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(tiny_dataset), "--out", str(out),
+                 "--no-progress"]) == 0
+    return out
+
+
 def write_small_set(root: Path, name: str, sizes: dict[str, int], shard_size: int, *, num_classes: int = 4,
                     corrupt: tuple[int, ...] = (), seed: int = 0) -> Path:
     """A dataset written by the real shard writer: ``sizes[split]`` samples per split in shards of

@@ -1,0 +1,166 @@
+"""``mgmoe eval``: accuracy, long-tail buckets, confusions, efficiency and routing of a trained model.
+
+The backbone runs once per batch; every routing variant (the trained model's inference routing,
+dense fusion, each single expert) is a ``forward_head`` on the same features, so the report
+compares the routed ensemble with its parts on identical inputs. Writes ``report.json``,
+``report.md``, ``predictions.jsonl``, ``routing_heatmap.png`` and ``tsne.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from mgmoe_ds.evaluation.figures import plot_routing_heatmap, plot_tsne, tsne_embedding
+from mgmoe_ds.evaluation.loading import EvaluationArgs, device_name, load_for_evaluation
+from mgmoe_ds.evaluation.metrics import accuracy_summary, confused_pairs, long_tail_buckets, pass_flops, router_flops
+from mgmoe_ds.evaluation.passes import DENSE, MAX_TSNE_POINTS, ROUTED, routing_passes, run_passes
+
+
+@dataclass
+class EvalArgs(EvaluationArgs):
+    head_min: Optional[float] = None  # long-tail bucket thresholds (training images per class)
+    tail_max: Optional[float] = None
+    max_points: int = MAX_TSNE_POINTS  # images in the t-SNE figure
+
+
+def evaluate_model(args: EvalArgs) -> dict[str, Any]:
+    """Runs ``mgmoe eval``; returns the report dict (also written to ``args.out``)."""
+    run = load_for_evaluation(args, "eval")
+    model, meta, device, out_dir = run.model, run.meta, run.device, run.out_dir
+    loader, train_counts = run.loader, run.train_counts
+    outputs = run_passes(model, loader, routing_passes(model, meta), max_points=args.max_points,
+                         progress=args.progress, desc=f"eval {args.split}", device=device)
+    buckets, thresholds = long_tail_buckets(train_counts, args.head_min, args.tail_max)
+    labels = outputs.labels
+    names = meta.class_names
+
+    compute = model.compute_report(batch_size=2)
+    flops = compute["flops_per_image"]
+    r_flops = router_flops(model)
+    variants = {}
+    for name, result in outputs.passes.items():
+        summary = accuracy_summary(result.logits, labels, buckets)
+        summary["flops_per_image"] = pass_flops(result.used, flops, r_flops)
+        variants[name] = summary
+    routed = outputs.passes[ROUTED]
+    n = labels.numel()
+    routed_seconds = outputs.backbone_seconds + routed.seconds
+    best_single = max((v["top1"] for k, v in variants.items() if k.startswith("expert ")), default=None)
+
+    used = routed.used  # (N, E)
+    mean_weight = torch.zeros(len(model.expert_names), meta.num_classes)  # (E, classes)
+    class_n = torch.bincount(labels, minlength=meta.num_classes).float().clamp_min(1)  # (classes,)
+    mean_weight.index_add_(1, labels, routed.weights.T)
+    mean_weight /= class_n
+    expert_ids = [f"{e}:{name}" for e, name in enumerate(model.expert_names)]
+    report = {
+        "checkpoint": meta.source,
+        "checkpoint_tag": meta.checkpoint_tag,
+        "final_stage": meta.final_stage,
+        "dataset": str(args.data or meta.dataset),
+        "split": args.split,
+        "images": n,
+        "routing_policy": meta.routing.to_json(),
+        "accuracy": {
+            "top1": variants[ROUTED]["top1"],
+            "top5": variants[ROUTED]["top5"],
+            "mean_class_top1": variants[ROUTED]["mean_class_top1"],
+            "per_class": [{"species": names[c], "train_images": int(train_counts[c]), "bucket": buckets[c],
+                           "top1": variants[ROUTED]["per_class_top1"][c]} for c in range(meta.num_classes)],
+            "long_tail": {"thresholds": {**thresholds, "rule": "tail if train_images <= tail_max, else head if "
+                                                               ">= head_min, else medium"},
+                          "buckets": variants[ROUTED]["buckets"]},
+            "confused_pairs": confused_pairs(routed.logits, labels, names),
+        },
+        "efficiency": {
+            "flops_per_image": {"top_k": flops["top_k"], "dense": flops["dense"], "backbone": flops["backbone"],
+                                "experts": flops["experts"], "routed_measured": variants[ROUTED]["flops_per_image"]},
+            "parameters": compute["parameters"],
+            "images_per_s": n / max(routed_seconds, 1e-9),
+            "device": device_name(device),
+            "torch_threads": torch.get_num_threads(),
+        },
+        "routing": {
+            "utilisation": {eid: float(used[:, e].float().mean()) for e, eid in enumerate(expert_ids)},
+            "mean_weight": {eid: float(routed.weights[:, e].mean()) for e, eid in enumerate(expert_ids)},
+            "experts_per_image": float(used.sum(1).float().mean()),
+            "heatmap": "routing_heatmap.png",
+            "tsne": "tsne.png",
+            "tsne_points": int(outputs.sample_index.numel()),
+        },
+        "variants": {k: {kk: vv for kk, vv in v.items() if kk != "per_class_top1"} for k, v in variants.items()},
+        "routed_beats": {"dense": variants[ROUTED]["top1"] > variants[DENSE]["top1"],
+                         "best_single_expert": best_single is not None and variants[ROUTED]["top1"] > best_single},
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    with open(out_dir / "predictions.jsonl", "w") as handle:
+        top = torch.softmax(routed.logits, dim=-1).topk(min(5, meta.num_classes), dim=-1)  # (N, 5)
+        for i, key in enumerate(outputs.keys):
+            handle.write(json.dumps({"key": key, "label": int(labels[i]), "predicted": int(top.indices[i, 0]),
+                                     "top5": top.indices[i].tolist(),
+                                     "top5_probabilities": [round(float(p), 6) for p in top.values[i]]}) + "\n")
+    plot_routing_heatmap(mean_weight.numpy(), expert_ids, names, out_dir / "routing_heatmap.png")
+    sample = outputs.sample_index
+    plot_tsne(tsne_embedding(outputs.pooled_sample.numpy()), tsne_embedding(routed.logits[sample].numpy()),
+              labels[sample].numpy(), out_dir / "tsne.png")
+    (out_dir / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _gflops(value: float) -> str:
+    return f"{value / 1e9:.4f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    acc, eff, routing = report["accuracy"], report["efficiency"], report["routing"]
+    th = acc["long_tail"]["thresholds"]
+    lines = [
+        f"# MG-MoE evaluation: {report['split']} split ({report['images']} images)",
+        "",
+        f"Checkpoint `{report['checkpoint']}` (tag `{report['checkpoint_tag']}`, last stage "
+        f"`{report['final_stage']}`), routing: {report['routing_policy']['kind']}.",
+        "",
+        "## Accuracy",
+        "",
+        f"Top-1 **{_pct(acc['top1'])}%**, top-5 {_pct(acc['top5'])}%, mean per-class top-1 "
+        f"{_pct(acc['mean_class_top1'])}%.",
+        "",
+        f"Long-tail buckets by training images per class: tail <= {th['tail_max']:g}, head >= {th['head_min']:g}.",
+        "",
+        "| bucket | classes | images | top-1 % |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, b in acc["long_tail"]["buckets"].items():
+        lines.append(f"| {name} | {b['classes']} | {b['images']} | {_pct(b['top1'])} |")
+    lines += ["", "Most confused pairs:", "", "| true | predicted | count | rate % |", "|---|---|---:|---:|"]
+    lines += [f"| {p['true']} | {p['predicted']} | {p['count']} | {_pct(p['rate'])} |" for p in acc["confused_pairs"]]
+    lines += ["", "## The routed ensemble and its parts", "",
+              "| variant | top-1 % | top-5 % | head % | medium % | tail % | GFLOPs/image |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, v in report["variants"].items():
+        b = v["buckets"]
+        lines.append(f"| {name} | {_pct(v['top1'])} | {_pct(v['top5'])} | {_pct(b['head']['top1'])} | "
+                     f"{_pct(b['medium']['top1'])} | {_pct(b['tail']['top1'])} | {_gflops(v['flops_per_image'])} |")
+    lines += ["", f"Routed beats dense fusion: {report['routed_beats']['dense']}; beats the best single expert: "
+                  f"{report['routed_beats']['best_single_expert']}.", "", "## Efficiency", ""]
+    f, p = eff["flops_per_image"], eff["parameters"]
+    lines += [f"- GFLOPs per image: top-k {_gflops(f['top_k'])}, dense {_gflops(f['dense'])}, backbone "
+              f"{_gflops(f['backbone'])}",
+              f"- parameters: total {p['total']:,}, active per image {p['active_per_image']:,.0f}",
+              f"- throughput: {eff['images_per_s']:.1f} images/s on {eff['device']} "
+              f"({eff['torch_threads']} threads, routed forward only)", "", "## Routing", "",
+              "| expert | utilisation % | mean weight |", "|---|---:|---:|"]
+    for eid, share in routing["utilisation"].items():
+        lines.append(f"| {eid} | {_pct(share)} | {routing['mean_weight'][eid]:.3f} |")
+    lines += ["", "![routing heatmap](routing_heatmap.png)", "", "![t-SNE](tsne.png)", "", "## Per-class accuracy", "",
+              "| species | train images | bucket | top-1 % |", "|---|---:|---|---:|"]
+    lines += [f"| {c['species']} | {c['train_images']} | {c['bucket']} | {_pct(c['top1'])} |" for c in acc["per_class"]]
+    return "\n".join(lines) + "\n"
