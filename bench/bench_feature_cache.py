@@ -1,7 +1,7 @@
 """Epoch time of a frozen-backbone stage (the residual stage) with the feature cache vs without it.
 
-One process, one DeepSpeed engine, the trainer's own step code (``Trainer._train_step``) on the
-same data, model and stage plan: an uncached epoch (decode, transform, backbone, head, backward,
+One process, one DeepSpeed engine, the trainer's own step (``train.step.TrainStep``) on the
+same data, model and stage: an uncached epoch (decode, transform, backbone, head, backward,
 step for every batch) against a cached epoch (cached features, head, backward, step). The
 cache's one-off build (one eval pass of the backbone over the training set) and a reuse (the
 hash of the backbone weights and the manifest) are timed separately. Default model: the
@@ -28,20 +28,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from mgmoe_ds.config import StageConfig  # noqa: E402
-from mgmoe_ds.curriculum import plan_stage  # noqa: E402
+from mgmoe_ds.curriculum import create_stage  # noqa: E402
 from mgmoe_ds.data import build_demo  # noqa: E402
-from mgmoe_ds.engine import Progress, TrainArgs, Trainer, _Window  # noqa: E402
+from mgmoe_ds.train.trainer import TrainArgs, Trainer  # noqa: E402
 
 TARGET = 5.0  # the issue's target: a cached epoch at least this many times faster
 
 
-def timed_epoch(trainer: Trainer, engine, plan, batches, routing) -> tuple[float, int]:
+def timed_epoch(trainer: Trainer, engine, step, batches) -> tuple[float, int]:
     """Seconds and steps of one pass of ``batches`` through the trainer's step."""
-    window = _Window(trainer.model.num_experts)
     trainer.model.train()
+    trainer.model.backbone.eval()  # frozen, as the trainer keeps it
     started, steps = time.perf_counter(), 0
     for batch in batches:
-        trainer._train_step(engine, plan, batch, routing, window)
+        step(engine, batch, trainer.clusters)
         steps += 1
     return time.perf_counter() - started, steps
 
@@ -68,35 +68,37 @@ def main() -> None:
         stage_index = next((i for i, s in enumerate(stages) if s.name == "residual"), None)
         if stage_index is None:
             raise SystemExit(f"{args.config}: no residual stage to time")
-        plan = plan_stage(StageConfig("residual", epochs=1, lr=stages[stage_index].lr), trainer.base_lr)
-        assert "backbone" not in plan.group_lr, "the timed stage must freeze the backbone"
-        trainer.progress = Progress(stage_index=stage_index)
-        trainer.progress.clusters = trainer._recompute_clusters(None)  # the residual stage's frozen routing
-        steps_uncached, _ = trainer._stage_length(stages[stage_index], cached=False)
-        steps_cached, _ = trainer._stage_length(stages[stage_index], cached=True)
-        engine, _ = trainer._engine_for(plan, (steps_uncached + steps_cached) * args.epochs)
-        routing = trainer._routing_kwargs(plan)
+        stage = create_stage(StageConfig("residual", epochs=1, lr=stages[stage_index].lr), trainer.config,
+                             trainer.base_lr)
+        assert not stage.trains_backbone, "the timed stage must freeze the backbone"
+        trainer.stage, trainer.stage_index = stage, stage_index
+        trainer.progress.start_stage(stage_index)
+        trainer.recompute_clusters()  # the residual stage's frozen routing
+        steps_uncached, _ = trainer.plan(stage, stage_index, cached=False)
+        steps_cached, _ = trainer.plan(stage, stage_index, cached=True)
+        engine, step = trainer.engine_for(stage, (steps_uncached + steps_cached) * args.epochs)
+        step.routing = stage.routing(trainer.clusters)
 
         def uncached_epoch(epoch: int) -> tuple[float, int]:
-            trainer.train_loader.set_epoch(epoch)
-            return timed_epoch(trainer, engine, plan, trainer._equalised(trainer.train_loader, "min"), routing)
+            trainer.data.train_loader.set_epoch(epoch)
+            return timed_epoch(trainer, engine, step, trainer.comm.agreed(trainer.data.train_loader, pad=False))
 
         def cached_epoch(epoch: int) -> tuple[float, int]:
-            return timed_epoch(trainer, engine, plan, trainer._cached_batches(cache, epoch, steps_cached), routing)
+            return timed_epoch(trainer, engine, step, trainer.features.cached_batches(cache, epoch, steps_cached))
 
         uncached, cached = [uncached_epoch(0)], []
         started = time.perf_counter()
-        cache = trainer._stage_feature_cache(plan)
+        cache = trainer.features.train_cache(stage)
         build_s = time.perf_counter() - started
         started = time.perf_counter()
-        assert trainer._stage_feature_cache(plan) is cache
+        assert trainer.features.train_cache(stage) is cache
         reuse_s = time.perf_counter() - started
         cached.append(cached_epoch(0))
         for epoch in range(1, args.epochs):  # interleaved, so load from other sessions hits both paths
             uncached.append(uncached_epoch(epoch))
             cached.append(cached_epoch(epoch))
         engine.destroy()
-        record = trainer._stage_cache_record
+        record = trainer.features.record
 
     load_after = os.getloadavg()
     # The least-disturbed epoch of each path: other sessions' load only ever adds time.
@@ -136,7 +138,7 @@ def main() -> None:
         f"{trainer.ds_config.get('zero_optimization', {}).get('stage', 0)}; residual stage (router + expert "
         f"heads train, backbone frozen, cluster-level routing). Data: {args.train_images} demo-bird JPEGs "
         f"({args.image_size} px), {trainer.config.data.num_workers} loader worker(s). Both paths run the "
-        f"trainer's `_train_step` (forward through the DeepSpeed engine, backward, optimizer step); the "
+        f"trainer's `TrainStep` (forward through the DeepSpeed engine, backward, optimizer step); the "
         f"uncached epoch also decodes, transforms and runs the backbone. {args.epochs} epoch(s) of each path, "
         f"interleaved; the table shows each path's fastest epoch (all: uncached "
         f"{', '.join(f'{s:.2f}' for s, _ in uncached)} s; cached {', '.join(f'{s:.2f}' for s, _ in cached)} s).",

@@ -134,6 +134,7 @@ def measure(name: str, block: dict, args) -> dict:
     import torch
 
     from mgmoe_ds.flops import count_flops
+    from mgmoe_ds.moe.routing import RoutingRequest
 
     model = build_model(block, args.device)
     size = model.model_config.img_size
@@ -143,26 +144,25 @@ def measure(name: str, block: dict, args) -> dict:
     backbone = flops["backbone"]
     generator = torch.Generator().manual_seed(0)
     flop_images = torch.randn(FLOP_BATCH, 3, size, size, generator=generator).to(args.device)
-    balanced_flops = count_flops(partial(model.forward, allowed_experts=balanced_mask(FLOP_BATCH, num_experts,
-                                                                                      args.device)),
-                                 flop_images) / FLOP_BATCH
+    balanced = RoutingRequest(allowed_experts=balanced_mask(FLOP_BATCH, num_experts, args.device))
+    balanced_flops = count_flops(partial(model.forward, routing=balanced), flop_images) / FLOP_BATCH
     expert_sum = sum(flops["experts"].values())
 
     images = torch.randn(args.batch_size, 3, size, size, generator=generator).to(args.device)
     routing = {
-        "top2": {"mode": "topk"},
-        "top2_balanced": {"mode": "topk", "allowed_experts": balanced_mask(args.batch_size, num_experts, args.device)},
-        "dense": {"mode": "dense"},
+        "top2": RoutingRequest(),
+        "top2_balanced": RoutingRequest(allowed_experts=balanced_mask(args.batch_size, num_experts, args.device)),
+        "dense": RoutingRequest.dense(),
     }
     with torch.no_grad():
         route = {}
         for mode in ("top2", "top2_balanced"):
-            out = model(images, **routing[mode]).route
+            out = model(images, routing=routing[mode]).route
             route[mode] = {
                 "images_per_expert": torch.bincount(out.expert_indices[out.kept], minlength=num_experts).tolist(),
                 "experts_per_image": sorted(set(out.kept.sum(dim=1).tolist())),
             }
-        calls = {mode: partial(model, images, **routing[mode]) for mode in MODES}
+        calls = {mode: partial(model, images, routing=routing[mode]) for mode in MODES}
         components = component_calls(model, images)
         calls.update(components)
         for _ in range(args.warmup):

@@ -144,7 +144,7 @@ def build_ours(device: str = "cpu", dtype: str = "fp32"):
             super().__init__()
             self.net = _seeded_mlp(index)
 
-        def forward(self, payload, targets):
+        def forward(self, payload, targets, segments=None):
             return Out(self.net(payload["x"]))
 
     torch.manual_seed(SEED - 1)
@@ -164,7 +164,8 @@ def build_ours(device: str = "cpu", dtype: str = "fp32"):
 
     def step(x, gy):
         out = layer(x, {"x": x})
-        loss = (out.output * gy).sum() + out.aux_loss
+        # DeepSpeed's MoE adds its l_aux; ours: the same GShard balance loss plus the router z-loss
+        loss = (out.output * gy).sum() + 0.01 * out.aux_losses["load_balance"] + 0.001 * out.aux_losses["z_loss"]
         loss.backward()
         return out
 

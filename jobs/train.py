@@ -29,14 +29,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:  # validate the mgmoe block before the slow imports
+    try:  # validate the mgmoe block before any process group: a bad value is one line, exit 2
         load_run_config(args.deepspeed, args.overrides)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from mgmoe_ds.backbone import BackboneError
     from mgmoe_ds.data import DataError
-    from mgmoe_ds.engine import TrainArgs, TrainingError, train
+    from mgmoe_ds.train.trainer import TrainArgs, TrainingError, train
     from mgmoe_ds.experts import ExpertError
     from mgmoe_ds.train.distributed import WorldError
 

@@ -19,7 +19,6 @@ import torch
 from mgmoe_ds.evaluation import (
     ROUTED,
     EvaluationArgs,
-    HeadRouting,
     accuracy_summary,
     load_for_evaluation,
     long_tail_buckets,
@@ -27,6 +26,7 @@ from mgmoe_ds.evaluation import (
     router_flops,
     run_passes,
 )
+from mgmoe_ds.moe.routing import RoutingRequest
 
 
 @dataclass
@@ -36,17 +36,16 @@ class AblateArgs(EvaluationArgs):
 
 
 def ablation_rows(model, meta, subset_k: Optional[int] = None,
-                  min_subset_size: int = 2) -> list[tuple[dict[str, Any], HeadRouting]]:
+                  min_subset_size: int = 2) -> list[tuple[dict[str, Any], RoutingRequest]]:
     """(row description, routing) for the trained routing, K = 1..E, and each subset of size >= min."""
     num_experts = model.num_experts
     names = model.expert_names
-    rows: list[tuple[dict[str, Any], HeadRouting]] = [
-        ({"row": ROUTED, "kind": "trained", "k": None, "experts": None},
-         lambda pooled: meta.routing.head_kwargs(pooled, num_experts)),
+    rows: list[tuple[dict[str, Any], RoutingRequest]] = [
+        ({"row": ROUTED, "kind": "trained", "k": None, "experts": None}, meta.routing),
     ]
     for k in range(1, num_experts + 1):
         rows.append(({"row": f"top-{k}", "kind": "top_k", "k": k, "experts": list(names)},
-                     lambda pooled, k=k: {"mode": "topk", "top_k": k}))
+                     RoutingRequest(top_k=k)))
     for size in range(max(1, min_subset_size), num_experts + 1):
         for subset in itertools.combinations(range(num_experts), size):
             mask = torch.zeros(num_experts, dtype=torch.bool)
@@ -54,7 +53,7 @@ def ablation_rows(model, meta, subset_k: Optional[int] = None,
             k = size if subset_k is None else min(subset_k, size)
             label = "+".join(names[e] for e in subset)
             rows.append(({"row": f"{{{label}}} k={k}", "kind": "subset", "k": k, "experts": [names[e] for e in subset]},
-                         lambda pooled, mask=mask, k=k: {"mode": "topk", "top_k": k, "allowed_experts": mask}))
+                         RoutingRequest(top_k=k, allowed_experts=mask)))
     return rows
 
 

@@ -10,28 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, TypeVar, Union
+from typing import Any, Literal, Optional
+
+from mgmoe_ds.typed_json import CHECKS, SHORT_FORMS, ConfigError, build_dataclass, fail, options_from_dict
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
-
-
-class ConfigError(ValueError):
-    """A user-caused configuration error; its message is one line naming file, key and value."""
-
-
-class RangeError(ConfigError):
-    """An out-of-range field, raised by a config dataclass's own checks (an expert's options ``validate``).
-
-    It names the field only; the loader that built the dataclass re-raises it with the file and the key path.
-    """
-
-    def __init__(self, key: str, value: Any, accepted: str) -> None:
-        self.key, self.value, self.accepted = key, value, accepted
-        super().__init__(f"{key} = {_shown(value)}: expected {accepted}")
+# The parameter groups every model has, by name: a stage trains some of them, each at its own lr.
+# (``MGMoE.group_matcher`` says which parameter belongs to which.)
+PARAMETER_GROUPS = ("backbone", "router", "fallback", "experts", "expert_heads")
 
 
 @dataclass(frozen=True)
@@ -83,11 +71,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class StageConfig:
-    name: str  # "warmup", "routing" (stage 1) or "residual" (stage 2)
+    name: str  # a registered stage: "warmup", "routing" (stage 1), "residual" (stage 2), ...
     epochs: Optional[int] = None  # length in epochs (exactly one of epochs/steps)
     steps: Optional[int] = None  # length in optimiser steps
-    lr: dict[str, float] = field(default_factory=dict)  # learning rate per parameter group
-    loss_weights: dict[str, float] = field(default_factory=dict)  # overrides of loss weights by name
+    lr: dict[str, float] = field(default_factory=dict)  # absolute lr per parameter group (replaces the stage's defaults; 0 freezes)
+    loss_weights: dict[str, float] = field(default_factory=dict)  # loss weights by name or glob pattern ("*.load_balance")
 
 
 @dataclass(frozen=True)
@@ -135,181 +123,17 @@ class RunConfig:
         return len(self.model.experts)
 
 
-# ---------------------------------------------------------------------------------------------
-# Strict construction from JSON values
-
-
-_PLURALS = {"integer": "integers", "number": "numbers", "string": "strings", "object": "objects",
-            "true/false": "true/false values", "any": "values"}
-
-
-def _plural(annotation: Any) -> str:
-    """The accepted type of a list's items, in words: "integers", "objects"."""
-    name = _type_name(annotation)
-    return _PLURALS.get(name, name)
-
-
-def _tuple_items(annotation: Any, length: int) -> Optional[tuple[Any, ...]]:
-    """The item types of a ``tuple[...]`` annotation for a value of ``length`` items; None if the length is wrong."""
-    args = typing.get_args(annotation)
-    if args[1:] == (Ellipsis,):  # tuple[int, ...]: any length
-        return (args[0],) * length
-    return args if len(args) == length else None
-
-
-def _type_name(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return " or ".join(json.dumps(a) for a in typing.get_args(annotation))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
-    if origin is list:
-        return f"list of {_plural(typing.get_args(annotation)[0])}"
-    if origin is tuple:  # JSON has no tuples: a list of a fixed length (or any length for tuple[T, ...])
-        args = typing.get_args(annotation)
-        if args[1:] == (Ellipsis,):
-            return f"list of {_plural(args[0])}"
-        if len(set(args)) == 1:
-            return f"list of {len(args)} {_plural(args[0])}"
-        return f"list of [{', '.join(_type_name(a) for a in args)}]"
-    if origin is dict:
-        value_type = typing.get_args(annotation)[1]
-        return "object" if value_type is Any else f"object of {_plural(value_type)}"
-    if annotation is type(None):
-        return "null"
-    if dataclasses.is_dataclass(annotation):
-        return "object"
-    if annotation is Any:
-        return "any"
-    return {int: "integer", float: "number", bool: "true/false", str: "string"}.get(annotation, str(annotation))
-
-
-def _shown(value: Any) -> str:
-    shown = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return shown if len(shown) <= 60 else shown[:57] + "..."
-
-
-def _fail(source: str, key: str, value: Any, accepted: str) -> ConfigError:
-    return ConfigError(f"{source}: {key} = {_shown(value)}: expected {accepted}")
-
-
-def _convert(annotation: Any, value: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return value
-    if origin is Literal:
-        if value in typing.get_args(annotation):
-            return value
-        raise _fail(source, key, value, _type_name(annotation))
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(annotation):
-            try:
-                return _convert(option, value, key, source)
-            except ConfigError:
-                continue
-        raise _fail(source, key, value, _type_name(annotation))
-    if annotation is type(None):
-        if value is None:
-            return None
-        raise _fail(source, key, value, "null")
-    if origin is list:
-        if not isinstance(value, list):
-            raise _fail(source, key, value, _type_name(annotation))
-        (item_type,) = typing.get_args(annotation)
-        return [_convert(item_type, item, f"{key}[{i}]", source) for i, item in enumerate(value)]
-    if origin is tuple:
-        item_types = _tuple_items(annotation, len(value)) if isinstance(value, (list, tuple)) else None
-        if item_types is None:
-            raise _fail(source, key, value, _type_name(annotation))
-        return tuple(_convert(t, item, f"{key}[{i}]", source) for i, (t, item) in enumerate(zip(item_types, value)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _fail(source, key, value, _type_name(annotation))
-        _, value_type = typing.get_args(annotation)
-        return {str(k): _convert(value_type, v, f"{key}.{k}", source) for k, v in value.items()}
-    if dataclasses.is_dataclass(annotation):
-        return _build_dataclass(annotation, value, key, source)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise _fail(source, key, value, "true/false")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _fail(source, key, value, "integer")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _fail(source, key, value, "number")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise _fail(source, key, value, "string")
-    raise TypeError(f"config field {key} has an unsupported annotation {annotation!r}")
-
-
-def _build_dataclass(cls: type, value: Any, key: str, source: str) -> Any:
-    if dataclasses.is_dataclass(value) and isinstance(value, cls):
-        return value
-    if cls is ExpertSpec and isinstance(value, str):  # "mpsa" is short for {"name": "mpsa"}
-        value = {"name": value}
-    if not isinstance(value, dict):
-        raise _fail(source, key, value, "object")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - set(fields))
-    if unknown:
-        prefix = f"{key}." if key else ""
-        raise ConfigError(
-            f"{source}: unknown key {prefix}{unknown[0]}; accepted keys: {', '.join(sorted(fields))}"
-        )
-    kwargs = {}
-    for name, f in fields.items():
-        sub_key = f"{key}.{name}" if key else name
-        if name in value:
-            kwargs[name] = _convert(hints[name], value[name], sub_key, source)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{source}: missing required key {sub_key}")
-    try:
-        built = cls(**kwargs)
-    except RangeError as err:  # the dataclass's own check names the field only
-        raise _fail(source, f"{key}.{err.key}" if key else err.key, err.value, err.accepted) from None
-    if cls is ExpertSpec:
-        _check_expert(built, key, source)
-    return built
-
-
-T = TypeVar("T")
-
-
-def options_from_dict(options_class: type[T], options: dict[str, Any], source: str, key: str = "") -> T:
-    """Builds a typed options dataclass from plain values, as strictly as the run config itself.
-
-    The one checker behind both the run config's ``model.experts[i].options`` and ``create_expert``.
-
-    Args:
-        options_class: a frozen dataclass whose fields all have defaults (an expert's ``options_class``).
-        options: field values as JSON gives them (a list for a tuple); absent fields keep their defaults.
-        source: where the values come from, first in an error message (a file, or "expert 'pim'").
-        key: the key path of ``options`` in that source; "" for none.
-
-    Returns:
-        The options, with the caller's values over the defaults.
-
-    Raises:
-        ConfigError: one line naming the source, the key, the value and what is accepted, on an unknown
-            key, a wrong type or an out-of-range value.
-    """
-    return _build_dataclass(options_class, options, key, source)
-
-
 def _check_expert(spec: ExpertSpec, key: str, source: str) -> None:
     """The expert is registered and its options build its options dataclass."""
     from mgmoe_ds.experts import expert_class, list_experts  # here, not at the top: the registry imports timm
 
     if spec.name not in list_experts():
-        raise _fail(source, f"{key}.name", spec.name, f"a registered expert ({', '.join(list_experts())})")
+        raise fail(source, f"{key}.name", spec.name, f"a registered expert ({', '.join(list_experts())})")
     options_from_dict(expert_class(spec.name).options_class, spec.options, source, f"{key}.options")
+
+
+SHORT_FORMS[ExpertSpec] = lambda value: {"name": value} if isinstance(value, str) else value  # "mpsa" = {"name": "mpsa"}
+CHECKS[ExpertSpec] = _check_expert
 
 
 def _validate(config: RunConfig, source: str) -> None:
@@ -317,7 +141,7 @@ def _validate(config: RunConfig, source: str) -> None:
 
     def check(ok: bool, key: str, value: Any, accepted: str) -> None:
         if not ok:
-            raise _fail(source, f"mgmoe.{key}", value, accepted)
+            raise fail(source, f"mgmoe.{key}", value, accepted)
 
     m, e = config.moe, config.num_experts
     check(e >= 1, "model.experts", [s.name for s in config.model.experts], "at least one expert")
@@ -341,14 +165,12 @@ def _validate(config: RunConfig, source: str) -> None:
     check(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", config.data.shuffle_buffer, "an integer >= 0")
     cur = config.curriculum
     check(len(cur.stages) >= 1, "curriculum.stages", [], "at least one stage")
+    from mgmoe_ds.curriculum import list_stages, stage_class  # the stage registry (no timm, no DeepSpeed)
+
     for i, stage in enumerate(cur.stages):
         key = f"curriculum.stages[{i}]"
-        check(
-            stage.name in ("warmup", "routing", "residual"),
-            f"{key}.name",
-            stage.name,
-            '"warmup", "routing" or "residual"',
-        )
+        check(stage.name in list_stages(), f"{key}.name", stage.name,
+              f"a registered stage: {', '.join(json.dumps(n) for n in list_stages())}")
         check(
             (stage.epochs is None) != (stage.steps is None),
             key,
@@ -359,7 +181,12 @@ def _validate(config: RunConfig, source: str) -> None:
         check(length is not None and length >= 1, f"{key}.{'epochs' if stage.epochs is not None else 'steps'}",
               length, "an integer >= 1")
         for group, lr in stage.lr.items():
+            if group not in PARAMETER_GROUPS:
+                raise ConfigError(f"{source}: mgmoe.{key}.lr: unknown parameter group {group!r}; accepted: "
+                                  f"{', '.join(PARAMETER_GROUPS)}")
             check(lr >= 0, f"{key}.lr.{group}", lr, "a learning rate >= 0")
+        trained = stage.lr or stage_class(stage.name).default_lr
+        check(any(lr > 0 for lr in trained.values()), f"{key}.lr", stage.lr, "at least one parameter group with lr > 0")
     check(cur.num_clusters >= 1, "curriculum.num_clusters", cur.num_clusters, "an integer >= 1")
     check(cur.teacher_temperature > 0, "curriculum.teacher_temperature", cur.teacher_temperature, "a number > 0")
     check(cur.kl_weight >= 0, "curriculum.kl_weight", cur.kl_weight, "a number >= 0")
@@ -384,7 +211,7 @@ def config_from_dict(block: dict[str, Any], source: str = "<dict>") -> RunConfig
     Raises:
         ConfigError: on an unknown key, a wrong type or an out-of-range value.
     """
-    config = _build_dataclass(RunConfig, block, "", source)
+    config = build_dataclass(RunConfig, block, "", source)
     _validate(config, source)
     return config
 

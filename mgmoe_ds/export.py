@@ -1,18 +1,92 @@
 """``mgmoe export``: one ``.safetensors`` file with every expert, the router and the backbone.
 
-The file holds the model's state dict under ``model.`` (global expert ids, whatever expert-
-parallel size the run trained with) and, when the model routes at cluster level, the centroids
-and each cluster's allowed experts under ``routing.``. Its string metadata carries JSON: the
-mgmoe config block, the class names, the preprocessing and the routing policy, so that
-``mgmoe predict`` needs nothing else.
+Tensors are named by what they are, not by DeepSpeed's module paths: ``backbone.*`` (the timm
+model), ``router.*``, ``fallback.*`` and ``experts.<name>.*`` (``experts.pmg.concat_head.0.weight``;
+an expert name given twice becomes ``<name>_<global id>``), whatever expert-parallel size the run
+trained with. So one expert's weights load into ``create_expert(name, ...)`` directly. When the
+model routes at cluster level, the centroids and each cluster's allowed experts are under
+``routing.``. The string metadata carries JSON: the mgmoe config block, the class names, the
+preprocessing and the routing, so that ``mgmoe predict`` needs nothing else. Files of the
+earlier format (the state dict under ``model.``) still load.
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from mgmoe_ds.inference import InferenceMeta, export_tensors, load_trained
+from torch import Tensor
+
+from mgmoe_ds.config import config_to_dict
+from mgmoe_ds.inference import InferenceMeta, load_trained
+
+FORMAT_NAME = "mgmoe-ds/2"  # metadata "format": tensors named by what they are
+LEGACY_FORMAT = "mgmoe-ds/1"  # the state dict under "model."
+FORMATS = (FORMAT_NAME, LEGACY_FORMAT)
+ROUTING_PREFIX = "routing."
+
+
+def _readable(path: str) -> str:
+    return "backbone." + path[len("backbone.model."):] if path.startswith("backbone.model.") else path
+
+
+def tensor_names(model) -> dict[str, str]:
+    """The export name of every tensor of ``model``'s state dict: ``{state-dict key: export name}``.
+
+    The head layer's router, fallback head and experts go to the top level; any other routed
+    layer keeps its (readable) module path in front of them.
+    """
+    from mgmoe_ds.model import HEAD_LAYER
+
+    counts = Counter(model.expert_names)
+    labels = [name if counts[name] == 1 else f"{name}_{e}" for e, name in enumerate(model.expert_names)]
+    prefixes: dict[str, str] = {}  # state-dict prefix -> export prefix, most specific first
+    for layer_name, layer in model.moe_layers().items():
+        top = "" if layer_name == HEAD_LAYER else _readable(layer_name) + "."
+        for local, global_id in enumerate(layer.global_expert_ids):
+            label = labels[global_id] if layer_name == HEAD_LAYER else str(global_id)
+            prefixes[f"{layer_name}.deepspeed_moe.experts.deepspeed_experts.{local}."] = f"{top}experts.{label}."
+        prefixes[f"{layer_name}.router."] = f"{top}router."
+        prefixes[f"{layer_name}.fallback_head."] = f"{top}fallback."
+    names = {}
+    for key in model.state_dict():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        names[key] = prefixes[prefix] + key[len(prefix):] if prefix is not None else _readable(key)
+    return names
+
+
+def export_tensors(model, meta: InferenceMeta) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors (named by :func:`tensor_names`) and string metadata of an export."""
+    names = tensor_names(model)
+    tensors = {names[k]: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    clusters = meta.routing.clusters
+    if clusters is not None:
+        tensors[ROUTING_PREFIX + "centroids"] = clusters.centroids.float().contiguous().clone()  # (C, D)
+        tensors[ROUTING_PREFIX + "cluster_experts"] = clusters.cluster_experts.long().contiguous().clone()  # (C, k)
+    metadata = {
+        "format": FORMAT_NAME,
+        "mgmoe_config": json.dumps(config_to_dict(meta.config)),
+        "class_names": json.dumps(meta.class_names),
+        "preprocessing": json.dumps(meta.preprocessing.to_json()),
+        "routing": json.dumps(meta.routing.to_json()),
+        "source": json.dumps({"path": meta.source, "checkpoint_tag": meta.checkpoint_tag, "dataset": meta.dataset,
+                              "final_stage": meta.final_stage}),
+    }
+    return tensors, metadata
+
+
+def state_from_export(model, tensors: dict[str, Tensor], file_format: str) -> dict[str, Tensor]:
+    """The state dict of ``model`` from an export's tensors (the routing tensors left out).
+
+    Raises:
+        KeyError: naming an exported tensor the model does not have.
+    """
+    if file_format == LEGACY_FORMAT:
+        return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    keys = {name: key for key, name in tensor_names(model).items()}
+    return {keys[name]: value for name, value in tensors.items() if not name.startswith(ROUTING_PREFIX)}
 
 
 def save_export(model, meta: InferenceMeta, out: str | Path) -> Path:

@@ -49,21 +49,6 @@ class FeatureCacheError(RuntimeError):
 # The key
 
 
-def manifest_bytes(source: str | Path) -> bytes:
-    """The bytes that describe a dataset's content: its ``manifest.json`` (a dataset folder or the
-    manifest itself), or the registry file plus every registered dataset's manifest."""
-    from mgmoe_ds.data.registry import DEFAULT_REGISTRY, dataset_path, load_registry
-
-    path = Path(source)
-    if str(source) == "registry" or (path.suffix == ".json" and path.name != "manifest.json"):
-        registry_path = Path(DEFAULT_REGISTRY) if str(source) == "registry" else path
-        parts = [registry_path.read_bytes()]
-        for _, entry in sorted(load_registry(registry_path)["datasets"].items()):
-            parts.append((dataset_path(registry_path, entry) / "manifest.json").read_bytes())
-        return b"\0".join(parts)
-    return (path if path.is_file() else path / "manifest.json").read_bytes()
-
-
 def weights_digest(backbone: nn.Module) -> str:
     """The sha256 (hex) of every tensor of ``backbone``'s state dict (name, dtype, shape, bytes),
     buffers included (BatchNorm statistics change the features too)."""
@@ -85,7 +70,7 @@ def cache_key(weights: str, *, transform: str, manifest: bytes, split: str, feat
         transform: the repr of the transform the features were computed from (it shows the
             resolution, crop, interpolation and normalisation), plus anything else the caller
             wants keyed (e.g. the input dtype).
-        manifest: :func:`manifest_bytes` of the dataset.
+        manifest: the dataset's content bytes (``data.DatasetSource.content_bytes``).
         split: the dataset split the cache holds.
         features: names of the cached features.
         rank, world_size: this rank's share of the shards.

@@ -22,11 +22,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from mgmoe_ds.config import RunConfig, config_from_dict, config_to_dict
-from mgmoe_ds.curriculum import allowed_from_clusters, assign_clusters, cluster_expert_count, top_experts_per_cluster
+from mgmoe_ds.config import RunConfig, config_from_dict
+from mgmoe_ds.moe.routing import ClusterRouting, RoutingRequest
 
-STATE_PREFIX = "model."  # exported model tensors; routing tensors live under "routing."
-FORMAT_NAME = "mgmoe-ds/1"  # metadata "format" of an exported file
 
 
 class InferenceError(ValueError):
@@ -58,51 +56,13 @@ class Preprocessing:
 
 
 @dataclass
-class RoutingPolicy:
-    """How the trained model routes at inference.
-
-    Cluster-level frozen routing (after a residual stage): each image is assigned to its nearest
-    centroid and may use only that cluster's top experts; otherwise plain top-k.
-    """
-
-    top_k: int  # K of plain top-k routing (the configured moe.top_k)
-    centroids: Optional[Tensor] = None  # (C, D) cluster centroids of pooled backbone features
-    cluster_experts: Optional[Tensor] = None  # (C, k) each cluster's allowed experts, best first
-
-    @property
-    def kind(self) -> str:
-        return "cluster" if self.centroids is not None else "topk"
-
-    def head_kwargs(self, pooled: Tensor, num_experts: int) -> dict[str, Any]:
-        """Routing keyword arguments of ``MGMoE.forward_head`` for images with pooled features (B, D)."""
-        if self.centroids is None:
-            return {"mode": "topk", "top_k": self.top_k}
-        assigned = assign_clusters(pooled, self.centroids.to(pooled.device))  # (B,)
-        allowed = allowed_from_clusters(assigned, self.cluster_experts, num_experts)  # (B, E)
-        return {"mode": "topk", "allowed_experts": allowed,
-                "top_k": min(self.top_k, self.cluster_experts.shape[1])}
-
-    def forward_kwargs(self, num_experts: int) -> dict[str, Any]:
-        """Routing keyword arguments of ``MGMoE.forward``."""
-        if self.centroids is None:
-            return {"mode": "topk", "top_k": self.top_k}
-        return {"route_by": lambda pooled: self.head_kwargs(pooled, num_experts)}
-
-    def to_json(self) -> dict[str, Any]:
-        record: dict[str, Any] = {"kind": self.kind, "top_k": self.top_k}
-        if self.centroids is not None:
-            record.update(num_clusters=int(self.centroids.shape[0]), cluster_experts=self.cluster_experts.tolist())
-        return record
-
-
-@dataclass
 class InferenceMeta:
     """Everything besides the weights that inference needs."""
 
     config: RunConfig  # the run's mgmoe block, with expert_parallel_size 1
     class_names: list[str]  # label order
     preprocessing: Preprocessing
-    routing: RoutingPolicy
+    routing: RoutingRequest  # how the trained model routes (``Stage.inference_routing`` of its last stage)
     source: str  # the run folder or exported file it was loaded from
     checkpoint_tag: Optional[str] = None  # the DeepSpeed tag (run folders) or the tag it was exported from
     dataset: Optional[str] = None  # the training dataset recorded in the run
@@ -127,6 +87,28 @@ def load_tensors(path: Path) -> Any:
         raise InferenceError(f"{path}: refused to load: it holds objects other than tensors ({first})") from None
     except FileNotFoundError:
         raise InferenceError(f"{path}: no such file") from None
+
+
+def _run_state(folder: Path) -> Optional[dict[str, Any]]:
+    """The checkpoint's progress and cluster state (``train.checkpoints.read_run_state``), tensors only."""
+    from mgmoe_ds.train.checkpoints import read_run_state
+
+    try:
+        return read_run_state(folder)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InferenceError(f"{folder}: refused to load: its run state holds objects other than tensors "
+                             f"({first})") from None
+
+
+def trained_routing(config: RunConfig, final_stage: Any, clusters: Optional[dict[str, Tensor]]) -> RoutingRequest:
+    """How a model routes after ``final_stage`` (its entry in ``curriculum.stages``): that stage's
+    ``inference_routing`` with the run's cluster state, K the configured ``moe.top_k``."""
+    from mgmoe_ds.curriculum import ClusterState, create_stage
+
+    state = None if clusters is None else ClusterState.from_state_dict(clusters)
+    routing = create_stage(final_stage, config, base_lr=1.0).inference_routing(state)
+    return routing if routing.top_k is not None else routing.with_top_k(config.moe.top_k)
 
 
 def _consolidated_state(checkpoint_dir: Path, tag: str) -> dict[str, Tensor]:
@@ -167,12 +149,17 @@ def build_model(config: RunConfig, num_classes: int, state: Optional[dict[str, T
 
     model = MGMoE(config.model, config.moe, num_classes)
     if state is not None:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            summary = " ".join(str(err).split())[:300]
-            raise InferenceError(f"{source}: weights do not match the configured model: {summary}") from None
+        load_weights(model, state, source)
     return model.eval()
+
+
+def load_weights(model, state: dict[str, Tensor], source: str) -> None:
+    """Loads ``state`` into ``model`` strictly; a mismatch is one line naming ``source``."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        summary = " ".join(str(err).split())[:300]
+        raise InferenceError(f"{source}: weights do not match the configured model: {summary}") from None
 
 
 def preprocessing_for(model) -> Preprocessing:
@@ -221,18 +208,13 @@ def _load_run(run_dir: Path, tag: Optional[str]):
     num_classes = int(run.get("num_classes") or config.model.num_classes)
     model = build_model(config, num_classes, state, str(folder))
 
-    progress = load_tensors(folder / "progress.pt") if (folder / "progress.pt").is_file() else {}
-    stage_index = int(progress.get("stage_index", len(config.curriculum.stages) - 1))
-    final_stage = config.curriculum.stages[stage_index].name
-    clusters = progress.get("clusters")
-    routing = RoutingPolicy(top_k=config.moe.top_k)
-    if final_stage == "residual" and clusters is not None:
-        k = cluster_expert_count(config.moe.top_k, model.num_experts)
-        routing = RoutingPolicy(top_k=config.moe.top_k, centroids=clusters["centroids"].float(),
-                                cluster_experts=top_experts_per_cluster(clusters["teacher"], k))
+    run_state = _run_state(folder) or {"progress": {}, "clusters": None}
+    stage_index = int(run_state["progress"].get("stage_index", len(config.curriculum.stages) - 1))
+    final_stage = config.curriculum.stages[stage_index]
+    routing = trained_routing(config, final_stage, run_state.get("clusters"))
     meta = InferenceMeta(config=config, class_names=_run_class_names(run, num_classes),
                          preprocessing=preprocessing_for(model), routing=routing, source=str(run_dir),
-                         checkpoint_tag=tag, dataset=run.get("dataset"), final_stage=final_stage)
+                         checkpoint_tag=tag, dataset=run.get("dataset"), final_stage=final_stage.name)
     return model, meta
 
 
@@ -250,18 +232,23 @@ def _load_safetensors(path: Path):
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise InferenceError(f"{path}: not a readable safetensors file ({err})") from None
-    if metadata.get("format") != FORMAT_NAME:
-        raise InferenceError(f"{path}: metadata format = {metadata.get('format')!r}: expected {FORMAT_NAME!r} "
-                             f"(a file written by `mgmoe export`)")
+    from mgmoe_ds.export import FORMATS, state_from_export
+
+    if metadata.get("format") not in FORMATS:
+        raise InferenceError(f"{path}: metadata format = {metadata.get('format')!r}: expected one of "
+                             f"{', '.join(map(repr, FORMATS))} (a file written by `mgmoe export`)")
     config = inference_config(config_from_dict(json.loads(metadata["mgmoe_config"]), f"{path} metadata"))
     class_names = json.loads(metadata["class_names"])
-    state = {k[len(STATE_PREFIX):]: v for k, v in tensors.items() if k.startswith(STATE_PREFIX)}
-    model = build_model(config, len(class_names), state, str(path))
+    model = build_model(config, len(class_names))
+    try:
+        load_weights(model, state_from_export(model, tensors, metadata["format"]), str(path))
+    except KeyError as err:
+        raise InferenceError(f"{path}: tensor {err.args[0]!r} is not in the configured model") from None
     routing_json = json.loads(metadata["routing"])
-    routing = RoutingPolicy(top_k=int(routing_json["top_k"]))
+    clusters = None
     if routing_json["kind"] == "cluster":
-        routing = RoutingPolicy(top_k=int(routing_json["top_k"]), centroids=tensors["routing.centroids"].float(),
-                                cluster_experts=tensors["routing.cluster_experts"].long())
+        clusters = ClusterRouting(tensors["routing.centroids"].float(), tensors["routing.cluster_experts"].long())
+    routing = RoutingRequest(top_k=routing_json["top_k"], clusters=clusters)
     source_info = json.loads(metadata.get("source", "{}"))
     meta = InferenceMeta(config=config, class_names=class_names,
                          preprocessing=Preprocessing.from_json(json.loads(metadata["preprocessing"])),
@@ -294,28 +281,10 @@ def load_trained(path: str | Path, *, tag: Optional[str] = None):
     raise InferenceError(f"{path}: no such run folder or .safetensors file")
 
 
-def export_tensors(model, meta: InferenceMeta) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors and string metadata of an export (see ``mgmoe_ds.export``)."""
-    tensors = {STATE_PREFIX + k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    if meta.routing.centroids is not None:
-        tensors["routing.centroids"] = meta.routing.centroids.float().contiguous().clone()  # (C, D)
-        tensors["routing.cluster_experts"] = meta.routing.cluster_experts.long().contiguous().clone()  # (C, k)
-    metadata = {
-        "format": FORMAT_NAME,
-        "mgmoe_config": json.dumps(config_to_dict(meta.config)),
-        "class_names": json.dumps(meta.class_names),
-        "preprocessing": json.dumps(meta.preprocessing.to_json()),
-        "routing": json.dumps(meta.routing.to_json()),
-        "source": json.dumps({"path": meta.source, "checkpoint_tag": meta.checkpoint_tag, "dataset": meta.dataset,
-                              "final_stage": meta.final_stage}),
-    }
-    return tensors, metadata
-
-
 @torch.no_grad()
 def routed_forward(model, meta: InferenceMeta, images: Tensor):
     """One forward with the trained model's inference routing -> ``ModelOutput``."""
-    return model(images, **meta.routing.forward_kwargs(model.num_experts))
+    return model(images, routing=meta.routing)
 
 
 def eval_transform(preprocessing: Preprocessing) -> Callable:

@@ -9,26 +9,36 @@ features answers for an image that lost every expert to capacity; it is trained 
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mgmoe_ds.backbone import Backbone
-from mgmoe_ds.config import ExpertSpec, ModelConfig, MoEConfig
+from mgmoe_ds.config import PARAMETER_GROUPS, ExpertSpec, ModelConfig, MoEConfig
 from mgmoe_ds.experts import create_expert, expert_class
 from mgmoe_ds.flops import count_flops, count_parameters
-from mgmoe_ds.moe.layer import MoEOutput, RouteOutput, RoutingMode, layer_from_config
+from mgmoe_ds.moe.layer import MoEOutput, RouteOutput, RoutedExperts, layer_from_config
+from mgmoe_ds.moe.routing import RoutingRequest
+
+Routing = Union[RoutingRequest, dict[str, RoutingRequest], None]  # one request for every layer, or by layer name
 
 ROUTER_INPUT = "pooled"
+HEAD_LAYER = "moe"  # name of the per-image routed layer of heterogeneous experts (its module path)
+
+# Default loss weights, by name or glob pattern over the loss names (``weighted_loss``): the task
+# cross-entropy, the fallback head's, and each routed layer's router losses.
+BASE_LOSS_WEIGHTS = {"task": 1.0, "fallback": 0.5}
 
 
 @dataclass
 class ModelOutput:
-    """One forward of MG-MoE; every loss is returned here by name.
+    """One forward of MG-MoE; routes and losses are keyed by the routed layer they come from.
 
     A dataclass on purpose: DeepSpeed hooks the tensors (and tuples, lists, dicts of tensors) an
     engine's forward returns, and those hooks must not run inside the trainer's fixed-order
@@ -36,16 +46,43 @@ class ModelOutput:
     """
 
     logits: Tensor  # (B, classes) fused logits
-    route: RouteOutput  # routing weights, indices, capacity and drop counts
-    pooled: Tensor  # (B, D) the router input (pooled backbone features)
-    losses: dict[str, Tensor] = field(default_factory=dict)  # raw losses by name ("task" when targets given)
-    aux_loss: Optional[Tensor] = None  # weighted sum of the router and expert losses
-    moe_output: Optional[MoEOutput] = field(default=None, repr=False)
+    routes: dict[str, RouteOutput]  # per routed layer: weights, indices, capacity and drop counts
+    pooled: Tensor  # (B, D) the head layer's router input (pooled backbone features)
+    losses: dict[str, Tensor] = field(default_factory=dict)  # raw losses: "task", "fallback", "<layer>.<name>"
+    layer_outputs: dict[str, MoEOutput] = field(default_factory=dict, repr=False)
+
+    @property
+    def route(self) -> RouteOutput:
+        """The head layer's routing decision."""
+        return self.routes[HEAD_LAYER]
 
     @property
     def expert_logits(self) -> Tensor:
-        """(B, K, classes) logits of each routed expert, best first (zero where dropped)."""
-        return self.moe_output.expert_outputs
+        """(B, K, classes) logits of each of the head layer's routed experts, best first (zero where dropped)."""
+        return self.layer_outputs[HEAD_LAYER].expert_outputs
+
+
+def loss_weights(moe_config: MoEConfig, *overrides: dict[str, float]) -> dict[str, float]:
+    """The weight of every loss, by name or glob pattern (``*.load_balance``): the defaults, then
+    each of ``overrides`` in turn (a stage's own weights, then the user's ``loss_weights``)."""
+    weights = dict(BASE_LOSS_WEIGHTS, **{"*.load_balance": moe_config.load_balance_weight,
+                                         "*.z_loss": moe_config.z_loss_weight})
+    for extra in overrides:
+        weights.update(extra)
+    return weights
+
+
+def loss_weight(name: str, weights: dict[str, float]) -> float:
+    """A loss's weight: its exact name's, else the last matching glob pattern's, else 1."""
+    if name in weights:
+        return weights[name]
+    matched = [w for pattern, w in weights.items() if fnmatch.fnmatchcase(name, pattern)]
+    return matched[-1] if matched else 1.0
+
+
+def weighted_loss(losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    """The training objective: sum of ``loss_weight(name) * loss`` (the one place losses are weighted)."""
+    return sum(loss_weight(name, weights) * value for name, value in losses.items())
 
 
 def expert_features(spec: ExpertSpec, info) -> frozenset[str]:
@@ -61,6 +98,10 @@ def _seeded(seed: int, factory: Callable[[], nn.Module]) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return factory()
+
+
+def _for_layer(routing: Routing, layer: str) -> Optional[RoutingRequest]:
+    return routing.get(layer) if isinstance(routing, dict) else routing
 
 
 class MGMoE(nn.Module):
@@ -98,6 +139,10 @@ class MGMoE(nn.Module):
     def num_experts(self) -> int:
         return self.moe.num_experts
 
+    def moe_layers(self) -> dict[str, RoutedExperts]:
+        """Every routed layer by name (its module path); today the head layer alone."""
+        return {name: module for name, module in self.named_modules() if isinstance(module, RoutedExperts)}
+
     def forward_features(self, images: Tensor) -> dict[str, Tensor]:
         """Backbone features for the router and the experts: dict of (B, ...) tensors.
 
@@ -111,67 +156,76 @@ class MGMoE(nn.Module):
             return {name: value[:0] for name, value in probe.items()}
         return self.backbone(images, need)
 
-    def forward_head(
-        self,
-        features: dict[str, Tensor],
-        targets: Optional[Tensor] = None,
-        *,
-        mode: RoutingMode = "topk",
-        top_k: Optional[int] = None,
-        allowed_experts: Optional[Tensor] = None,
-        single_expert: Optional[int] = None,
-        uniform_weights: bool = False,
-    ) -> ModelOutput:
-        """Routes precomputed features (from ``forward_features`` or a feature cache)."""
+    def forward_head(self, features: dict[str, Tensor], targets: Optional[Tensor] = None,
+                     routing: Routing = None) -> ModelOutput:
+        """Routes precomputed features (from ``forward_features`` or a feature cache).
+
+        Args:
+            features: ``forward_features`` output.
+            targets: (B,) class indices, or None.
+            routing: a ``RoutingRequest`` for every routed layer, or one per layer name; default
+                Top-K with the configured K.
+        """
         pooled = features[ROUTER_INPUT]  # (B, D)
         payload = {name: features[name] for name in self.features}
-        out = self.moe(pooled, payload, targets, mode=mode, top_k=top_k, allowed_experts=allowed_experts,
-                       single_expert=single_expert, uniform_weights=uniform_weights)
-        losses = dict(out.aux_losses)
+        out = self.moe(pooled, payload, targets, routing=_for_layer(routing, HEAD_LAYER))
+        losses = {f"{HEAD_LAYER}.{name}": value for name, value in out.aux_losses.items()}
         if targets is not None:
             losses["task"] = F.cross_entropy(out.output.float(), targets)
             losses["fallback"] = F.cross_entropy(self.moe.fallback_head(pooled).float(), targets)
-        return ModelOutput(logits=out.output, route=out.route, pooled=pooled, losses=losses, aux_loss=out.aux_loss,
-                           moe_output=out)
+        return ModelOutput(logits=out.output, routes={HEAD_LAYER: out.route}, pooled=pooled, losses=losses,
+                           layer_outputs={HEAD_LAYER: out})
 
-    def forward(self, images: Optional[Tensor], targets: Optional[Tensor] = None,
-                route_by: Optional[Callable[[Tensor], dict]] = None, *,
-                features: Optional[dict[str, Tensor]] = None, **routing) -> ModelOutput:
+    def forward(self, images: Optional[Tensor], targets: Optional[Tensor] = None, routing: Routing = None, *,
+                features: Optional[dict[str, Tensor]] = None) -> ModelOutput:
         """Full forward, or the head alone on precomputed features.
 
         Args:
             images: (B, 3, H, W), or None when ``features`` is given.
             targets: (B,) class indices, or None.
-            route_by: optional callable mapping the pooled features (B, D) to extra routing
-                keyword arguments (e.g. per-image ``allowed_experts`` from cluster-level routing).
+            routing: see ``forward_head``.
             features: precomputed ``forward_features`` output (a feature cache of a frozen
                 backbone); the backbone is then skipped. Passing them here rather than calling
                 ``forward_head`` keeps the call inside a DeepSpeed engine's forward.
-            **routing: see ``forward_head``.
         """
         if features is None:
             features = self.forward_features(images)
-        if route_by is not None:
-            routing = dict(routing, **route_by(features[ROUTER_INPUT].detach()))
-        return self.forward_head(features, targets, **routing)
+        return self.forward_head(features, targets, routing)
 
     # -- parameter groups (the curriculum freezes and unfreezes by these names) ---------------
 
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Named groups: backbone, router, fallback, experts (non-head), expert_heads.
+    def group_matcher(self) -> dict[str, Callable[[str], bool]]:
+        """Which parameter (by name) belongs to which of ``config.PARAMETER_GROUPS``, first match
+        wins, as timm's ``group_matcher`` does: the experts' classification heads (each expert
+        names them), the rest of the experts, each routed layer's router and fallback head, and
+        the backbone."""
+        names = {id(p): name for name, p in self.named_parameters()}
+        heads = {names[id(p)] for layer in self.moe_layers().values() for expert in layer.local_experts
+                 for p in expert.head_parameters()}
+        matchers = {
+            "expert_heads": heads.__contains__,
+            "experts": re.compile(r"(^|\.)deepspeed_moe\.experts\.").search,
+            "router": re.compile(r"(^|\.)router\.").search,
+            "fallback": re.compile(r"(^|\.)fallback_head\.").search,
+            "backbone": re.compile(r"^backbone\.").search,
+        }
+        assert tuple(sorted(matchers)) == tuple(sorted(PARAMETER_GROUPS)), "one matcher per parameter group"
+        return matchers
 
-        The same five names on every rank whatever experts it holds (DeepSpeed's ZeRO runs one
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``config.PARAMETER_GROUPS`` -> parameters, by ``group_matcher``.
+
+        The same names on every rank whatever experts it holds (DeepSpeed's ZeRO runs one
         collective per group, so every rank needs the same group structure).
         """
-        heads = [p for params in self.head_parameters_by_expert().values() for p in params]
-        head_ids = {id(p) for p in heads}
-        return {
-            "backbone": list(self.backbone.parameters()),
-            "router": list(self.moe.router.parameters()),
-            "fallback": list(self.moe.fallback_head.parameters()),
-            "experts": [p for p in self.moe.local_experts.parameters() if id(p) not in head_ids],
-            "expert_heads": heads,
-        }
+        matchers = self.group_matcher()
+        groups: dict[str, list[nn.Parameter]] = {name: [] for name in PARAMETER_GROUPS}
+        for name, param in self.named_parameters():
+            group = next((g for g, matches in matchers.items() if matches(name)), None)
+            if group is None:
+                raise RuntimeError(f"parameter {name} is in no parameter group; extend MGMoE.group_matcher")
+            groups[group].append(param)
+        return groups
 
     def head_parameters_by_expert(self) -> dict[int, list[nn.Parameter]]:
         """Global expert id -> its classification head parameters, for this rank's experts."""
@@ -200,7 +254,7 @@ class MGMoE(nn.Module):
                                                                         self.backbone.info)}
             expert_flops[f"{global_id}:{self.expert_names[global_id]}"] = count_flops(expert, payload, None) / batch_size
         topk = count_flops(self.forward, images) / batch_size
-        dense = count_flops(partial(self.forward, mode="dense"), images) / batch_size
+        dense = count_flops(partial(self.forward, routing=RoutingRequest.dense()), images) / batch_size
         out = self.forward_head(features)
         chosen = out.route.expert_indices  # (B, K)
         expert_params = [count_parameters(e) for e in self.moe.local_experts]

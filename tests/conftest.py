@@ -175,3 +175,15 @@ def write_small_set(root: Path, name: str, sizes: dict[str, int], shard_size: in
 
     return write_dataset({split: samples(split) for split in sizes}, classes, root, name, shard_size=shard_size,
                          skipped=[], options={}, source="tests", split_sizes=sizes)
+
+
+@pytest.fixture
+def world_of_one():
+    """A gloo process group of one rank in this process (the trainer's collectives need one), removed afterwards."""
+    import torch.distributed as dist
+
+    from dist_utils import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -129,7 +129,7 @@ def test_expert_options_as_given_are_kept_once_valid(tmp_path):
 def test_tuple_annotations_read_json_lists_of_the_right_length():
     from typing import Optional
 
-    from mgmoe_ds.config import _convert, _type_name
+    from mgmoe_ds.typed_json import convert as _convert, type_name as _type_name
 
     assert _convert(tuple[int, int, int], [4, 2, 1], "k", "f") == (4, 2, 1)
     assert _convert(tuple[float, ...], [1, 2.5], "k", "f") == (1.0, 2.5)

@@ -1,33 +1,93 @@
+"""The curriculum: the stage registry, the three MG-MoE stages, clustering and the cluster teacher."""
 
 import pytest
 import torch
 
-from mgmoe_ds.config import StageConfig
-from mgmoe_ds.curriculum import (
-    allowed_from_clusters,
-    assign_clusters,
-    cluster_expert_count,
-    cluster_expert_scores,
-    cluster_teacher,
-    kmeans,
-    plan_stage,
-    teacher_kl,
-    top_experts_per_cluster,
-)
+from mgmoe_ds.config import RunConfig, StageConfig, config_from_dict
+from mgmoe_ds.curriculum import ClusterState, Stage, create_stage, list_stages, register_stage
+from mgmoe_ds.curriculum.clustering import assign_clusters, kmeans
+from mgmoe_ds.curriculum.residual import cluster_expert_count
+from mgmoe_ds.curriculum.teacher import cluster_expert_scores, cluster_teacher, teacher_kl
+from mgmoe_ds.moe.routing import RoutingRequest
+
+RUN = RunConfig()
 
 
-def test_stage_plans_route_and_train_what_the_curriculum_says():
-    warm = plan_stage(StageConfig("warmup", epochs=1), base_lr=1e-3)
-    assert (warm.mode, warm.uniform_weights, warm.uses_teacher, warm.frozen_routing) == ("dense", True, False, False)
+def clusters_with_teacher(teacher: torch.Tensor) -> ClusterState:
+    """Two clusters at (0, 0) and (10, 10) whose teachers are the rows of ``teacher``."""
+    c = teacher.shape[0]
+    return ClusterState(centroids=torch.tensor([[0.0, 0.0], [10.0, 10.0]])[:c], teacher=teacher,
+                        scores=teacher.log(), val_counts=torch.ones(c), train_counts=torch.ones(c))
+
+
+def test_the_registry_holds_the_three_stages_and_refuses_a_second_of_a_name():
+    assert {"warmup", "routing", "residual"} <= set(list_stages())
+    with pytest.raises(ValueError, match="curriculum stage 'warmup' is already registered by WarmupStage"):
+        register_stage("warmup")(type("Again", (Stage,), {}))
+
+
+def test_each_stage_trains_routes_and_weighs_losses_as_the_curriculum_says():
+    warm = create_stage(StageConfig("warmup", epochs=1), RUN, base_lr=1e-3)
+    assert warm.routing(None) == RoutingRequest.dense(uniform_weights=True)
     assert "router" not in warm.group_lr and {"backbone", "experts", "expert_heads"} <= set(warm.group_lr)
-    routing = plan_stage(StageConfig("routing", epochs=1), base_lr=1e-3)
-    assert routing.mode == "topk" and routing.uses_teacher and routing.group_lr["router"] == pytest.approx(1e-3)
-    residual = plan_stage(StageConfig("residual", epochs=1), base_lr=1e-3)
-    assert residual.frozen_routing and set(residual.group_lr) == {"router", "expert_heads"}
-    custom = plan_stage(StageConfig("residual", epochs=1, lr={"router": 0.0, "expert_heads": 5e-4}), 1e-3)
-    assert custom.group_lr == {"expert_heads": 5e-4}  # lr 0 freezes
-    with pytest.raises(ValueError, match="unknown parameter group 'head'"):
-        plan_stage(StageConfig("residual", epochs=1, lr={"head": 1e-3}), 1e-3)
+    assert warm.loss_weights() == {"*.load_balance": 0.0, "*.z_loss": 0.0}  # the frozen router's losses off
+    routing = create_stage(StageConfig("routing", epochs=1), RUN, base_lr=1e-3)
+    assert routing.group_lr["router"] == pytest.approx(1e-3) and routing.group_lr["backbone"] == pytest.approx(1e-4)
+    assert routing.routing(None) == RoutingRequest() and routing.loss_weights() == {"kl": RUN.curriculum.kl_weight}
+    residual = create_stage(StageConfig("residual", epochs=1), RUN, base_lr=1e-3)
+    assert set(residual.group_lr) == {"router", "expert_heads"} and not residual.trains_backbone
+    assert residual.group_options("expert_heads") == {"weight_decay": 0.0}
+    custom = create_stage(StageConfig("residual", epochs=1, lr={"router": 0.0, "expert_heads": 5e-4},
+                                      loss_weights={"kl": 3.0}), RUN, 1e-3)
+    assert custom.group_lr == {"expert_heads": 5e-4}  # lr 0 freezes a group
+    assert custom.loss_weights() == {"kl": 3.0}  # the user's weights come last
+
+
+def test_routing_stage_adds_kl_to_each_images_cluster_teacher():
+    stage = create_stage(StageConfig("routing", epochs=1), RUN, 1e-3)
+    teacher = torch.tensor([[0.8, 0.2], [0.1, 0.9]])
+    pooled = torch.tensor([[0.5, 0.0], [9.0, 9.5]])  # nearest clusters 0 and 1
+
+    class Out:
+        route = type("Route", (), {"probs": torch.tensor([[0.5, 0.5], [0.5, 0.5]])})
+    Out.pooled = pooled
+    kl = stage.extra_losses(Out, clusters_with_teacher(teacher))["kl"]
+    expected = (teacher * (teacher / 0.5).log()).sum(1).mean()  # KL(teacher || uniform), cluster by cluster
+    assert float(kl) == pytest.approx(float(expected), rel=1e-5)
+    assert stage.extra_losses(Out, None) == {}  # no clusters yet: no KL
+
+
+def test_residual_stage_routes_each_cluster_to_its_top_experts_and_freezes_the_other_heads():
+    run = config_from_dict({"moe": {"top_k": 2}})
+    stage = create_stage(StageConfig("residual", epochs=1), run, 1e-3)
+    teacher = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.1, 0.6, 0.25, 0.05]])
+    clusters = clusters_with_teacher(teacher)
+    request = stage.routing(clusters)
+    assert request.clusters.cluster_experts.tolist() == [[0, 1], [1, 2]]
+    resolved = request.resolve(torch.tensor([[1.0, 1.0], [11.0, 9.0]]), num_experts=4)
+    assert resolved.allowed_experts.tolist() == [[True, True, False, False], [False, True, True, False]]
+    assert stage.frozen_heads(clusters, 4) == {3}  # expert 3 is in no cluster's top 2
+    assert stage.inference_routing(clusters).to_json() == request.to_json()  # evaluated as trained
+    assert stage.to_json(clusters)["unfrozen_heads"] == [0, 1, 2]
+
+
+class _Hooks:
+    def __init__(self):
+        self.clusters, self.recomputed = None, 0
+
+    def recompute_clusters(self):
+        self.recomputed += 1
+
+
+def test_stage_hooks_recompute_clusters_when_the_stage_needs_them():
+    hooks = _Hooks()
+    create_stage(StageConfig("routing", epochs=1), RUN, 1e-3).on_epoch_start(hooks)  # every epoch
+    create_stage(StageConfig("warmup", epochs=1), RUN, 1e-3).on_epoch_start(hooks)  # never
+    residual = create_stage(StageConfig("residual", epochs=1), RUN, 1e-3)
+    residual.on_stage_start(hooks)  # no clusters yet: computed once
+    hooks.clusters = object()
+    residual.on_stage_start(hooks)  # clusters carried from stage 1: kept
+    assert hooks.recomputed == 2
 
 
 def test_teacher_and_kl_on_a_hand_made_case():
@@ -47,7 +107,7 @@ def test_teacher_and_kl_on_a_hand_made_case():
     teacher = cluster_teacher(scores, temperature=0.5)
     expected0 = torch.softmax(torch.tensor([-2.0, -1.0, -0.2]) / 0.5, 0)
     torch.testing.assert_close(teacher[0], expected0)
-    assert top_experts_per_cluster(teacher, 2)[:2].tolist() == [[2, 1], [0, 2]]
+    assert clusters_with_teacher(teacher[:2]).top_experts(2).tolist() == [[2, 1], [0, 2]]
     # KL(teacher || router) is zero when the router equals the teacher, positive otherwise
     router = teacher[clusters]
     assert teacher_kl(router, teacher[clusters]).item() == pytest.approx(0.0, abs=1e-6)
@@ -77,9 +137,10 @@ def test_kmeans_finds_separated_clusters_and_reduces_sums():
     torch.testing.assert_close(doubled, found)
 
 
-def test_allowed_mask_from_clusters():
-    mask = allowed_from_clusters(torch.tensor([1, 0]), torch.tensor([[0, 3], [2, 1]]), 4)
-    assert mask.tolist() == [[False, True, True, False], [True, False, False, True]]
+def test_cluster_state_round_trips_through_its_state_dict():
+    state = clusters_with_teacher(torch.tensor([[0.7, 0.3], [0.2, 0.8]]))
+    again = ClusterState.from_state_dict(state.state_dict())
+    assert all(torch.equal(getattr(again, k), v) for k, v in state.state_dict().items())
 
 
 def test_the_residual_stage_keeps_top_2_experts_per_cluster_or_top_k_above_2():

@@ -249,7 +249,10 @@ def test_an_expert_parallel_size_the_world_cannot_hold_fails_in_one_line_on_ever
     assert result.returncode != 0 and time.time() - started < 120
     errors = [line for line in (result.stdout + result.stderr).splitlines() if "error: " in line]
     expected = f"error: {config}: mgmoe.moe.expert_parallel_size = 4 does not divide the number of ranks (2)"
-    assert len(errors) == 2 and all(expected in line for line in errors), errors
+    # Each rank refuses before any process group exists (none waits in a collective); DeepSpeed's
+    # launcher stops the other rank as soon as one exits, so one or two ranks get to print.
+    assert 1 <= len(errors) <= 2 and all(expected in line for line in errors), errors
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 @pytest.mark.slow

@@ -11,10 +11,9 @@ import torch
 
 from conftest import TINY_MGMOE, write_tiny_config
 from mgmoe_ds.config import config_from_dict
-from mgmoe_ds.data import make_loader
+from mgmoe_ds.data import dataset_source, make_loader
 from mgmoe_ds.data.transforms import create_transform
-from mgmoe_ds.feature_cache import (FeatureCache, FeatureCacheStore, cache_key, load_feature_cache, manifest_bytes,
-                                   weights_digest)
+from mgmoe_ds.feature_cache import FeatureCache, FeatureCacheStore, cache_key, load_feature_cache, weights_digest
 from mgmoe_ds.model import MGMoE
 
 BATCH = 8
@@ -37,7 +36,7 @@ def eval_loader(dataset, model):
 
 def key_for(model, dataset, **changes):
     args = dict(transform=repr(create_transform(32, False, **model.backbone.preprocessing())),
-                manifest=manifest_bytes(dataset), split="train", features=model.features | {"pooled"}, rank=0,
+                manifest=dataset_source(dataset).content_bytes(), split="train", features=model.features | {"pooled"}, rank=0,
                 world_size=1,
                 views=1, dtype="float16", seed=0)
     return cache_key(weights_digest(model.backbone), **dict(args, **changes))
@@ -208,48 +207,56 @@ def test_several_views_are_stored_per_sample_and_must_read_the_same_samples(tiny
                   compute=tiny_model.forward_features)
 
 
-@pytest.fixture
-def world_of_one(monkeypatch):
-    """The environment of a one-rank Trainer built inside the test process, removed afterwards
-    (jobs started later by other tests must not inherit this process's rank and port)."""
-    from dist_utils import free_port
+def training_passes(config_path, dataset, run_dir):
+    """The trainer's feature caches and passes for a one-rank run, without DeepSpeed."""
+    from mgmoe_ds.config import load_run_config
+    from mgmoe_ds.train.data import RunData
+    from mgmoe_ds.train.distributed import Collectives
+    from mgmoe_ds.train.passes import TrainingPasses
+    from mgmoe_ds.train.stage_features import StageFeatures
 
-    for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(name, value)
+    config, _ = load_run_config(config_path)
+    torch.manual_seed(0)
+    model = MGMoE(config.model, config.moe, num_classes=4)
+    data = RunData(config, str(dataset), rank=0, world_size=1, micro_batch=BATCH, pin_memory=False,
+                   transform_options=model.backbone.preprocessing())
+    cpu = torch.device("cpu")
+    features = StageFeatures(config, model, data, run_dir, device=cpu, input_dtype=torch.float32, is_main=False)
+    return config, features, TrainingPasses(config, model, data, features, Collectives(cpu), device=cpu,
+                                            input_dtype=torch.float32)
 
 
 def test_validation_and_clustering_read_the_eval_cache_with_the_same_results(tiny_dataset, tmp_path, world_of_one):
     from mgmoe_ds.config import StageConfig
-    from mgmoe_ds.curriculum import plan_stage
-    from mgmoe_ds.engine import Trainer, TrainArgs
+    from mgmoe_ds.curriculum import create_stage
+    from mgmoe_ds.moe.routing import RoutingRequest
 
-    config = write_tiny_config(tmp_path / "ds.json", cache={"dtype": "float32"})
-    trainer = Trainer(TrainArgs(deepspeed_config=config, data=str(tiny_dataset), output=tmp_path / "run"))
-    frozen = plan_stage(StageConfig("residual", epochs=1), trainer.base_lr)
-    unfrozen = plan_stage(StageConfig("warmup", epochs=1), trainer.base_lr)
-    routing = {"mode": "dense"}
-    from_images = trainer.evaluate("val", routing, unfrozen)
-    assert trainer._feature_cache_store().builds == 0  # a stage that trains the backbone reads images
-    from_cache = trainer.evaluate("val", routing, frozen)
-    assert trainer._feature_cache_store().builds == 1 and set(trainer._eval_caches) == {"val"}
+    config, features, passes = training_passes(write_tiny_config(tmp_path / "ds.json", cache={"dtype": "float32"}),
+                                               tiny_dataset, tmp_path / "run")
+    frozen = create_stage(StageConfig("residual", epochs=1), config, 1e-3)
+    unfrozen = create_stage(StageConfig("warmup", epochs=1), config, 1e-3)
+    routing = RoutingRequest.dense()
+    from_images = passes.evaluate("val", routing, unfrozen)
+    assert features._store is None  # a stage that trains the backbone reads images
+    from_cache = passes.evaluate("val", routing, frozen)
+    assert features._store.builds == 1 and set(features._eval_caches) == {"val"}
     assert from_cache["images"] == from_images["images"] > 0 and from_cache["top1"] == from_images["top1"]
     assert abs(from_cache["loss"] - from_images["loss"]) < 1e-4
-    assert torch.allclose(trainer._pooled_features(frozen), trainer._pooled_features(None), atol=1e-5)
-    assert trainer._feature_cache_store().builds == 2
+    assert torch.allclose(passes.pooled_features(frozen), passes.pooled_features(None), atol=1e-5)
+    assert features._store.builds == 2
 
 
 def test_a_shared_cache_dir_is_reused_by_another_run(tiny_dataset, tmp_path, world_of_one):
     from mgmoe_ds.config import StageConfig
-    from mgmoe_ds.curriculum import plan_stage
-    from mgmoe_ds.engine import Trainer, TrainArgs
+    from mgmoe_ds.curriculum import create_stage
+    from mgmoe_ds.moe.routing import RoutingRequest
 
     shared = tmp_path / "shared_cache"
-    config = write_tiny_config(tmp_path / "ds.json", cache={"dir": str(shared)})
+    config_path = write_tiny_config(tmp_path / "ds.json", cache={"dir": str(shared)})
     builds = []
     for run in ("one", "two"):
-        trainer = Trainer(TrainArgs(deepspeed_config=config, data=str(tiny_dataset), output=tmp_path / run))
-        trainer.evaluate("val", {"mode": "dense"}, plan_stage(StageConfig("residual", epochs=1), trainer.base_lr))
-        builds.append(trainer._feature_cache_store().builds)
-        assert trainer._eval_caches["val"].storage == "memmap" and trainer._eval_caches["val"].folder.parent == shared
+        config, features, passes = training_passes(config_path, tiny_dataset, tmp_path / run)
+        passes.evaluate("val", RoutingRequest.dense(), create_stage(StageConfig("residual", epochs=1), config, 1e-3))
+        builds.append(features._store.builds)
+        assert features._eval_caches["val"].storage == "memmap" and features._eval_caches["val"].folder.parent == shared
     assert builds == [1, 0] and not (tmp_path / "one" / "feature_cache").exists()

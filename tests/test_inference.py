@@ -28,13 +28,14 @@ def mgmoe(*args: str) -> subprocess.CompletedProcess:
 
 def tiny_model_and_meta(seed: int = 0):
     from mgmoe_ds.config import config_from_dict
-    from mgmoe_ds.inference import InferenceMeta, RoutingPolicy, build_model, inference_config, preprocessing_for
+    from mgmoe_ds.inference import InferenceMeta, build_model, inference_config, preprocessing_for
+    from mgmoe_ds.moe.routing import ClusterRouting, RoutingRequest
 
     config = inference_config(config_from_dict({"model": TINY_MGMOE["model"], "moe": TINY_MGMOE["moe"]}))
     torch.manual_seed(seed)
     model = build_model(config, 4)
-    routing = RoutingPolicy(top_k=2, centroids=torch.randn(3, model.backbone.info.pooled_dim),
-                            cluster_experts=torch.tensor([[0, 1], [2, 3], [1, 3]]))
+    routing = RoutingRequest(top_k=2, clusters=ClusterRouting(torch.randn(3, model.backbone.info.pooled_dim),
+                                                              torch.tensor([[0, 1], [2, 3], [1, 3]])))
     meta = InferenceMeta(config=config, class_names=["wren", "robin", "finch", "tit"],
                          preprocessing=preprocessing_for(model), routing=routing, source="<test>")
     return model, meta
@@ -52,19 +53,62 @@ def test_export_round_trip_keeps_weights_metadata_and_cluster_routing(tmp_path):
     # the transform the training loaders use (the backbone's own normalisation), at the trained size
     assert loaded_meta.preprocessing.transform_options() == model.backbone.preprocessing()
     assert loaded_meta.preprocessing.img_size == 32
-    assert loaded_meta.routing.kind == "cluster"
-    assert torch.equal(loaded_meta.routing.cluster_experts, meta.routing.cluster_experts)
+    assert loaded_meta.routing.clusters is not None and loaded_meta.routing.top_k == 2
+    assert torch.equal(loaded_meta.routing.clusters.cluster_experts, meta.routing.clusters.cluster_experts)
+    assert torch.equal(loaded_meta.routing.clusters.centroids, meta.routing.clusters.centroids)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     images = torch.randn(5, 3, 32, 32)
     a, b = routed_forward(model, meta, images), routed_forward(loaded, loaded_meta, images)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.route.expert_indices, b.route.expert_indices)
     # cluster routing: each image's experts are its cluster's pair
-    from mgmoe_ds.curriculum import assign_clusters
+    from mgmoe_ds.moe.routing import nearest_centroid
 
-    clusters = assign_clusters(b.pooled, loaded_meta.routing.centroids)
+    clusters = nearest_centroid(b.pooled, loaded_meta.routing.clusters.centroids)
     for row, cluster in enumerate(clusters.tolist()):
-        assert set(b.route.expert_indices[row].tolist()) <= set(meta.routing.cluster_experts[cluster].tolist())
+        allowed = meta.routing.clusters.cluster_experts[cluster].tolist()
+        assert set(b.route.expert_indices[row].tolist()) <= set(allowed)
+
+
+def test_an_export_names_tensors_by_what_they_are_and_one_expert_loads_on_its_own(tmp_path):
+    from safetensors.torch import load_file
+
+    from mgmoe_ds.experts import create_expert
+    from mgmoe_ds.export import save_export
+
+    model, meta = tiny_model_and_meta()
+    tensors = load_file(str(save_export(model, meta, tmp_path / "model.safetensors")))
+    tops = {name.split(".")[0] for name in tensors}
+    assert tops == {"backbone", "router", "fallback", "experts", "routing"}
+    assert "router.gate.weight" in tensors and "fallback.1.weight" in tensors
+    assert not any("deepspeed" in name or name.startswith("model.") for name in tensors)
+    # a user's own code: PMG's weights into a PMG expert built alone, and the same logits
+    spec = meta.config.model.experts[1]
+    pmg = create_expert("pmg", info=model.backbone.info, num_classes=4, **spec.options).eval()
+    pmg.load_state_dict({k[len("experts.pmg."):]: v for k, v in tensors.items() if k.startswith("experts.pmg.")})
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        inside = model.moe.local_experts[1]({k: features[k] for k in pmg.required_features}, None).logits
+        alone = pmg({k: features[k] for k in pmg.required_features}, None).logits
+    torch.testing.assert_close(alone, inside, rtol=0, atol=0)
+
+
+def test_exports_of_the_earlier_format_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from mgmoe_ds.export import LEGACY_FORMAT, export_tensors
+    from mgmoe_ds.inference import load_trained
+
+    model, meta = tiny_model_and_meta()
+    _, metadata = export_tensors(model, meta)
+    legacy = {"model." + k: v.contiguous() for k, v in model.state_dict().items()}  # the format before names
+    legacy["routing.centroids"] = meta.routing.clusters.centroids
+    legacy["routing.cluster_experts"] = meta.routing.clusters.cluster_experts
+    save_file(legacy, str(tmp_path / "old.safetensors"), metadata=dict(metadata, format=LEGACY_FORMAT))
+    loaded, _ = load_trained(tmp_path / "old.safetensors")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 class Arbitrary:
@@ -97,7 +141,7 @@ def test_foreign_safetensors_and_missing_paths_fail_in_one_line(tmp_path):
 
     foreign = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
-    with pytest.raises(InferenceError, match="expected 'mgmoe-ds/1'"):
+    with pytest.raises(InferenceError, match="expected one of 'mgmoe-ds/2', 'mgmoe-ds/1'"):
         load_trained(foreign)
     with pytest.raises(InferenceError, match="no such run folder"):
         load_trained(tmp_path / "nothing")
@@ -159,7 +203,8 @@ def test_export_of_an_expert_parallel_run_equals_the_export_of_the_data_parallel
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from mgmoe_ds.export import export_model
+    from mgmoe_ds.export import export_model, tensor_names
+    from mgmoe_ds.inference import load_trained
 
     exports = {}
     for ep in (1, 2):
@@ -168,15 +213,16 @@ def test_export_of_an_expert_parallel_run_equals_the_export_of_the_data_parallel
         folder = run / "checkpoints" / tag
         assert len(list(folder.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))) == 4
         exports[ep] = load_file(str(export_model(run, tmp_path / f"p{ep}.safetensors")))
-        # every expert tensor is the one DeepSpeed wrote for that global expert
+        # every expert tensor is the one DeepSpeed wrote for that global expert, under its readable name
+        names = tensor_names(load_trained(run)[0])
         for expert_file in folder.glob("layer_*_expert_*_mp_rank_00_model_states.pt"):
             for key, value in torch.load(expert_file, map_location="cpu", weights_only=True).items():
-                assert torch.equal(exports[ep]["model." + key], value), key
+                assert torch.equal(exports[ep][names[key]], value), key
     assert exports[2].keys() == exports[1].keys()
     for key in exports[2]:
         # equal up to fp32 summation order (the training equivalence test says why 1e-4)
         torch.testing.assert_close(exports[2][key], exports[1][key], atol=1e-4, rtol=0, msg=key)
-    assert {k.split(".")[5] for k in exports[2] if k.startswith("model.moe.deepspeed_moe.")} == {"0", "1", "2", "3"}
+    assert {k.split(".")[1] for k in exports[2] if k.startswith("experts.")} == {"mpsa", "pmg", "transfg", "pim"}
     with safe_open(str(tmp_path / "p2.safetensors"), framework="pt") as handle:
         metadata = handle.metadata()
     assert json.loads(metadata["preprocessing"])["img_size"] == 32

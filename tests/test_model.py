@@ -7,6 +7,7 @@ from conftest import TINY_MGMOE
 from mgmoe_ds.config import config_from_dict
 from mgmoe_ds.experts import list_experts
 from mgmoe_ds.model import MGMoE
+from mgmoe_ds.moe.routing import RoutingRequest
 
 NUM_CLASSES = 5
 
@@ -29,10 +30,11 @@ def test_forward_returns_fused_logits_routing_and_every_loss(model):
     assert out.logits.shape == (4, NUM_CLASSES) and out.expert_logits.shape == (4, 2, NUM_CLASSES)
     assert out.route.expert_indices.shape == (4, 2) and out.route.weights.shape == (4, 2)
     assert {"task", "fallback", "moe.load_balance", "moe.z_loss"} <= set(out.losses)
-    # each routed expert's own losses are present (pmg and pim always have some)
+    # each routed expert's own losses are present (pmg and pim always have some), under the layer's name
     routed = {model.expert_names[e] for e in out.route.expert_indices.flatten().tolist()}
     for name in routed & {"pmg", "pim"}:
-        assert any(k.startswith(f"{name}.") for k in out.losses)
+        assert any(k.startswith(f"moe.{name}.") for k in out.losses)
+    assert set(out.routes) == {"moe"} and out.route is out.routes["moe"]
     assert all(torch.isfinite(v) for v in out.losses.values())
     fused = (out.route.weights[..., None] * out.expert_logits).sum(1)
     torch.testing.assert_close(out.logits, fused, atol=1e-5, rtol=1e-5)
@@ -56,10 +58,10 @@ def test_dense_and_single_expert_modes(model):
     model.eval()
     x = images(3, seed=2)
     with torch.no_grad():
-        dense = model(x, mode="dense")
+        dense = model(x, routing=RoutingRequest.dense())
         assert dense.route.expert_indices.shape == (3, 4)
         for e in range(4):
-            single = model(x, mode="single", single_expert=e)
+            single = model(x, routing=RoutingRequest.single(e))
             assert bool((single.route.expert_indices == e).all())
             direct = model.moe.local_experts[e]({k: v for k, v in model.forward_features(x).items()
                                                  if k in model.moe.local_experts[e].required_features}, None).logits
@@ -110,3 +112,31 @@ def test_every_tensor_starts_equal_at_any_expert_parallel_size():
             key = f"{prefix}{int(local) + 2}.{rest}"
         assert torch.equal(tensor, at_p1[key]), key
     assert len(at_p2) < len(at_p1)  # rank 1 really holds only part of the experts
+
+
+def test_losses_are_weighted_by_exact_name_then_the_last_matching_pattern():
+    from mgmoe_ds.config import MoEConfig
+    from mgmoe_ds.model import loss_weight, loss_weights, weighted_loss
+
+    weights = loss_weights(MoEConfig(load_balance_weight=0.01, z_loss_weight=0.001), {"*.load_balance": 0.0},
+                           {"moe.pmg.*": 2.0, "moe.load_balance": 0.3})
+    assert loss_weight("task", weights) == 1.0 and loss_weight("fallback", weights) == 0.5
+    assert loss_weight("moe.load_balance", weights) == 0.3  # an exact name beats every pattern
+    assert loss_weight("blocks.3.load_balance", weights) == 0.0  # the stage's pattern replaced the default
+    assert loss_weight("moe.z_loss", weights) == 0.001 and loss_weight("moe.pmg.level1", weights) == 2.0
+    assert loss_weight("moe.pim.levels", weights) == 1.0  # no rule: weight 1
+    losses = {"task": torch.tensor(2.0), "moe.load_balance": torch.tensor(10.0), "moe.pmg.level1": torch.tensor(1.5)}
+    assert float(weighted_loss(losses, weights)) == pytest.approx(2.0 + 3.0 + 3.0)
+
+
+def test_every_parameter_is_in_exactly_one_group_and_heads_are_the_experts_own(model):
+    from mgmoe_ds.config import PARAMETER_GROUPS
+
+    groups = model.parameter_groups()
+    assert tuple(groups) == PARAMETER_GROUPS
+    ids = [id(p) for params in groups.values() for p in params]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    heads = {id(p) for params in model.head_parameters_by_expert().values() for p in params}
+    assert {id(p) for p in groups["expert_heads"]} == heads
+    assert {id(p) for p in groups["router"]} == {id(p) for p in model.moe.router.parameters()}
+    assert {id(p) for p in groups["backbone"]} == {id(p) for p in model.backbone.parameters()}

@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_utils import run_ranks
+from mgmoe_ds.config import MoEConfig
+from mgmoe_ds.model import loss_weights, weighted_loss
+from mgmoe_ds.moe.routing import RoutingRequest
 from toy_experts import FEATURE_DIM, NUM_CLASSES, expert_factories, make_batch
 
 pytestmark = pytest.mark.slow
@@ -30,7 +33,7 @@ def _step(layer, pooled, level0, targets, loss_weights):
     pooled = pooled.clone().requires_grad_(True)
     level0 = level0.clone().requires_grad_(True)
     out = layer(pooled, {"pooled": pooled, "level0": level0}, targets)
-    expert_loss = sum(v for k, v in out.aux_losses.items() if not k.startswith("moe.load") and k != "moe.z_loss")
+    expert_loss = sum(v for k, v in out.aux_losses.items() if k not in ("load_balance", "z_loss"))
     loss = (out.output * loss_weights).sum() + expert_loss
     loss.backward()
     return out, pooled.grad, level0.grad
@@ -124,12 +127,13 @@ def _idle_rank_worker(rank: int, world_size: int) -> None:
     pooled, level0, targets = make_batch(8, seed=4)
     allowed = torch.tensor([True, True, False, False])
     reference = _layer(1, 0, dropless=True).train()
-    ref = reference(pooled, {"pooled": pooled, "level0": level0}, allowed_experts=allowed)
+    ref = reference(pooled, {"pooled": pooled, "level0": level0}, routing=RoutingRequest(allowed_experts=allowed))
     ref.output.sum().backward()
     layer = _layer(2, rank, dropless=True).train()
     bind_expert_parallel_group(layer)
     lo, hi = 4 * rank, 4 * rank + 4
-    out = layer(pooled[lo:hi], {"pooled": pooled[lo:hi], "level0": level0[lo:hi]}, allowed_experts=allowed)
+    out = layer(pooled[lo:hi], {"pooled": pooled[lo:hi], "level0": level0[lo:hi]},
+                routing=RoutingRequest(allowed_experts=allowed))
     out.output.sum().backward()  # hangs without the gradient anchor
     torch.testing.assert_close(out.output, ref.output[lo:hi], atol=1e-5, rtol=1e-5)
     if rank == 0:
@@ -155,7 +159,8 @@ class _Net(nn.Module):
     def forward(self, level0, targets):
         pooled = self.stem(level0.mean(dim=(2, 3)))
         out = self.moe(pooled, {"pooled": pooled, "level0": level0}, targets)
-        return F.cross_entropy(out.output, targets) + out.aux_loss
+        losses = {f"moe.{name}": value for name, value in out.aux_losses.items()}  # as MGMoE names them
+        return F.cross_entropy(out.output, targets) + weighted_loss(losses, loss_weights(MoEConfig()))
 
 
 DS_CONFIG = {

@@ -17,7 +17,6 @@ from typing import Optional, Sequence
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
 SPLIT_NAMES = ("train", "val", "test")
-FORMATS = ("imagefolder", "cub", "csv")
 
 
 class DataError(ValueError):
@@ -280,14 +279,20 @@ def read_csv(
     return Listing(classes, items, [])
 
 
+# ``mgmoe shards build --format NAME``: one reader per source layout, each called as
+# ``reader(src, fractions, seed, classes)``. A new layout is one reader function and one line here.
+READERS = {
+    "imagefolder": read_imagefolder,
+    "cub": lambda src, fractions, seed, classes: read_cub(src),  # CUB's own split and class list
+    "csv": read_csv,
+}
+FORMATS = tuple(READERS)
+
+
 def read_listing(
     fmt: str, src: Path, fractions: dict[str, float], seed: int, classes: Optional[list[str]] = None
 ) -> Listing:
     """Dispatch to the reader for ``fmt`` (one of :data:`FORMATS`)."""
-    if fmt == "imagefolder":
-        return read_imagefolder(src, fractions, seed, classes)
-    if fmt == "cub":
-        return read_cub(src)
-    if fmt == "csv":
-        return read_csv(src, fractions, seed, classes)
-    raise DataError(f"--format = {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt not in READERS:
+        raise DataError(f"--format = {fmt!r}: expected one of {', '.join(FORMATS)}")
+    return READERS[fmt](src, fractions, seed, classes)

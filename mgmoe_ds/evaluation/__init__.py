@@ -7,11 +7,11 @@ up a run for ``eval`` and ``ablate``, and ``report`` assembles ``mgmoe eval``'s 
 
 from .loading import EvaluationArgs, LoadedRun, load_for_evaluation
 from .metrics import accuracy_summary, confused_pairs, long_tail_buckets, pass_flops, router_flops
-from .passes import ROUTED, HeadRouting, PassResult, SplitOutputs, run_passes
+from .passes import ROUTED, PassResult, SplitOutputs, run_passes
 from .report import EvalArgs, evaluate_model
 
 __all__ = [
-    "ROUTED", "EvalArgs", "EvaluationArgs", "HeadRouting", "LoadedRun", "PassResult", "SplitOutputs",
+    "ROUTED", "EvalArgs", "EvaluationArgs", "LoadedRun", "PassResult", "SplitOutputs",
     "accuracy_summary", "confused_pairs", "evaluate_model", "load_for_evaluation", "long_tail_buckets",
     "pass_flops", "router_flops", "run_passes",
 ]

@@ -1,6 +1,6 @@
 """Routing variants over a split: the backbone runs once per batch, every variant is a ``forward_head``.
 
-A variant maps the pooled features to ``forward_head`` routing kwargs; ``run_passes`` collects
+A variant is a ``RoutingRequest``; ``run_passes`` collects
 each variant's logits, per-expert weights and use, and its time, on identical inputs.
 """
 
@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from mgmoe_ds.inference import InferenceMeta
+from mgmoe_ds.moe.routing import RoutingRequest
 
 ROUTED = "routed"  # name of the trained model's inference routing pass
 DENSE = "dense"  # every expert, router weights
 MAX_TSNE_POINTS = 2000
 POOL_FACTOR = 10  # the t-SNE sample is drawn from the first POOL_FACTOR * max_points images
-
-HeadRouting = Callable[[Tensor], dict[str, Any]]  # pooled (B, D) -> forward_head routing kwargs
-
 
 @dataclass
 class PassResult:
@@ -55,14 +53,14 @@ def _per_expert(route, num_experts: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def run_passes(model, loader, passes: dict[str, HeadRouting], *, max_points: int = MAX_TSNE_POINTS,
+def run_passes(model, loader, passes: dict[str, RoutingRequest], *, max_points: int = MAX_TSNE_POINTS,
                desc: str = "eval", progress: bool = True, device: Optional[torch.device] = None) -> SplitOutputs:
     """Runs every routing variant in ``passes`` on each batch's backbone features.
 
     Args:
         model: an ``MGMoE`` with every expert (from ``load_trained``).
         loader: batches ``{"images", "labels", "keys"}``.
-        passes: name -> routing kwargs for ``forward_head`` given the pooled features.
+        passes: name -> the routing of that variant.
         max_points: pooled features kept for the embedding figure: a seeded random sample of
             the first ``POOL_FACTOR * max_points`` images (bounded memory on large splits).
         desc: progress bar label.
@@ -93,7 +91,7 @@ def run_passes(model, loader, passes: dict[str, HeadRouting], *, max_points: int
         pooled = features["pooled"]  # (B, D)
         for name, routing in passes.items():
             started = clock()
-            out = model.forward_head(features, **routing(pooled))
+            out = model.forward_head(features, routing=routing)
             seconds[name] += clock() - started
             logits[name].append(out.logits.float().cpu())
             per_expert_weights, per_expert_used = _per_expert(out.route, model.num_experts)
@@ -114,13 +112,9 @@ def run_passes(model, loader, passes: dict[str, HeadRouting], *, max_points: int
     return SplitOutputs(torch.cat(labels), keys, results, pooled_all[sample_index], sample_index, backbone_seconds)
 
 
-def routing_passes(model, meta: InferenceMeta) -> dict[str, HeadRouting]:
+def routing_passes(model, meta: InferenceMeta) -> dict[str, RoutingRequest]:
     """The trained routing, dense fusion, and each single expert."""
-    num_experts = model.num_experts
-    passes: dict[str, HeadRouting] = {
-        ROUTED: lambda pooled: meta.routing.head_kwargs(pooled, num_experts),
-        DENSE: lambda pooled: {"mode": "dense"},
-    }
+    passes: dict[str, RoutingRequest] = {ROUTED: meta.routing, DENSE: RoutingRequest.dense()}
     for e, name in enumerate(model.expert_names):
-        passes[f"expert {e}:{name}"] = lambda pooled, e=e: {"mode": "single", "single_expert": e}
+        passes[f"expert {e}:{name}"] = RoutingRequest.single(e)
     return passes

@@ -9,37 +9,29 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from mgmoe_ds.config import ConfigError, options_from_dict
+from mgmoe_ds.typed_json import ConfigError, options_from_dict
 from mgmoe_ds.experts.base import Expert, ExpertOptions, ExpertOutput
-
-_EXPERTS: dict[str, type[Expert]] = {}
-
+from mgmoe_ds.registry import Registry
 
 class ExpertError(ValueError):
     """A user-caused expert configuration error, in one line."""
 
 
+EXPERTS: Registry[type[Expert]] = Registry("expert", ExpertError)
+
+
 def register_expert(name: str) -> Callable[[type[Expert]], type[Expert]]:
     """Class decorator that registers an ``Expert`` subclass under ``name``; duplicates raise."""
-
-    def add(cls: type[Expert]) -> type[Expert]:
-        if name in _EXPERTS:
-            raise ExpertError(f"expert {name!r} is already registered by {_EXPERTS[name].__qualname__}")
-        _EXPERTS[name] = cls
-        return cls
-
-    return add
+    return EXPERTS.register(name)
 
 
 def list_experts() -> list[str]:
     """Registered expert names, sorted."""
-    return sorted(_EXPERTS)
+    return EXPERTS.names()
 
 
 def expert_class(name: str) -> type[Expert]:
-    if name not in _EXPERTS:
-        raise ExpertError(f"unknown expert {name!r}; registered: {', '.join(list_experts())}")
-    return _EXPERTS[name]
+    return EXPERTS.get(name)
 
 
 def create_expert(name: str, *, info, num_classes: int, **options: Any) -> Expert:

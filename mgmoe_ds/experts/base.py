@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from mgmoe_ds.config import RangeError
+from mgmoe_ds.typed_json import RangeError
 
 Segments = Optional[Sequence[int]]  # rows per source rank, in row order; None: all rows from one rank
 

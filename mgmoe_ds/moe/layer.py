@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -31,12 +31,12 @@ from mgmoe_ds.moe.dispatch import (
     plan_dispatch,
     unpack_rows,
 )
+from mgmoe_ds.moe.comm import ExpertComm, LocalComm
 from mgmoe_ds.moe.losses import load_balancing_loss, router_z_loss
 from mgmoe_ds.moe.router import TopKRouter
+from mgmoe_ds.moe.routing import RoutingRequest
 
 TARGETS_KEY = "__targets__"  # targets travel with the payload so experts' own losses see labels
-
-RoutingMode = Literal["topk", "dense", "single"]
 
 
 def variable_batch_kernels(device: torch.device) -> contextlib.AbstractContextManager:
@@ -51,35 +51,6 @@ def variable_batch_kernels(device: torch.device) -> contextlib.AbstractContextMa
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-class ExpertComm(Protocol):
-    """What the layer needs from the expert-parallel group (see ``parallel.ExpertParallelComm``)."""
-
-    size: int
-    rank: int
-
-    def max_int(self, value: int, device: torch.device) -> int: ...
-
-    def exchange_counts(self, send_counts: Tensor) -> Tensor: ...
-
-    def exchange(self, x: Tensor, output_splits: list[int], input_splits: list[int]) -> Tensor: ...
-
-
-class LocalComm:
-    """The single-process stand-in: every exchange returns its input."""
-
-    size = 1
-    rank = 0
-
-    def max_int(self, value: int, device: torch.device) -> int:
-        return value
-
-    def exchange_counts(self, send_counts: Tensor) -> Tensor:
-        return send_counts.reshape(1, -1)  # (1, E)
-
-    def exchange(self, x: Tensor, output_splits: list[int], input_splits: list[int]) -> Tensor:
-        return x
 
 
 @dataclass
@@ -103,8 +74,7 @@ class MoEOutput:
 
     output: Tensor  # (T, *output_shape) fused output (weighted sum over kept experts, or fallback)
     route: RouteOutput
-    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # raw losses by name
-    aux_loss: Optional[Tensor] = None  # the weighted sum the trainer adds to the task loss
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # raw losses by name (weighted by the model's caller)
     expert_rows: Optional[Tensor] = field(default=None, repr=False)  # (A, *output_shape) in plan order
     plan: Optional[DispatchPlan] = field(default=None, repr=False)
 
@@ -136,8 +106,6 @@ class RoutedExperts(nn.Module):
         batch_prioritized_routing: fill slots by descending router confidence.
         fallback_head: module mapping router input (n, router_dim) -> (n, *output_shape) for
             tokens that lose every choice to capacity; required unless ``dropless``.
-        load_balance_weight: weight of the GShard loss in ``aux_loss``.
-        z_loss_weight: weight of the router z-loss in ``aux_loss``.
         expert_parallel_size: P; must divide the number of experts.
         expert_parallel_rank: this rank's index in its expert-parallel group.
     """
@@ -157,8 +125,6 @@ class RoutedExperts(nn.Module):
         jitter_eps: float = 0.01,
         batch_prioritized_routing: bool = False,
         fallback_head: Optional[nn.Module] = None,
-        load_balance_weight: float = 0.01,
-        z_loss_weight: float = 0.001,
         expert_parallel_size: int = 1,
         expert_parallel_rank: int = 0,
     ) -> None:
@@ -189,8 +155,6 @@ class RoutedExperts(nn.Module):
         self.min_capacity = min_capacity
         self.dropless = dropless
         self.batch_prioritized_routing = batch_prioritized_routing
-        self.load_balance_weight = load_balance_weight
-        self.z_loss_weight = z_loss_weight
         self.router = TopKRouter(router_dim, num_experts, noisy_gate_policy, jitter_eps)
         self.fallback_head = fallback_head
         first = self.ep_rank * self.num_local_experts
@@ -232,12 +196,7 @@ class RoutedExperts(nn.Module):
         router_input: Tensor,
         payload: dict[str, Tensor],
         targets: Optional[Tensor] = None,
-        *,
-        mode: RoutingMode = "topk",
-        top_k: Optional[int] = None,
-        allowed_experts: Optional[Tensor] = None,
-        single_expert: Optional[int] = None,
-        uniform_weights: bool = False,
+        routing: Optional[RoutingRequest] = None,
     ) -> MoEOutput:
         """Routes each token's payload to its experts and combines their outputs.
 
@@ -245,45 +204,33 @@ class RoutedExperts(nn.Module):
             router_input: (T, router_dim) per-token router input.
             payload: dict of (T, ...) tensors sent to the chosen experts.
             targets: optional (T,) labels, sent along so experts can compute their own losses.
-            mode: "topk" (K of the allowed experts), "dense" (every allowed expert, no capacity
-                limit) or "single" (only ``single_expert``).
-            top_k: overrides the configured K in "topk" mode.
-            allowed_experts: optional bool mask, (E,) or per token (T, E); routing is
-                renormalised over it (frozen cluster-level routing uses the per-token form).
-            single_expert: the global expert id for "single" mode.
-            uniform_weights: combine with equal weights instead of the router's (warm-up).
+            routing: how to route (``moe.routing``); default Top-K with the configured K.
+                "dense" and "single" have no capacity limit.
 
         Returns:
-            The fused output, per-choice outputs, the routing decision and the losses.
+            The fused output, per-choice outputs, the routing decision and the raw losses.
         """
         num_tokens = router_input.shape[0]
         device = router_input.device
         for name, tensor in payload.items():
             if tensor.shape[0] != num_tokens:
                 raise ValueError(f"payload[{name!r}] has {tensor.shape[0]} rows, router_input has {num_tokens}")
-        if mode == "single":
-            if single_expert is None or not 0 <= single_expert < self.num_experts:
-                raise ValueError(f"single_expert = {single_expert}: expected 0..{self.num_experts - 1}")
-            allowed_experts = torch.zeros(self.num_experts, dtype=torch.bool, device=device)
-            allowed_experts[single_expert] = True
-        if allowed_experts is None:
+        request = (routing or RoutingRequest()).resolve(router_input, self.num_experts)
+        allowed_experts = request.allowed_experts
+        if allowed_experts is None or not allowed_experts.numel():
             allowed_count = self.num_experts
         else:
-            allowed_count = int(allowed_experts.sum(-1).min()) if allowed_experts.numel() else self.num_experts
-        if mode == "topk":
-            k = top_k or self.top_k
-        elif mode in ("dense", "single"):
-            k = allowed_count
-        else:
-            raise ValueError(f"mode = {mode!r}: expected 'topk', 'dense' or 'single'")
+            allowed_count = int(allowed_experts.sum(-1).min())
+        k = (request.top_k or self.top_k) if request.mode == "topk" else allowed_count
+        k = min(k, request.max_top_k or k)
 
         logits = self.router(router_input)  # (T, E) fp32
         selection = self.router.select(logits, k, allowed_experts)
         weights = selection.weights  # (T, K)
-        if uniform_weights:
+        if request.uniform_weights:
             weights = torch.full_like(weights, 1.0 / k)
 
-        limited = mode == "topk" and not self.dropless
+        limited = request.mode == "topk" and not self.dropless
         capacity: Optional[int] = None
         if limited:
             factor = self.capacity_factor if self.training else self.eval_capacity_factor
@@ -312,11 +259,13 @@ class RoutedExperts(nn.Module):
         recv_splits = recv_counts.sum(1).tolist()
         received = [self.comm.exchange(b, recv_splits, send_splits) for b in buffers]  # (R, F) each
 
-        expert_rows, expert_losses = self._run_local_experts(received, recv_counts, spec, router_input.dtype)
+        expert_rows, expert_losses, idle_tie = self._run_local_experts(received, recv_counts, spec, router_input.dtype)
         returned = self.comm.exchange(expert_rows, send_splits, recv_splits)  # (A, *out) in plan order
 
         dropped_tokens = torch.nonzero(slots.fully_dropped, as_tuple=True)[0]  # (D,)
         combine_weights = slots.weights  # (T, K)
+        if idle_tie is not None:
+            combine_weights = combine_weights + idle_tie
         if dropped_tokens.numel() == 0 and self.fallback_head is not None and self.training:
             # Keep the fallback head in every step's graph so data-parallel reducers see it; a
             # zero term on the (T, K) weights costs nothing next to one on the (T, *out) output.
@@ -344,20 +293,22 @@ class RoutedExperts(nn.Module):
             fully_dropped=slots.fully_dropped,
         )
         aux_losses = {
-            "moe.load_balance": load_balancing_loss(selection.probs, selection.expert_indices[:, 0]),
-            "moe.z_loss": router_z_loss(selection.logits),
+            "load_balance": load_balancing_loss(selection.probs, selection.expert_indices[:, 0]),
+            "z_loss": router_z_loss(selection.logits),
             **expert_losses,
         }
-        aux_loss = self.load_balance_weight * aux_losses["moe.load_balance"] + self.z_loss_weight * aux_losses["moe.z_loss"]
-        for name, value in expert_losses.items():
-            aux_loss = aux_loss + value
-        return MoEOutput(output=fused, route=route, aux_losses=aux_losses, aux_loss=aux_loss,
-                         expert_rows=returned, plan=plan)
+        return MoEOutput(output=fused, route=route, aux_losses=aux_losses, expert_rows=returned, plan=plan)
 
     def _run_local_experts(
         self, received: list[Tensor], recv_counts: Tensor, spec: Any, out_dtype: torch.dtype
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Runs each local expert on its received rows; returns outputs in received order."""
+    ) -> tuple[Tensor, dict[str, Tensor], Optional[Tensor]]:
+        """Runs each local expert on its received rows.
+
+        Returns:
+            Outputs in received order, the experts' own losses, and a zero-valued scalar that
+            ties the experts which received no rows into the graph (None when every expert ran),
+            so that every replica's gradient reduction sees the same parameters.
+        """
         num_sources, num_local = recv_counts.shape
         device = received[0].device if received else recv_counts.device
         # Rows arrive grouped by (source rank, local expert); from a single source they are already
@@ -378,14 +329,12 @@ class RoutedExperts(nn.Module):
         # One split per buffer: its backward concatenates the experts' gradients once, where
         # per-expert slices would each zero-fill and add a gradient of the whole buffer.
         expert_slices = [g.split(per_expert) for g in grouped]  # per buffer: L tensors (count, F)
-        outputs, losses = [], {}
+        outputs, losses, idle_tie = [], {}, None
         for local_id, (expert, count) in enumerate(zip(self.local_experts, per_expert)):
             if count == 0:
-                # An idle expert still joins the graph with a zero term so that every replica's
-                # gradient reduction sees the same parameters.
                 idle = sum(p.sum() for p in expert.parameters() if p.requires_grad)
                 if isinstance(idle, Tensor):
-                    losses["moe.idle_experts"] = losses.get("moe.idle_experts", 0.0) + 0.0 * idle
+                    idle_tie = 0.0 * idle if idle_tie is None else idle_tie + 0.0 * idle
                 continue
             rows = unpack_rows([slices[local_id] for slices in expert_slices], spec)
             targets = rows.pop(TARGETS_KEY, None)
@@ -402,18 +351,16 @@ class RoutedExperts(nn.Module):
             grouped_out = torch.cat(outputs, dim=0)  # (R, *out) grouped by local expert
         else:
             grouped_out = torch.zeros((0, *self.output_shape), dtype=out_dtype, device=device)
-        if isinstance(losses.get("moe.idle_experts"), float):
-            losses.pop("moe.idle_experts")
         tied = [b for b in received if b.requires_grad]
         if self.comm.size > 1 and torch.is_grad_enabled() and tied:
             # Keeps the received buffers in the graph even when no local expert used them, so the
             # payload all-to-all's backward runs on every rank (see the anchor in ``forward``).
             grouped_out = grouped_out + sum(b.sum() for b in tied).to(grouped_out.dtype) * 0.0
         if single_source:
-            return grouped_out, losses
+            return grouped_out, losses, idle_tie
         # Back to received order: row by_expert[i] of the received buffer is grouped row i.
         in_received_order = grouped_out.new_empty(grouped_out.shape).index_copy_(0, by_expert, grouped_out)
-        return in_received_order, losses
+        return in_received_order, losses, idle_tie
 
 
 def layer_from_config(
@@ -439,8 +386,6 @@ def layer_from_config(
         jitter_eps=moe_config.jitter_eps,
         batch_prioritized_routing=moe_config.batch_prioritized_routing,
         fallback_head=fallback_head,
-        load_balance_weight=moe_config.load_balance_weight,
-        z_loss_weight=moe_config.z_loss_weight,
         expert_parallel_size=moe_config.expert_parallel_size,
         expert_parallel_rank=expert_parallel_rank,
     )

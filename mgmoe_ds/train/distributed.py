@@ -14,10 +14,11 @@ skipped, re-balanced classes, uneven shards) neither crashes nor leaves the othe
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Generic, Iterable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -264,3 +265,44 @@ def fixed_order_loss(loss: Tensor, params: list[torch.nn.Parameter], loss_scale:
         else:
             surrogate = surrogate + (param * grad).sum().float()
     return surrogate
+
+
+def build_engine(model: torch.nn.Module, groups: list[dict[str, Any]], ds_config: dict[str, Any], total_steps: int):
+    """A DeepSpeed engine over ``groups`` (dicts with a unique ``name``, ``params``, ``lr`` and options).
+
+    The learning rate warms up linearly over the first tenth of the steps (at most 100), then
+    follows a cosine down to 5% of each group's lr.
+    """
+    import deepspeed
+
+    from mgmoe_ds.moe.deepspeed_compat import moe_param_groups
+
+    warmup = max(1, min(100, total_steps // 10))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=moe_param_groups(groups), config=ds_config,
+                                      lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    return engine
+
+
+def fixed_order(engine: Any, params: list[torch.nn.Parameter]) -> Callable[[Tensor], Tensor]:
+    """``loss -> fixed_order_loss(loss, params, <the engine's fp16 loss scale, 1 in fp32 and bf16>)``."""
+
+    def reorder(loss: Tensor) -> Tensor:
+        scale = float(getattr(engine.optimizer, "loss_scale", 1.0)) if engine.fp16_enabled() else 1.0
+        return fixed_order_loss(loss, params, scale)
+
+    return reorder
+
+
+def gradient_order(model: torch.nn.Module, expert_params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Every trainable parameter for :func:`fixed_order_loss`: the experts' first and the parameters
+    every rank holds last, so that theirs arrive first, in the same order on every rank."""
+    expert_ids = {id(p) for p in expert_params}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [p for p in trainable if id(p) in expert_ids] + [p for p in trainable if id(p) not in expert_ids]

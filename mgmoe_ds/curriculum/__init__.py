@@ -1,0 +1,139 @@
+"""The curriculum's stages: a registry of small classes, each saying what it trains, how it routes,
+what it adds to the loss, what it does at its epoch hooks and what it freezes.
+
+``@register_stage(name)`` fills the registry, ``create_stage`` builds a stage from its entry in
+``curriculum.stages`` and ``list_stages`` names them; config validation reads the registry, so a
+stage name or parameter group that does not exist fails when the config is loaded. Adding a
+stage is one file that defines a ``Stage`` subclass plus its import line at the bottom of this
+file. The trainer runs any stage the same way; see ``train/trainer.py``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol
+
+from torch import Tensor
+
+from mgmoe_ds.curriculum.clustering import ClusterState
+from mgmoe_ds.moe.routing import RoutingRequest
+from mgmoe_ds.registry import Registry
+
+if TYPE_CHECKING:
+    from mgmoe_ds.config import RunConfig, StageConfig
+
+
+
+class StageHooks(Protocol):
+    """What a stage may ask of the trainer at its hooks."""
+
+    clusters: Optional[ClusterState]  # the run's cluster-level routing state (None until computed)
+
+    def recompute_clusters(self) -> None:
+        """Clusters the training images on the current backbone and refits each cluster's teacher."""
+
+
+class Stage:
+    """One curriculum stage. Subclasses set ``name`` and ``default_lr`` and override what differs.
+
+    Args:
+        config: the stage's entry in ``curriculum.stages``.
+        run: the whole run configuration.
+        base_lr: the DeepSpeed optimizer's lr, which ``default_lr`` multiplies.
+    """
+
+    name: ClassVar[str] = ""
+    # Learning rate of each parameter group as a multiple of the optimizer's lr; a group absent
+    # here is frozen. A stage's ``lr`` in the config (absolute values) replaces the table.
+    default_lr: ClassVar[dict[str, float]] = {}
+
+    def __init__(self, config: "StageConfig", run: "RunConfig", base_lr: float) -> None:
+        self.config, self.run = config, run
+        if config.lr:
+            self.group_lr = {group: lr for group, lr in config.lr.items() if lr > 0}  # lr 0 freezes a group
+        else:
+            self.group_lr = {group: multiple * base_lr for group, multiple in self.default_lr.items()}
+
+    # -- what it trains and freezes ------------------------------------------------------------
+
+    @property
+    def trains_backbone(self) -> bool:
+        return "backbone" in self.group_lr
+
+    def group_options(self, group: str) -> dict[str, Any]:
+        """Extra optimizer options of a trained group (e.g. ``weight_decay``)."""
+        return {}
+
+    def frozen_heads(self, clusters: Optional[ClusterState], num_experts: int) -> set[int]:
+        """Experts whose classification heads stay frozen although ``expert_heads`` trains."""
+        return set()
+
+    # -- how it routes ---------------------------------------------------------------------------
+
+    def routing(self, clusters: Optional[ClusterState]) -> RoutingRequest:
+        """The routing the stage trains and validates with."""
+        return RoutingRequest()
+
+    def inference_routing(self, clusters: Optional[ClusterState]) -> RoutingRequest:
+        """The routing a model whose last stage this was uses in evaluation and inference."""
+        return RoutingRequest()
+
+    # -- what it adds to the loss ----------------------------------------------------------------
+
+    def extra_losses(self, out: Any, clusters: Optional[ClusterState]) -> dict[str, Tensor]:
+        """Losses beyond the model's own, from one forward's ``ModelOutput``."""
+        return {}
+
+    def own_loss_weights(self) -> dict[str, float]:
+        """The stage's loss weights, by name or glob pattern (before the user's ``loss_weights``)."""
+        return {}
+
+    def loss_weights(self) -> dict[str, float]:
+        """The stage's weights, then the user's ``loss_weights`` for it (``model.loss_weights`` adds the defaults)."""
+        return {**self.own_loss_weights(), **self.config.loss_weights}
+
+    # -- epoch hooks -----------------------------------------------------------------------------
+
+    def on_stage_start(self, hooks: StageHooks) -> None:
+        """Before the stage's engine is built (e.g. routing state the stage needs)."""
+
+    def on_epoch_start(self, hooks: StageHooks) -> None:
+        """At the start of each epoch, before its first step."""
+
+    def to_json(self, clusters: Optional[ClusterState]) -> dict[str, Any]:
+        """What ``stages/<i>_<name>.json`` records about the stage."""
+        return {"stage": self.name, "trained_groups": dict(self.group_lr),
+                "routing": self.routing(clusters).to_json()}
+
+
+STAGES: Registry[type[Stage]] = Registry("curriculum stage")
+
+
+def register_stage(name: str) -> Callable[[type[Stage]], type[Stage]]:
+    """Class decorator that registers a ``Stage`` subclass under ``name`` (its ``name`` too); duplicates raise."""
+
+    def add(cls: type[Stage]) -> type[Stage]:
+        STAGES.register(name)(cls)
+        cls.name = name
+        return cls
+
+    return add
+
+
+def list_stages() -> list[str]:
+    """Registered stage names, sorted."""
+    return STAGES.names()
+
+
+def stage_class(name: str) -> type[Stage]:
+    return STAGES.get(name)
+
+
+def create_stage(config: "StageConfig", run: "RunConfig", base_lr: float) -> Stage:
+    """The stage for ``config`` (an entry of ``curriculum.stages``)."""
+    return stage_class(config.name)(config, run, base_lr)
+
+
+# Imported for their registration side effect, explicitly, one per stage.
+from mgmoe_ds.curriculum import residual, routing, warmup  # noqa: E402,F401
+
+__all__ = ["Stage", "StageHooks", "register_stage", "create_stage", "list_stages", "stage_class", "ClusterState"]

@@ -1,0 +1,92 @@
+"""Clustering the training images on pooled backbone features, and the cluster-level routing state.
+
+Pure functions and a dataclass; the sums across ranks come in as a callable (``all_reduce``), so
+this module never imports ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from mgmoe_ds.moe.routing import nearest_centroid
+
+AllReduce = Callable[[Tensor], Tensor]  # sums a tensor over all ranks (identity in one process)
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def assign_clusters(features: Tensor, centroids: Tensor) -> Tensor:
+    """(N, D), (C, D) -> (N,) index of the nearest centroid (squared Euclidean)."""
+    return nearest_centroid(features, centroids)
+
+
+def kmeans(features: Tensor, num_clusters: int, *, iterations: int = 20, seed: int = 0,
+           all_reduce: AllReduce = _identity, initial: Optional[Tensor] = None) -> Tensor:
+    """Lloyd's k-means whose sums are reduced across ranks (features never leave their rank).
+
+    Args:
+        features: (N, D) this rank's features.
+        num_clusters: C.
+        iterations: Lloyd iterations.
+        seed: seeds the initial centroids (drawn from ``features`` when ``initial`` is None; in a
+            multi-rank run pass the same ``initial`` on every rank).
+        all_reduce: sums a tensor over ranks.
+        initial: optional (C, D) starting centroids.
+
+    Returns:
+        (C, D) centroids; an empty cluster keeps its previous centroid.
+    """
+    features = features.float()
+    if initial is None:
+        generator = torch.Generator().manual_seed(seed)
+        picks = torch.randperm(features.shape[0], generator=generator)[:num_clusters]
+        initial = features[picks]
+        if initial.shape[0] < num_clusters:  # fewer samples than clusters: repeat some
+            initial = initial[torch.arange(num_clusters) % max(1, initial.shape[0])]
+    centroids = initial.clone().float()
+    for _ in range(iterations):
+        assignment = assign_clusters(features, centroids)  # (N,)
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, features)  # (C, D)
+        counts = torch.bincount(assignment, minlength=num_clusters).float()  # (C,)
+        sums, counts = all_reduce(sums), all_reduce(counts)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+    return centroids
+
+
+@dataclass
+class ClusterState:
+    """Cluster-level routing state: centroids and each cluster's soft teacher over experts."""
+
+    centroids: Tensor  # (C, D)
+    teacher: Tensor  # (C, E)
+    scores: Tensor  # (C, E) mean log-likelihood per expert on each cluster's validation images
+    val_counts: Tensor  # (C,)
+    train_counts: Tensor  # (C,)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name).clone() for f in fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor]) -> "ClusterState":
+        return cls(**{f.name: state[f.name] for f in fields(cls)})
+
+    def top_experts(self, k: int) -> Tensor:
+        """(C, k) the k experts each cluster's teacher trusts most, best first."""
+        return torch.topk(self.teacher, k, dim=-1).indices
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "num_clusters": int(self.centroids.shape[0]),
+            "train_images_per_cluster": self.train_counts.long().tolist(),
+            "val_images_per_cluster": self.val_counts.long().tolist(),
+            "expert_scores_mean_loglik": [[round(float(x), 4) for x in row] for row in self.scores],
+            "teacher": [[round(float(x), 4) for x in row] for row in self.teacher],
+            "top2_experts": self.top_experts(min(2, self.teacher.shape[1])).tolist(),
+        }

@@ -1,0 +1,141 @@
+"""Passes over a split during training: validation, the k-means over training images and the
+cluster teacher's statistics, with the same number of batches on every rank.
+
+Images or, while a stage keeps the backbone frozen, the eval-transform feature caches
+(``train/stage_features.py``). The reductions across ranks go through the run's
+``Collectives``; this module imports no ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from mgmoe_ds.config import RunConfig
+from mgmoe_ds.curriculum import ClusterState
+from mgmoe_ds.curriculum.clustering import assign_clusters, kmeans
+from mgmoe_ds.curriculum.teacher import cluster_expert_scores, cluster_teacher
+from mgmoe_ds.metrics import topk_correct
+from mgmoe_ds.moe.routing import RoutingRequest
+
+
+def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The model's arguments for a batch of images or of cached features (``"features"``)."""
+    if "features" in batch:
+        return {"images": None, "features": {k: v.to(device, dtype=dtype, non_blocking=True)
+                                             for k, v in batch["features"].items()}}
+    return {"images": batch["images"].to(device, dtype=dtype, non_blocking=True)}
+
+
+class TrainingPasses:
+    """Evaluation and clustering passes of one rank.
+
+    Args:
+        config: the run configuration.
+        model: the ``MGMoE``.
+        data: the run's ``RunData``.
+        features: the run's ``StageFeatures``.
+        comm: the run's ``Collectives``.
+        device, input_dtype: where and in what dtype batches enter the model.
+    """
+
+    def __init__(self, config: RunConfig, model: Any, data: Any, features: Any, comm: Any, *,
+                 device: torch.device, input_dtype: torch.dtype) -> None:
+        self.config, self.model, self.data, self.features, self.comm = config, model, data, features, comm
+        self.device, self.input_dtype = device, input_dtype
+
+    def forward(self, batch: dict, targets: Optional[torch.Tensor] = None, routing: Optional[RoutingRequest] = None,
+                module: Any = None):
+        """``module`` (the model, or its DeepSpeed engine) on a batch of images or cached features."""
+        return (module or self.model)(targets=targets, routing=routing,
+                                      **model_inputs(batch, self.device, self.input_dtype))
+
+    def batches(self, split: str, stage: Any) -> Iterator[dict]:
+        """``split`` through the eval transform, the same number of batches on every rank (a rank
+        that runs out gets empty batches): cached features while ``stage`` keeps the backbone
+        frozen, else images."""
+        cache = self.features.eval_cache(split, stage)
+        if cache is None:
+            for batch in self.comm.agreed(self.data.eval_loaders[split], pad=True):
+                yield batch or self._empty_batch()
+            return
+        from mgmoe_ds.feature_cache import batches_per_epoch
+
+        n, size = cache.num_samples, self.data.micro_batch
+        for b in range(self.comm.reduce_int(batches_per_epoch(n, size), "max")):
+            rows = torch.arange(min(b * size, n), min((b + 1) * size, n))  # (B,), empty past the end
+            yield {"features": cache.gather(rows, torch.zeros_like(rows)), "labels": cache.labels[rows]}
+
+    @torch.no_grad()
+    def evaluate(self, split: str, routing: RoutingRequest, stage: Any = None) -> dict[str, float]:
+        """Top-1/top-5/loss on ``split`` with ``routing`` (from the eval caches while ``stage`` keeps the backbone frozen)."""
+        self.model.eval()
+        totals = torch.zeros(4, dtype=torch.float64)  # images, top1, top5, loss sum
+        for batch in self.batches(split, stage):
+            labels = batch["labels"].to(self.device)
+            out = self.forward(batch, routing=routing)
+            if labels.numel():
+                top1, top5 = topk_correct(out.logits.float(), labels, (1, 5))
+                loss = F.cross_entropy(out.logits.float(), labels, reduction="sum")
+                totals += torch.tensor([labels.numel(), top1, top5, float(loss)], dtype=torch.float64)
+        totals = self.comm.sum(totals)
+        n = max(1.0, float(totals[0]))
+        return {"images": int(totals[0]), "top1": float(totals[1]) / n, "top5": float(totals[2]) / n,
+                "loss": float(totals[3]) / n}
+
+    @torch.no_grad()
+    def pooled_features(self, stage: Any) -> torch.Tensor:
+        """(N, D) pooled backbone features of this rank's training images (eval transform)."""
+        self.model.eval()
+        feats = []
+        for batch in self.batches("train", stage):
+            if "features" in batch:
+                pooled = batch["features"]["pooled"]
+            else:
+                pooled = self.model.forward_features(model_inputs(batch, self.device, self.input_dtype)["images"])["pooled"]
+            feats.append(pooled.float().cpu())
+        return torch.cat(feats) if feats else torch.zeros(0, self.model.backbone.info.pooled_dim)
+
+    @torch.no_grad()
+    def val_expert_stats(self, stage: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per validation image: pooled features (N, D) and each expert's log p(true class) (N, E)."""
+        self.model.eval()
+        num_experts = self.model.num_experts
+        pooled, loglik = [], []
+        for batch in self.batches(self.data.val_split, stage):
+            labels = batch["labels"].to(self.device)
+            out = self.forward(batch, routing=RoutingRequest.dense())
+            per_expert = torch.zeros(labels.shape[0], num_experts, out.expert_logits.shape[-1],
+                                     device=labels.device)  # (B, E, C)
+            per_expert.scatter_(1, out.route.expert_indices[:, :, None].expand_as(out.expert_logits),
+                                out.expert_logits.float())
+            logp = torch.log_softmax(per_expert, dim=-1)  # (B, E, C)
+            loglik.append(logp.gather(2, labels[:, None, None].expand(-1, num_experts, 1))[..., 0].cpu())
+            pooled.append(out.pooled.float().cpu())
+        return torch.cat(pooled), torch.cat(loglik)
+
+    def clusters(self, stage: Any, seed: int) -> ClusterState:
+        """k-means over every rank's training images (centroids drawn by rank 0 from ``seed``),
+        then each cluster's teacher from the validation images' per-expert log-likelihoods."""
+        cur = self.config.curriculum
+        train_pooled = self.pooled_features(stage)
+        initial = torch.zeros(cur.num_clusters, train_pooled.shape[1])
+        if self.comm.rank == 0:
+            g = torch.Generator().manual_seed(seed)
+            picks = torch.randperm(train_pooled.shape[0], generator=g)[:cur.num_clusters]
+            initial = train_pooled[picks][torch.arange(cur.num_clusters) % max(1, len(picks))]
+        initial = self.comm.broadcast_from_main(initial)
+        centroids = kmeans(train_pooled, cur.num_clusters, all_reduce=self.comm.sum, initial=initial)
+        train_counts = self.comm.sum(torch.bincount(assign_clusters(train_pooled, centroids),
+                                                    minlength=cur.num_clusters).float())
+        val_pooled, loglik = self.val_expert_stats(stage)
+        scores, val_counts = cluster_expert_scores(loglik, assign_clusters(val_pooled, centroids), cur.num_clusters,
+                                                   self.comm.sum)
+        teacher = cluster_teacher(scores, cur.teacher_temperature)
+        return ClusterState(centroids, teacher, scores, val_counts, train_counts)
+
+    def _empty_batch(self) -> dict:
+        size = self.config.model.img_size
+        return {"images": torch.zeros(0, 3, size, size), "labels": torch.zeros(0, dtype=torch.long)}

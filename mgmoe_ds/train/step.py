@@ -1,0 +1,80 @@
+"""One training step: forward, the stage's losses, one agreed finite-loss vote, backward, update.
+
+Runs with any engine that has ``__call__`` (the model's forward), ``backward(loss)`` and
+``step()``: DeepSpeed's engine in training, a plain ``torch.optim`` wrapper in the unit tests.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from mgmoe_ds.model import ModelOutput, loss_weights, weighted_loss
+from mgmoe_ds.moe.routing import RoutingRequest
+from mgmoe_ds.train.passes import model_inputs
+
+
+@dataclass
+class StepResult:
+    """What one step did."""
+
+    finite: bool  # False: some rank's loss was not finite and every rank skipped the update
+    losses: dict[str, Tensor]  # raw losses by name (detached)
+    out: ModelOutput
+    images: int
+    seconds: float
+
+
+@dataclass
+class TrainStep:
+    """The step of one stage.
+
+    Attributes:
+        stage: the curriculum stage (its extra losses and loss weights).
+        routing: the stage's routing for this epoch.
+        comm: the run's ``Collectives`` (the finite-loss vote).
+        device, input_dtype: where and in what dtype batches enter the model.
+        moe_config: the run's ``moe`` block (default router-loss weights).
+        reorder: when DeepSpeed reduces gradients in arrival order (ZeRO-2), turns the loss into
+            one whose backward reaches the parameters in the same order on every rank
+            (``train.distributed.fixed_order_loss``); None otherwise.
+    """
+
+    stage: Any
+    routing: RoutingRequest
+    comm: Any
+    device: torch.device
+    input_dtype: torch.dtype
+    moe_config: Any
+    reorder: Optional[Callable[[Tensor], Tensor]] = None
+
+    def __call__(self, engine: Any, batch: dict, clusters: Any) -> StepResult:
+        started = time.perf_counter()
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        out = engine(targets=labels, routing=self.routing, **model_inputs(batch, self.device, self.input_dtype))
+        losses = {**out.losses, **self.stage.extra_losses(out, clusters)}
+        total = weighted_loss(losses, loss_weights(self.moe_config, self.stage.loss_weights()))
+        # One vote: a non-finite loss on any rank skips the update on every rank.
+        finite = bool(self.comm.reduce_int(int(bool(torch.isfinite(total))), "min"))
+        detached = {name: value.detach() for name, value in losses.items()}
+        if finite:
+            engine.backward(self.reorder(total) if self.reorder is not None else total)
+            engine.step()
+        return StepResult(finite, detached, out, int(labels.shape[0]), time.perf_counter() - started)
+
+
+def trained_groups(model: Any, stage: Any) -> list[dict[str, Any]]:
+    """The optimizer groups of what ``stage`` trains (``{"name", "params", "lr", **options}``);
+    every other parameter is frozen (``requires_grad`` False)."""
+    groups = []
+    for name, params in model.parameter_groups().items():
+        lr = stage.group_lr.get(name)
+        for p in params:
+            p.requires_grad_(lr is not None)
+        if lr is not None and params:
+            groups.append({"name": name, "params": params, "lr": lr, **stage.group_options(name)})
+    return groups
