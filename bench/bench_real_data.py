@@ -20,12 +20,19 @@ EfficientNet-Lite0 (ImageNet) backbone of ``ds_configs/cpu_small.json`` at its r
      training of router and experts together (the routing stage with ``kl_weight = 0``: no
      cluster teacher, and no residual stage).
 
-Reports top-1 on the test split (and the validation split) and each model's wall time, as a
-markdown table, and writes ``bench/results/real_data.json``.
+Reports top-1 on the test split with its binomial standard error (and the validation split),
+each model's wall time, and, for the routed models, each expert's utilisation on test
+(``mgmoe eval``); for the curriculum Top-K models, ``mgmoe ablate`` compares the trained routing
+and the router's free Top-K with every fixed subset of experts of the same size. Markdown
+tables on stdout; ``bench/results/real_data[_<N>pc].json``.
+
+``--train-per-class N`` keeps N training photos per species (seeded) after the validation split
+is carved: the data-limited regime.
 
 Usage::
 
-    PYTHONPATH=. python bench/bench_real_data.py                        # flowers12, ~1 h on 2 cores
+    PYTHONPATH=. python bench/bench_real_data.py                        # flowers12, ~40 min on 2 cores
+    PYTHONPATH=. python bench/bench_real_data.py --train-per-class 15   # data-limited flowers12
     PYTHONPATH=. python bench/bench_real_data.py --only linear_probe top2 dense
 """
 
@@ -51,16 +58,19 @@ PROBE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 PROBE_STEPS = 300
 
 
-def carve_validation(src: Path, dst: Path, val_per_class: int, seed: int) -> dict[str, int]:
+def carve_validation(src: Path, dst: Path, val_per_class: int, seed: int,
+                     train_per_class: int | None = None) -> dict[str, int]:
     """``dst/{train,val,test}/<class>/`` as symlinks: ``val_per_class`` photos of each class of
-    ``src/train`` (a seeded draw) go to val; ``src/test`` is linked as it is. Returns split sizes."""
+    ``src/train`` (a seeded draw) go to val, then at most ``train_per_class`` of the rest to train;
+    ``src/test`` is linked as it is. Returns split sizes."""
     sizes = {"train": 0, "val": 0, "test": 0}
     for class_dir in sorted(p for p in (src / "train").iterdir() if p.is_dir()):
         photos = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if len(photos) <= val_per_class:
             raise SystemExit(f"{class_dir}: {len(photos)} photos, need more than --val-per-class {val_per_class}")
         random.Random(f"{seed}:{class_dir.name}").shuffle(photos)
-        for split, chosen in (("val", photos[:val_per_class]), ("train", photos[val_per_class:])):
+        train = photos[val_per_class:][:train_per_class]  # [:None] keeps them all
+        for split, chosen in (("val", photos[:val_per_class]), ("train", train)):
             (dst / split / class_dir.name).mkdir(parents=True, exist_ok=True)
             for photo in chosen:
                 (dst / split / class_dir.name / photo.name).symlink_to(photo.resolve())
@@ -118,8 +128,44 @@ def train_job(name: str, overrides: list[str], args, dataset: Path, work: Path) 
     if code != 0:
         raise SystemExit(f"{name}: the training job failed (exit {code}); see {log}")
     metrics = json.loads((run_dir / "final_metrics.json").read_text())
-    return {"test_top1": metrics["test"]["top1"], "val_top1": metrics["val"]["top1"], "seconds": seconds,
-            "overrides": overrides, "log": str(log)}
+    result = {"test_top1": metrics["test"]["top1"], "val_top1": metrics["val"]["top1"], "seconds": seconds,
+              "test_images": metrics["test"]["images"], "overrides": overrides, "log": str(log)}
+    if name.startswith("top"):
+        result["routing"] = routed_evaluation(name, run_dir, dataset, work)
+    return result
+
+
+def cli(*args: str, log: Path) -> None:
+    with log.open("a") as out:
+        code = subprocess.run([sys.executable, "-m", "mgmoe_ds.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                              cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT))).returncode
+    if code != 0:
+        raise SystemExit(f"mgmoe {args[0]} failed (exit {code}); see {log}")
+
+
+def routed_evaluation(name: str, run_dir: Path, dataset: Path, work: Path) -> dict:
+    """Each expert's test utilisation (``mgmoe eval``); for the curriculum Top-K models, the
+    ``mgmoe ablate`` verdict: trained routing and free Top-K against every fixed subset of that size."""
+    log = work / "logs" / f"{name}_eval.log"
+    cli("eval", "--checkpoint", str(run_dir), "--data", str(dataset), "--split", "test", "--out",
+        str(work / "eval" / name), "--no-progress", log=log)
+    report = json.loads((work / "eval" / name / "report.json").read_text())
+    result = {"utilisation": report["routing"]["utilisation"],
+              "experts": {k: v["top1"] for k, v in report["variants"].items() if k.startswith("expert ")}}
+    if name.endswith("no_curriculum"):
+        return result
+    cli("ablate", "--checkpoint", str(run_dir), "--data", str(dataset), "--split", "test", "--out",
+        str(work / "ablation" / name), "--no-progress", log=log)
+    rows = json.loads((work / "ablation" / name / "ablation.json").read_text())["rows"]
+    trained = next(r for r in rows if r["kind"] == "trained")
+    k = round(trained["experts_per_image"])
+    free = next(r for r in rows if r["kind"] == "top_k" and r["k"] == k)
+    fixed = [r for r in rows if r["kind"] == "subset" and len(r["experts"]) == k]
+    best = max(fixed, key=lambda r: r["top1"]) if fixed else None
+    result["ablation"] = {"k": k, "trained_top1": trained["top1"], "free_topk_top1": free["top1"],
+                          "best_fixed_subset": best and {"experts": best["experts"], "top1": best["top1"]},
+                          "fixed_subsets": {"+".join(r["experts"]): r["top1"] for r in fixed}}
+    return result
 
 
 def linear_probe(args, dataset: Path) -> dict:
@@ -149,6 +195,7 @@ def linear_probe(args, dataset: Path) -> dict:
         return torch.cat(feats), torch.cat(labels)
 
     data = {split: pooled(split) for split in ("train", "val", "test")}
+    test_images = int(data["test"][1].numel())
     mean, std = data["train"][0].mean(0), data["train"][0].std(0) + 1e-6
     data = {split: ((x - mean) / std, y) for split, (x, y) in data.items()}
     num_classes = int(data["train"][1].max()) + 1
@@ -173,7 +220,7 @@ def linear_probe(args, dataset: Path) -> dict:
     best = max(PROBE_WEIGHT_DECAYS, key=lambda wd: (val_by_decay[wd], -wd))
     head = fit(best)
     return {"test_top1": top1(head, "test"), "val_top1": top1(head, "val"), "seconds": time.perf_counter() - started,
-            "weight_decay": best, "val_by_weight_decay": val_by_decay}
+            "test_images": test_images, "weight_decay": best, "val_by_weight_decay": val_by_decay}
 
 
 LABELS = {
@@ -195,13 +242,33 @@ def render(results: dict) -> str:
         f"train), test {results['splits']['test']} photos, {results['num_classes']} species. Budget: "
         f"{results['epochs']} epochs per model; config {results['config']}.",
         "",
-        "| model | test top-1 | val top-1 | wall (s) |",
-        "|---|---:|---:|---:|",
+        "| model | test top-1 | ± SE | val top-1 | expert utilisation on test | wall (s) |",
+        "|---|---:|---:|---:|---|---:|",
     ]
     for name, r in results["models"].items():
         label = LABELS.get(name, f"{name.removeprefix('expert_')} expert alone" if name.startswith("expert_") else name)
-        lines.append(f"| {label} | {r['test_top1']:.3f} | {r['val_top1']:.3f} | {r['seconds']:.0f} |")
+        use = ", ".join(f"{e.split(':')[1]} {100 * u:.0f}%" for e, u in r.get("routing", {}).get("utilisation",
+                                                                                                 {}).items())
+        lines.append(f"| {label} | {r['test_top1']:.3f} | {binomial_se(r['test_top1'], r['test_images']):.3f} | "
+                     f"{r['val_top1']:.3f} | {use or '-'} | {r['seconds']:.0f} |")
+    ablations = {n: r["routing"]["ablation"] for n, r in results["models"].items() if "ablation" in r.get("routing", {})}
+    if ablations:
+        lines += ["", "`mgmoe ablate` on the test split, the same trained weights: the trained routing and the "
+                      "router's free Top-K against every fixed subset of the same size (router-weighted fusion).",
+                  "", "| model | trained routing | free Top-K | best fixed subset | all fixed subsets |",
+                  "|---|---:|---:|---|---|"]
+        for name, a in ablations.items():
+            best = a["best_fixed_subset"]
+            subsets = ", ".join(f"{k} {v:.3f}" for k, v in sorted(a["fixed_subsets"].items(), key=lambda kv: -kv[1]))
+            lines.append(f"| {LABELS.get(name, name)} | {a['trained_top1']:.3f} | {a['free_topk_top1']:.3f} | "
+                         f"{'+'.join(best['experts'])} {best['top1']:.3f} | {subsets} |" if best else
+                         f"| {LABELS.get(name, name)} | {a['trained_top1']:.3f} | {a['free_topk_top1']:.3f} | - | - |")
     return "\n".join(lines)
+
+
+def binomial_se(p: float, n: int) -> float:
+    """The binomial standard error of an accuracy ``p`` on ``n`` images."""
+    return (p * (1 - p) / max(1, n)) ** 0.5
 
 
 def main() -> None:
@@ -209,8 +276,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="image folder with train/ and test/")
     parser.add_argument("--config", type=Path, default=ROOT / "ds_configs" / "cpu_small.json")
     parser.add_argument("--val-per-class", type=int, default=12)
-    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "results" / "real_data_work",
-                        help="shards, runs, logs and the shared feature cache")
+    parser.add_argument("--train-per-class", type=int, default=None,
+                        help="keep at most this many training photos per species (the data-limited regime)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="shards, runs, logs and the shared feature cache (default bench/results/real_data_work[_<N>pc])")
     parser.add_argument("--only", nargs="+", default=None, help="models to run (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -225,8 +294,10 @@ def main() -> None:
     if unknown:
         sys.exit(f"--only {unknown[0]}: expected some of linear_probe, {', '.join(runs)}")
     started = time.time()
+    suffix = f"_{args.train_per_class}pc" if args.train_per_class else ""
+    args.work = args.work or ROOT / "bench" / "results" / f"real_data_work{suffix}"
     shutil.rmtree(args.work, ignore_errors=True)
-    splits = carve_validation(args.data, args.work / "images", args.val_per_class, args.seed)
+    splits = carve_validation(args.data, args.work / "images", args.val_per_class, args.seed, args.train_per_class)
     subprocess.run([sys.executable, "-m", "mgmoe_ds.cli", "shards", "build", str(args.work / "images"), "--format",
                     "imagefolder", "--name", args.data.name, "--out", str(args.work / "shards"), "--shard-size", "64",
                     "--no-progress"], check=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -240,7 +311,7 @@ def main() -> None:
                     "torch": torch.__version__, "loadavg_start": os.getloadavg()},
         "models": {},
     }
-    out = ROOT / "bench" / "results" / "real_data.json"
+    out = ROOT / "bench" / "results" / f"real_data{suffix}.json"
     for name in names:
         print(f"{name} ...", flush=True)
         results["models"][name] = (linear_probe(args, dataset) if name == "linear_probe"

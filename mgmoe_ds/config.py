@@ -162,6 +162,9 @@ def _validate(config: RunConfig, source: str) -> None:
     if config.model.num_classes is not None:
         check(config.model.num_classes >= 2, "model.num_classes", config.model.num_classes, "an integer >= 2")
     check(config.data.num_workers >= 0, "data.num_workers", config.data.num_workers, "an integer >= 0")
+    check(config.data.val_split != "test", "data.val_split", config.data.val_split,
+          "a split other than test: the routing teacher and cluster routing are fitted on it, so test labels would "
+          "tune the model; `mgmoe shards build` carves a validation split from train (--val-fraction)")
     check(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", config.data.shuffle_buffer, "an integer >= 0")
     cur = config.curriculum
     check(len(cur.stages) >= 1, "curriculum.stages", [], "at least one stage")

@@ -197,3 +197,12 @@ def test_config_is_frozen():
     config = config_from_dict({})
     with pytest.raises(Exception):
         config.moe.top_k = 3  # type: ignore[misc]
+
+
+def test_fitting_the_teacher_on_the_test_split_is_refused_at_load():
+    with pytest.raises(ConfigError) as error:
+        config_from_dict({"data": {"val_split": "test"}}, "ds.json")
+    message = str(error.value)
+    assert message.startswith("ds.json: mgmoe.data.val_split = 'test': expected a split other than test")
+    assert "\n" not in message
+    assert "--val-fraction" in message

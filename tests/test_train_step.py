@@ -143,3 +143,17 @@ def test_a_stage_name_that_is_not_registered_fails_at_load():
         config_from_dict({"curriculum": {"stages": [{"name": "residual", "steps": 1, "lr": {"head": 0.1}}]}})
     with pytest.raises(ConfigError, match=r"stages\[0\].lr = .*: expected at least one parameter group with lr > 0"):
         config_from_dict({"curriculum": {"stages": [{"name": "residual", "steps": 1, "lr": {"router": 0.0}}]}})
+
+
+def test_a_dataset_without_the_validation_split_is_refused_in_one_line(tmp_path):
+    from conftest import write_small_set
+    from mgmoe_ds.data import DataError
+    from mgmoe_ds.train.data import RunData
+
+    config, _ = tiny()
+    dataset = write_small_set(tmp_path, "no_val", {"train": 16, "test": 8}, shard_size=16)
+    with pytest.raises(DataError) as error:
+        RunData(config, str(dataset), rank=0, world_size=1, micro_batch=8, pin_memory=False, transform_options={})
+    assert str(error.value) == (f"{dataset}: no 'val' split: the routing teacher and the cluster-level routing are "
+                                f"fitted on it; rebuild the dataset with `mgmoe shards build` (it carves a validation "
+                                f"split from train, --val-fraction 0.1) or set mgmoe.data.val_split")

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from .demo import build_demo
-from .formats import FORMATS, parse_split_fractions, read_class_file, read_listing
+from .formats import FORMATS, VALIDATION_FRACTION, carve_validation, parse_split_fractions, read_class_file, read_listing
 from .registry import DEFAULT_REGISTRY, register_dataset
-from .shards import build_shards, check_dataset_name
+from .shards import build_shards, check_dataset_name, load_manifest
 from .verify import verify_dataset
 
 
@@ -25,6 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--out", required=True, type=Path, help="parent folder of the dataset folder")
     build.add_argument("--split", default="train=0.8,val=0.1,test=0.1",
                        help="stratified split fractions when the source has none (default %(default)s)")
+    build.add_argument("--val-fraction", type=float, default=VALIDATION_FRACTION,
+                       help="when the source has no validation split (CUB, a CSV, train/test folders), carve this "
+                            "share of each species' training images into one, seeded (default %(default)s)")
+    build.add_argument("--no-val-split", action="store_true", help="do not carve a validation split")
     build.add_argument("--seed", type=int, default=0, help="seed of the split and the shard order")
     build.add_argument("--shard-size", type=int, default=1000, help="most samples per shard")
     build.add_argument("--max-side", type=int, default=None, help="resize and re-encode larger images")
@@ -61,11 +65,21 @@ def run_build(args: argparse.Namespace) -> int:
     fractions = parse_split_fractions(args.split)
     classes = read_class_file(args.classes) if args.classes is not None else None
     listing = read_listing(args.format, args.src, fractions, args.seed, classes)
+    carved = 0
+    if not args.no_val_split:
+        listing, carved = carve_validation(listing, args.val_fraction, args.seed, str(args.src))
     options = {"format": args.format, "split": args.split, "seed": args.seed, "shard_size": args.shard_size,
-               "max_side": args.max_side, "classes": str(args.classes) if args.classes else None}
+               "max_side": args.max_side, "classes": str(args.classes) if args.classes else None,
+               "val_fraction": None if args.no_val_split else args.val_fraction, "val_carved": carved}
     out_dir = build_shards(listing, args.out, args.name, source=str(args.src), shard_size=args.shard_size,
                            max_side=args.max_side, seed=args.seed, options=options, progress=not args.no_progress)
-    print(f"wrote {out_dir} ({len(listing.classes)} classes)")
+    counts = {split: table["total"] for split, table in load_manifest(out_dir)["counts"].items()}
+    print(f"wrote {out_dir} ({len(listing.classes)} classes; " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
+    if carved:
+        print(f"carved a validation split from train: {carved} images ({args.val_fraction:g} of each species' "
+              f"training images, at least one, seed {args.seed}); it fits the routing teacher, never the test split")
+    elif "val" not in counts:
+        print("no validation split: training needs one (data.val_split); rebuild without --no-val-split")
     return 0
 
 

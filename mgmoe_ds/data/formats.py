@@ -99,6 +99,51 @@ def stratified_splits(labels: Sequence[int], fractions: dict[str, float], seed: 
     return splits
 
 
+VALIDATION_FRACTION = 0.1  # the share of each class's training images a build carves into "val" by default
+
+
+def carve_validation(listing: Listing, fraction: float, seed: int, source: str) -> tuple[Listing, int]:
+    """A validation split carved from the training items when the listing has none.
+
+    Stratified and seeded: each class gives ``max(1, round(fraction * n))`` of its ``n`` training
+    items (a seeded draw), and keeps at least one. The routing teacher and the cluster-level
+    routing are fitted on validation images, which must not be test images.
+
+    Args:
+        listing: the source's listing (its items' splits as the source gives them).
+        fraction: in (0, 0.5].
+        seed: seeds each class's draw.
+        source: the source path, for error messages.
+
+    Returns:
+        ``(listing, carved)``: the listing with the carved items in "val", and how many were
+        carved (0 when the source already has a validation split: it is kept as it is).
+
+    Raises:
+        DataError: a fraction outside (0, 0.5], or a class with fewer than two training items,
+            in one line naming the class and its count; raised before any shard is written.
+    """
+    if not 0.0 < fraction <= 0.5:
+        raise DataError(f"--val-fraction = {fraction}: expected a fraction in (0, 0.5]")
+    if any(item.split == "val" for item in listing.items):
+        return listing, 0
+    by_class: dict[int, list[int]] = {}
+    for index, item in enumerate(listing.items):
+        if item.split == "train":
+            by_class.setdefault(item.label, []).append(index)
+    carved: set[int] = set()
+    for label, indices in sorted(by_class.items()):
+        if len(indices) < 2:
+            raise DataError(f"{source}: class {listing.classes[label]!r} has {len(indices)} training image(s): too "
+                            f"few to give both a training and a validation image (use --no-val-split)")
+        order = list(indices)
+        random.Random(f"{seed}:val:{label}").shuffle(order)
+        carved.update(order[:min(len(order) - 1, max(1, round(fraction * len(order))))])
+    items = [Item(it.path, it.relpath, it.label, "val", it.bbox) if i in carved else it
+             for i, it in enumerate(listing.items)]
+    return Listing(listing.classes, items, listing.skipped), len(carved)
+
+
 def read_class_file(path: Path) -> list[str]:
     """Read one class name per line (blank lines ignored); duplicates are an error."""
     if not path.is_file():

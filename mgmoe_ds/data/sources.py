@@ -42,6 +42,10 @@ class DatasetSource:
     parts: list[DatasetPart]
     registry_path: Optional[Path] = None  # the registry file, when the source is one
 
+    def splits(self) -> set[str]:
+        """The splits some dataset of the source has shards of."""
+        return {shard["split"] for part in self.parts for shard in part.manifest["shards"]}
+
     def content_bytes(self) -> bytes:
         """The bytes that describe the source's content: the registry file (if any) and every manifest."""
         files = ([self.registry_path] if self.registry_path is not None else [])

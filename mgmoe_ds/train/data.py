@@ -43,7 +43,7 @@ class RunData:
 
     def __init__(self, config: RunConfig, dataset: str, *, rank: int, world_size: int, micro_batch: int,
                  pin_memory: bool, transform_options: dict[str, Any]) -> None:
-        from mgmoe_ds.data import resolve_source
+        from mgmoe_ds.data import DataError, dataset_source, resolve_source
 
         self.config, self.dataset, self.rank, self.world_size = config, dataset, rank, world_size
         self.micro_batch, self.pin_memory, self.transform_options = micro_batch, pin_memory, transform_options
@@ -51,6 +51,10 @@ class RunData:
         self.train_loader, self.train_info = self.loader("train", train=True)
         self.train_features_loader, _ = self.loader("train", train=False, shuffle=False)
         self.val_split = config.data.val_split
+        if self.val_split not in dataset_source(dataset).splits():
+            raise DataError(f"{dataset}: no {self.val_split!r} split: the routing teacher and the cluster-level routing "
+                            f"are fitted on it; rebuild the dataset with `mgmoe shards build` (it carves a validation "
+                            f"split from train, --val-fraction 0.1) or set mgmoe.data.val_split")
         self.val_loader, self.val_info = self.loader(self.val_split, train=False)
         # Loaders of the eval transform by split (the final test adds "test").
         self.eval_loaders = {"train": self.train_features_loader, self.val_split: self.val_loader}
