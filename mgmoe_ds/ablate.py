@@ -75,16 +75,48 @@ def ablate_model(args: AblateArgs) -> dict[str, Any]:
         summary = accuracy_summary(result.logits, outputs.labels, buckets)
         table.append({**row, "top1": summary["top1"], "top5": summary["top5"],
                       "mean_class_top1": summary["mean_class_top1"],
-                      "tail_top1": summary["buckets"]["tail"]["top1"],
+                      "tail_top1": summary["buckets"].get("tail", {}).get("top1"),
                       "flops_per_image": pass_flops(result.used, flops, r_flops),
                       "experts_per_image": float(result.used.sum(1).float().mean())})
     report = {"checkpoint": meta.source, "checkpoint_tag": meta.checkpoint_tag, "split": args.split,
               "images": int(outputs.labels.numel()), "routing_policy": meta.routing.to_json(),
               "long_tail_thresholds": thresholds, "backbone_flops_per_image": flops["backbone"],
               "expert_flops_per_image": flops["experts"], "rows": table}
+    report["verdict"] = verdict(table, report["images"])
     (out_dir / "ablation.json").write_text(json.dumps(report, indent=2))
     (out_dir / "ablation.md").write_text(render_markdown(report))
     return report
+
+
+def compare(name: str, top1: float, other_name: str, other: float, images: int) -> str:
+    """One sentence: ``name`` against ``other_name``, the gap in points and against one binomial standard error."""
+    se = (other * (1 - other) / max(1, images)) ** 0.5
+    gap = top1 - other
+    if abs(gap) <= se:
+        return f"{name} ({100 * top1:.2f}%) ties {other_name} ({100 * other:.2f}%): within one standard error ({100 * se:.2f})"
+    word = "beats" if gap > 0 else "is below"
+    return (f"{name} ({100 * top1:.2f}%) {word} {other_name} ({100 * other:.2f}%) by {100 * abs(gap):.2f} points, "
+            f"more than one standard error ({100 * se:.2f})")
+
+
+def verdict(rows: list[dict[str, Any]], images: int) -> list[str]:
+    """Does the router earn its place? The trained routing and the router's free Top-K against the
+    best fixed subset of experts of the same size, in words."""
+    trained = next(r for r in rows if r["kind"] == "trained")
+    k = round(trained["experts_per_image"])
+    fixed = [r for r in rows if r["kind"] == "subset" and len(r["experts"]) == k]
+    if not fixed:
+        return [f"No fixed subset of {k} experts to compare with (the ablation's minimum subset size is larger)."]
+    best = max(fixed, key=lambda r: r["top1"])
+    best_name = f"the best fixed subset of {k}, {{{'+'.join(best['experts'])}}}"
+    lines = [compare(f"The trained routing (about {k} expert(s) per image)", trained["top1"], best_name, best["top1"],
+                     images) + "."]
+    free = next((r for r in rows if r["kind"] == "top_k" and r["k"] == k), None)
+    if free is not None:
+        lines.append(compare(f"The router's free Top-{k}", free["top1"], best_name, best["top1"], images) + ".")
+    beaten = sum(trained["top1"] > r["top1"] for r in fixed)
+    lines.append(f"The trained routing beats {beaten} of the {len(fixed)} fixed subsets of {k}.")
+    return lines
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -92,6 +124,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         return "-" if value is None else f"{100 * value:.2f}"
 
     lines = [f"# MG-MoE ablation: {report['split']} split ({report['images']} images)", "",
+             "**Does the router earn its place?** " + " ".join(report["verdict"]), "",
              f"Checkpoint `{report['checkpoint']}` (tag `{report['checkpoint_tag']}`); trained routing: "
              f"{report['routing_policy']['kind']}. FLOPs = backbone + router + the experts each image used.", "",
              "| row | K | experts/image | top-1 % | top-5 % | mean class % | tail % | GFLOPs/image |",

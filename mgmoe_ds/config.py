@@ -54,6 +54,7 @@ class MoEConfig:
     batch_prioritized_routing: bool = False  # fill capacity in order of router confidence
     expert_parallel_size: int = 1  # P: experts are split over P ranks; must divide num_experts
     load_balance_weight: float = 0.01  # weight of the GShard load-balancing loss
+    expert_loss_weight: float = 1.0  # weight of each expert's own CE on its own logits (<layer>.<expert>.standalone)
     z_loss_weight: float = 0.001  # weight of the router z-loss
     drop_fallback: Literal["shared_head"] = "shared_head"  # what a token that lost every expert gets
 
@@ -158,6 +159,7 @@ def _validate(config: RunConfig, source: str) -> None:
     )
     check(m.load_balance_weight >= 0, "moe.load_balance_weight", m.load_balance_weight, "a number >= 0")
     check(m.z_loss_weight >= 0, "moe.z_loss_weight", m.z_loss_weight, "a number >= 0")
+    check(m.expert_loss_weight >= 0, "moe.expert_loss_weight", m.expert_loss_weight, "a number >= 0")
     check(config.model.img_size >= 16, "model.img_size", config.model.img_size, "an integer >= 16")
     if config.model.num_classes is not None:
         check(config.model.num_classes >= 2, "model.num_classes", config.model.num_classes, "an integer >= 2")

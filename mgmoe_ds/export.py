@@ -13,7 +13,6 @@ earlier format (the state dict under ``model.``) still load.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -40,8 +39,7 @@ def tensor_names(model) -> dict[str, str]:
     """
     from mgmoe_ds.model import HEAD_LAYER
 
-    counts = Counter(model.expert_names)
-    labels = [name if counts[name] == 1 else f"{name}_{e}" for e, name in enumerate(model.expert_names)]
+    labels = model.expert_labels
     prefixes: dict[str, str] = {}  # state-dict prefix -> export prefix, most specific first
     for layer_name, layer in model.moe_layers().items():
         top = "" if layer_name == HEAD_LAYER else _readable(layer_name) + "."

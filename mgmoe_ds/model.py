@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Optional, Union
@@ -66,7 +67,8 @@ def loss_weights(moe_config: MoEConfig, *overrides: dict[str, float]) -> dict[st
     """The weight of every loss, by name or glob pattern (``*.load_balance``): the defaults, then
     each of ``overrides`` in turn (a stage's own weights, then the user's ``loss_weights``)."""
     weights = dict(BASE_LOSS_WEIGHTS, **{"*.load_balance": moe_config.load_balance_weight,
-                                         "*.z_loss": moe_config.z_loss_weight})
+                                         "*.z_loss": moe_config.z_loss_weight,
+                                         "*.standalone": moe_config.expert_loss_weight})
     for extra in overrides:
         weights.update(extra)
     return weights
@@ -173,6 +175,7 @@ class MGMoE(nn.Module):
         if targets is not None:
             losses["task"] = F.cross_entropy(out.output.float(), targets)
             losses["fallback"] = F.cross_entropy(self.moe.fallback_head(pooled).float(), targets)
+            losses.update(self._standalone_losses(out, targets))
         return ModelOutput(logits=out.output, routes={HEAD_LAYER: out.route}, pooled=pooled, losses=losses,
                            layer_outputs={HEAD_LAYER: out})
 
@@ -191,6 +194,31 @@ class MGMoE(nn.Module):
         if features is None:
             features = self.forward_features(images)
         return self.forward_head(features, targets, routing)
+
+    @property
+    def expert_labels(self) -> list[str]:
+        """Each expert's name, or ``<name>_<id>`` when several experts share it (loss and export names)."""
+        counts = Counter(self.expert_names)
+        return [name if counts[name] == 1 else f"{name}_{e}" for e, name in enumerate(self.expert_names)]
+
+    def _standalone_losses(self, out: MoEOutput, targets: Tensor) -> dict[str, Tensor]:
+        """Each expert's CE on its own logits, over the images routed to it (its kept choices):
+        ``<layer>.<expert>.standalone``. Every expert is then a classifier on its own, which is
+        what the cluster teacher grades and what routing to one expert at a time relies on.
+
+        Computed where the images are (their rank), each rank's mean over its own images: the
+        gradient data parallelism gives, at any expert-parallel size.
+        """
+        route = out.route
+        num_tokens, top_k = route.expert_indices.shape
+        per_choice = F.cross_entropy(out.expert_outputs.float().reshape(num_tokens * top_k, -1),
+                                     targets.repeat_interleave(top_k), reduction="none")  # (T*K,)
+        kept = route.kept.reshape(-1).float()  # (T*K,)
+        experts = route.expert_indices.reshape(-1)  # (T*K,)
+        sums = per_choice.new_zeros(self.num_experts).index_add(0, experts, per_choice * kept)  # (E,)
+        counts = kept.new_zeros(self.num_experts).index_add(0, experts, kept)  # (E,)
+        means = sums / counts.clamp_min(1)  # (E,): 0 (in the graph) for an expert with no image here
+        return {f"{HEAD_LAYER}.{label}.standalone": means[e] for e, label in enumerate(self.expert_labels)}
 
     # -- parameter groups (the curriculum freezes and unfreezes by these names) ---------------
 

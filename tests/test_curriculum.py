@@ -64,6 +64,7 @@ def test_residual_stage_routes_each_cluster_to_its_top_experts_and_freezes_the_o
     clusters = clusters_with_teacher(teacher)
     request = stage.routing(clusters)
     assert request.clusters.cluster_experts.tolist() == [[0, 1], [1, 2]]
+    assert request.dropless  # frozen routing trains as evaluation routes it: no capacity drops
     resolved = request.resolve(torch.tensor([[1.0, 1.0], [11.0, 9.0]]), num_experts=4)
     assert resolved.allowed_experts.tolist() == [[True, True, False, False], [False, True, True, False]]
     assert stage.frozen_heads(clusters, 4) == {3}  # expert 3 is in no cluster's top 2
@@ -84,10 +85,10 @@ def test_stage_hooks_recompute_clusters_when_the_stage_needs_them():
     create_stage(StageConfig("routing", epochs=1), RUN, 1e-3).on_epoch_start(hooks)  # every epoch
     create_stage(StageConfig("warmup", epochs=1), RUN, 1e-3).on_epoch_start(hooks)  # never
     residual = create_stage(StageConfig("residual", epochs=1), RUN, 1e-3)
-    residual.on_stage_start(hooks)  # no clusters yet: computed once
+    residual.on_stage_start(hooks)  # no clusters yet: computed
     hooks.clusters = object()
-    residual.on_stage_start(hooks)  # clusters carried from stage 1: kept
-    assert hooks.recomputed == 2
+    residual.on_stage_start(hooks)  # clusters from stage 1: computed again, on the backbone stage 2 freezes
+    assert hooks.recomputed == 3
 
 
 def test_teacher_and_kl_on_a_hand_made_case():

@@ -71,6 +71,9 @@ def test_stages_train_exactly_their_parameter_groups(full_run):
     unfrozen = {int(e) for e in residual["unfrozen_heads"]}
     assert unfrozen == {e for pair in top2 for e in pair}
     assert set(residual["trained_groups"]) == {"router", "expert_heads"}
+    # every stage reports what capacity dropped; the residual stage trains dropless, as it is evaluated
+    assert all({"choices", "dropped", "dropped_fraction"} <= set(s) for s in stages)
+    assert residual["routing"]["dropless"] and residual["dropped"] == 0 and residual["choices"] > 0
 
     warm, routing, final = (load_state(run, t) for t in ("stage0-warmup-end", "stage1-routing-end",
                                                           "stage2-residual-end"))
@@ -90,7 +93,8 @@ def test_stages_train_exactly_their_parameter_groups(full_run):
     # metrics.jsonl has train and validation events with the promised fields
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_events = [e for e in events if e["event"] == "train"]
-    assert {"stage", "epoch", "step", "losses", "lr", "samples_per_s", "expert_load", "dropped"} <= set(train_events[0])
+    assert {"stage", "epoch", "step", "losses", "lr", "samples_per_s", "expert_load", "dropped",
+            "dropped_fraction"} <= set(train_events[0])
     assert any(e["event"] == "validation" and "val_top5" in e for e in events)
     assert json.loads((run / "final_metrics.json").read_text())["test"]["images"] == 16
 

@@ -13,7 +13,7 @@ def test_long_tail_buckets_and_confused_pairs():
 
     buckets, thresholds = long_tail_buckets([100, 50, 10, 2, 60, 5], head_min=50, tail_max=5)
     assert buckets == ["head", "head", "medium", "tail", "head", "tail"]
-    assert thresholds == {"head_min": 50.0, "tail_max": 5.0}
+    assert thresholds == {"head_min": 50.0, "tail_max": 5.0, "balanced": False}
     labels = torch.tensor([0, 0, 0, 1, 1, 2])
     logits = torch.nn.functional.one_hot(torch.tensor([1, 1, 0, 1, 0, 2]), 3).float()
     pairs = confused_pairs(logits, labels, ["a", "b", "c"])
@@ -65,3 +65,49 @@ def test_ablate_has_a_row_per_k_and_per_subset(trained_run, tiny_dataset, tmp_pa
     # all four experts fused with router weights is dense fusion: the same as top-4
     assert rows["{mpsa+pmg+transfg+pim} k=4"]["top1"] == rows["top-4"]["top1"]
     assert "| top-2 |" in (tmp_path / "ablation.md").read_text()
+
+
+def test_long_tail_buckets_survive_ties_and_say_when_a_set_is_balanced():
+    from mgmoe_ds.evaluation import long_tail_buckets
+
+    # 100 classes with counts 26..30, most at 30 (as a CUB subset): the tertiles tie at 30, and the
+    # plain rule (tail <= 30) would put every class in the tail
+    counts = [26] * 10 + [27] * 10 + [28] * 10 + [29] * 10 + [30] * 60
+    buckets, thresholds = long_tail_buckets(counts)
+    assert {b: buckets.count(b) for b in set(buckets)} == {"tail": 20, "medium": 20, "head": 60}
+    assert (thresholds["tail_max"], thresholds["head_min"]) == (27.0, 30.0) and not thresholds["balanced"]
+    balanced, thresholds = long_tail_buckets([25] * 12)
+    assert balanced == ["all"] * 12 and thresholds["balanced"]
+    two_values, _ = long_tail_buckets([5, 5, 5, 9])  # ties at both tertiles: the head keeps the 9
+    assert two_values == ["tail", "tail", "tail", "head"]
+
+
+def test_calibration_and_nll_on_a_hand_made_case():
+    import math
+
+    from mgmoe_ds.evaluation import accuracy_summary
+    from mgmoe_ds.evaluation.metrics import expected_calibration_error
+
+    # two images, each predicted with probability 0.8 (logits log 4, 0): one right, one wrong.
+    logits = torch.tensor([[math.log(4.0), 0.0], [math.log(4.0), 0.0]])
+    labels = torch.tensor([0, 1])
+    # one confidence bin (0.8): accuracy 0.5, confidence 0.8 -> ECE 0.3
+    assert expected_calibration_error(logits, labels) == pytest.approx(0.3)
+    summary = accuracy_summary(logits, labels, ["all", "all"])
+    assert summary["nll"] == pytest.approx((-math.log(0.8) - math.log(0.2)) / 2)
+    assert summary["ece"] == pytest.approx(0.3) and set(summary["buckets"]) == {"all"}
+
+
+def test_the_ablation_says_in_words_whether_the_router_beats_the_fixed_subsets():
+    from mgmoe_ds.ablate import verdict
+
+    def row(kind, top1, k, experts=None, per_image=None):
+        return {"kind": kind, "top1": top1, "k": k, "experts": experts, "experts_per_image": per_image or k}
+
+    rows = [row("trained", 0.90, None, per_image=2.0), row("top_k", 0.86, 2),
+            row("subset", 0.85, 2, ["a", "b"]), row("subset", 0.80, 2, ["a", "c"]), row("subset", 0.70, 3, ["a", "b", "c"])]
+    lines = verdict(rows, images=400)  # SE at 0.85 on 400 images: 1.79 points
+    assert lines[0].startswith("The trained routing (about 2 expert(s) per image) (90.00%) beats the best fixed "
+                               "subset of 2, {a+b} (85.00%) by 5.00 points, more than one standard error (1.79)")
+    assert lines[1].startswith("The router's free Top-2 (86.00%) ties the best fixed subset of 2")
+    assert lines[2] == "The trained routing beats 2 of the 2 fixed subsets of 2."

@@ -291,3 +291,13 @@ def test_feature_jigsaw_permutes_blocks():
     assert blocks(shuffled) == blocks(x)  # the same 2x2 blocks, possibly moved
     assert torch.equal(feature_jigsaw(x, 1), x)
     assert effective_granularity(4, (6, 6)) == 3 and effective_granularity(2, (1, 1)) == 1
+
+
+def test_pmg_predicts_the_mean_of_its_four_heads(backbone):
+    # one head's scale, as the other experts' logits: the sum of four heads ran four times hotter
+    expert = create_expert("pmg", info=backbone.info, num_classes=NUM_CLASSES).eval()
+    payload = _payload(backbone, expert, 3)
+    with torch.no_grad():
+        pooled = [block(payload[k]) for block, k in zip(expert.blocks, ("level1", "level2", "level3"))]
+        heads = [head(p) for head, p in zip(expert.level_heads, pooled)] + [expert.concat_head(torch.cat(pooled, 1))]
+        torch.testing.assert_close(expert(payload, None).logits, torch.stack(heads).mean(0))

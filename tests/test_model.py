@@ -140,3 +140,19 @@ def test_every_parameter_is_in_exactly_one_group_and_heads_are_the_experts_own(m
     assert {id(p) for p in groups["expert_heads"]} == heads
     assert {id(p) for p in groups["router"]} == {id(p) for p in model.moe.router.parameters()}
     assert {id(p) for p in groups["backbone"]} == {id(p) for p in model.backbone.parameters()}
+
+
+def test_every_expert_has_a_standalone_loss_on_the_images_routed_to_it(model):
+    import torch.nn.functional as F
+
+    model.eval()  # no random draws; losses are still computed with targets
+    targets = torch.tensor([0, 1, 2, 3, 4, 0])
+    out = model(images(6, seed=2), targets)
+    labels = model.expert_labels
+    assert labels == ["mpsa", "pmg", "transfg", "pim"]
+    for e, label in enumerate(labels):
+        # by hand: the CE of each (image, choice) that went to expert e, averaged
+        rows = [(t, k) for t in range(6) for k in range(2) if int(out.route.expert_indices[t, k]) == e]
+        expected = (sum(F.cross_entropy(out.expert_logits[t, k][None], targets[t][None]) for t, k in rows) / len(rows)
+                    if rows else torch.tensor(0.0))
+        torch.testing.assert_close(out.losses[f"moe.{label}.standalone"], expected, msg=label)

@@ -151,3 +151,24 @@ def test_only_local_experts_are_built_under_expert_parallelism():
     assert any(n.startswith("deepspeed_moe.experts.deepspeed_experts.1.") for n in names)
     # DeepSpeed saves every key containing "expert" as expert state: router/fallback must not.
     assert all("expert" not in n for n in names if not n.startswith("deepspeed_moe."))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_task_loss_trains_the_router_at_top_1_as_at_top_2(top_k):
+    # At K = 1 a weight renormalised over one choice is 1 and the router gets no gradient; the
+    # gate probability itself (Switch) carries it.
+    layer = make_layer(dropless=True).train()
+    pooled, level0, targets = make_batch(16)
+    out = layer(pooled, {"pooled": pooled, "level0": level0}, targets, routing=RoutingRequest(top_k=top_k))
+    torch.nn.functional.cross_entropy(out.output, targets).backward()
+    assert float(layer.router.gate.weight.grad.norm()) > 1e-3
+    if top_k == 1:
+        chosen = out.route.probs.gather(1, out.route.expert_indices)  # (T, 1)
+        torch.testing.assert_close(out.route.weights, chosen)  # the gate probability, not renormalised
+        torch.testing.assert_close(out.output, chosen * out.expert_outputs[:, 0])
+
+
+def test_a_dropless_request_keeps_every_choice_under_a_tiny_capacity():
+    layer = make_layer(capacity_factor=0.1, min_capacity=1).train()
+    assert int(run(layer).route.dropped_per_expert.sum()) > 0
+    assert int(run(layer, routing=RoutingRequest(dropless=True)).route.dropped_per_expert.sum()) == 0

@@ -11,7 +11,7 @@ def test_logits_are_fp32_even_for_bf16_input():
     assert logits.dtype == torch.float32 and logits.shape == (3, 4)
 
 
-@pytest.mark.parametrize("top_k", [1, 2, 3, 4])
+@pytest.mark.parametrize("top_k", [2, 3, 4])
 def test_top_k_weights_renormalise_over_chosen(top_k):
     router = TopKRouter(6, 4)
     logits = router(torch.randn(5, 6))
@@ -22,6 +22,14 @@ def test_top_k_weights_renormalise_over_chosen(top_k):
     torch.testing.assert_close(sel.weights, expected / expected.sum(-1, keepdim=True))
     # best first
     assert bool((sel.weights[:, :-1] >= sel.weights[:, 1:]).all())
+
+
+def test_top_1_keeps_the_gate_probability_of_the_best_expert():
+    router = TopKRouter(6, 4)
+    logits = router(torch.randn(5, 6))
+    sel = router.select(logits, 1)
+    torch.testing.assert_close(sel.weights[:, 0], torch.softmax(logits, -1).max(-1).values)  # < 1: it has a gradient
+    assert bool((sel.weights < 1).all())
 
 
 def test_allowed_experts_mask_is_never_chosen_and_renormalised():

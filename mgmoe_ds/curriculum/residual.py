@@ -24,8 +24,8 @@ class ResidualStage(Stage):
     default_lr = {"router": 0.5, "expert_heads": 1.0}
 
     def on_stage_start(self, hooks: StageHooks) -> None:
-        if hooks.clusters is None:  # no routing stage before this one
-            hooks.recompute_clusters()
+        # On the backbone this stage keeps frozen: stage 1's last clustering saw it one epoch earlier.
+        hooks.recompute_clusters()
 
     def cluster_experts(self, clusters: ClusterState) -> Any:
         """(C, k) each cluster's allowed experts, best first."""
@@ -34,7 +34,10 @@ class ResidualStage(Stage):
     def routing(self, clusters: Optional[ClusterState]) -> RoutingRequest:
         if clusters is None:
             return RoutingRequest()
-        return RoutingRequest(clusters=ClusterRouting(clusters.centroids.float(), self.cluster_experts(clusters)))
+        # Dropless: routing is frozen to each cluster's experts, so capacity would only drop images
+        # that evaluation and inference (dropless) route; the stage trains as it is evaluated.
+        return RoutingRequest(clusters=ClusterRouting(clusters.centroids.float(), self.cluster_experts(clusters)),
+                              dropless=True)
 
     def inference_routing(self, clusters: Optional[ClusterState]) -> RoutingRequest:
         return self.routing(clusters)

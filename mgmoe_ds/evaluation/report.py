@@ -133,7 +133,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Top-1 **{_pct(acc['top1'])}%**, top-5 {_pct(acc['top5'])}%, mean per-class top-1 "
         f"{_pct(acc['mean_class_top1'])}%.",
         "",
-        f"Long-tail buckets by training images per class: tail <= {th['tail_max']:g}, head >= {th['head_min']:g}.",
+        ("The training set is balanced (every class has the same number of images): one bucket."
+         if th.get("balanced") else
+         f"Long-tail buckets by training images per class: tail <= {th['tail_max']:g}, head >= {th['head_min']:g}."),
         "",
         "| bucket | classes | images | top-1 % |",
         "|---|---:|---:|---:|",
@@ -142,13 +144,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {b['classes']} | {b['images']} | {_pct(b['top1'])} |")
     lines += ["", "Most confused pairs:", "", "| true | predicted | count | rate % |", "|---|---|---:|---:|"]
     lines += [f"| {p['true']} | {p['predicted']} | {p['count']} | {_pct(p['rate'])} |" for p in acc["confused_pairs"]]
+    buckets = list(acc["long_tail"]["buckets"])
     lines += ["", "## The routed ensemble and its parts", "",
-              "| variant | top-1 % | top-5 % | head % | medium % | tail % | GFLOPs/image |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "NLL and ECE (expected calibration error, 15 bins): how well each variant's probabilities are "
+              "calibrated on this split, each expert alone included.", "",
+              "| variant | top-1 % | top-5 % | NLL | ECE | " + " | ".join(f"{b} %" for b in buckets) + " | GFLOPs/image |",
+              "|---|---:|---:|---:|---:|" + "---:|" * len(buckets) + "---:|"]
     for name, v in report["variants"].items():
-        b = v["buckets"]
-        lines.append(f"| {name} | {_pct(v['top1'])} | {_pct(v['top5'])} | {_pct(b['head']['top1'])} | "
-                     f"{_pct(b['medium']['top1'])} | {_pct(b['tail']['top1'])} | {_gflops(v['flops_per_image'])} |")
+        per_bucket = " | ".join(_pct(v["buckets"][b]["top1"]) for b in buckets)
+        lines.append(f"| {name} | {_pct(v['top1'])} | {_pct(v['top5'])} | {v['nll']:.3f} | {v['ece']:.3f} | "
+                     f"{per_bucket} | {_gflops(v['flops_per_image'])} |")
     lines += ["", f"Routed beats dense fusion: {report['routed_beats']['dense']}; beats the best single expert: "
                   f"{report['routed_beats']['best_single_expert']}.", "", "## Efficiency", ""]
     f, p = eff["flops_per_image"], eff["parameters"]

@@ -80,7 +80,9 @@ class PIMOptions(ExpertOptions):
     dropout: float = 0.1  # combiner dropout (training only)
     level_weight: float = 0.5  # weight of the sum over levels of CE(mean token logits) (pim.levels)
     suppression_weight: float = 5.0  # weight of MSE(tanh(dropped logits), -1) (pim.suppression)
-    combiner_weight: float = 1.0  # weight of CE(combiner logits) (pim.combiner)
+    # weight of CE(combiner logits) (pim.combiner), on top of the standalone CE every expert gets on its own
+    # logits (moe.expert_loss_weight), which for PIM is the same loss: 0 by default, so it is not counted twice
+    combiner_weight: float = 0.0
 
     def validate(self) -> None:
         AT_LEAST_ONE.check(self, "dim", "num_selects", "num_nodes")
@@ -149,8 +151,9 @@ class PIMExpert(Expert):
         if targets is not None:
             aux["pim.levels"] = self.level_weight * torch.stack(level_ce).sum()
             aux["pim.suppression"] = self.suppression_weight * torch.stack(suppression).mean()
-            aux["pim.combiner"] = self.combiner_weight * segment_mean(
-                F.cross_entropy(logits, targets, reduction="none"), segments)
+            if self.combiner_weight:
+                aux["pim.combiner"] = self.combiner_weight * segment_mean(
+                    F.cross_entropy(logits, targets, reduction="none"), segments)
         return ExpertOutput(logits=logits, aux_losses=aux)
 
     def head_parameters(self) -> list[nn.Parameter]:

@@ -119,7 +119,9 @@ class PMGExpert(Expert):
         pooled = [block(m) for block, m in zip(self.blocks, maps)]  # 3 x (n, D')
         level_logits = [head(p) for head, p in zip(self.level_heads, pooled)]  # 3 x (n, classes)
         concat_logits = self.concat_head(torch.cat(pooled, dim=1))  # (n, classes)
-        logits = torch.stack(level_logits, dim=0).sum(dim=0) + concat_logits
+        # The mean of the four heads (PMG sums them): one head's scale, like the other experts' logits,
+        # so fusion weights and the cluster teacher compare like with like.
+        logits = (torch.stack(level_logits, dim=0).sum(dim=0) + concat_logits) / (len(level_logits) + 1)
         aux = {}
         if targets is not None:
             for i, (m, block, head) in enumerate(zip(maps, self.blocks, self.level_heads)):

@@ -43,7 +43,7 @@ class SlotAssignment:
 
 
 def assign_slots(expert_indices: Tensor, weights: Tensor, num_experts: int, capacity: Optional[int],
-                 priority: Optional[Tensor] = None) -> SlotAssignment:
+                 priority: Optional[Tensor] = None, renormalise: bool = True) -> SlotAssignment:
     """Fills each expert's slots in priority order and renormalises the surviving weights.
 
     Order: all first choices before any second choice (GShard); within a choice rank, tokens in
@@ -56,6 +56,8 @@ def assign_slots(expert_indices: Tensor, weights: Tensor, num_experts: int, capa
         num_experts: E.
         capacity: slots per expert, or None for no limit (dropless).
         priority: optional (T,) score; higher keeps its slot first.
+        renormalise: rescale the kept weights of each token to sum to 1 (False: keep them, as
+            Top-1 routing's gate probabilities are kept).
 
     Returns:
         The kept mask, renormalised weights and drop statistics.
@@ -81,7 +83,9 @@ def assign_slots(expert_indices: Tensor, weights: Tensor, num_experts: int, capa
         kept[token_order] = kept_ordered  # (T, K) back to batch order
     kept_weights = weights * kept  # (T, K)
     total = kept_weights.sum(dim=-1, keepdim=True)  # (T, 1)
-    renormalised = torch.where(total > 0, kept_weights / total.clamp_min(1e-20), torch.zeros_like(kept_weights))
+    renormalised = kept_weights
+    if renormalise:
+        renormalised = torch.where(total > 0, kept_weights / total.clamp_min(1e-20), torch.zeros_like(kept_weights))
     kept_count = torch.bincount(expert_indices[kept], minlength=num_experts)  # (E,)
     return SlotAssignment(
         kept=kept,

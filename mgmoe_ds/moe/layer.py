@@ -230,14 +230,15 @@ class RoutedExperts(nn.Module):
         if request.uniform_weights:
             weights = torch.full_like(weights, 1.0 / k)
 
-        limited = request.mode == "topk" and not self.dropless
+        limited = request.mode == "topk" and not (self.dropless or request.dropless)
         capacity: Optional[int] = None
         if limited:
             factor = self.capacity_factor if self.training else self.eval_capacity_factor
             group_tokens = self.comm.max_int(num_tokens, device)
             capacity = expert_capacity(group_tokens, self.num_experts, k, factor, self.min_capacity)
         priority = selection.probs.max(dim=-1).values if self.batch_prioritized_routing else None
-        slots = assign_slots(selection.expert_indices, weights, self.num_experts, capacity, priority)
+        slots = assign_slots(selection.expert_indices, weights, self.num_experts, capacity, priority,
+                             renormalise=k > 1)
         plan = plan_dispatch(selection.expert_indices, slots.kept, self.num_experts)
 
         sent = dict(payload)

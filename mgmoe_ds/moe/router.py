@@ -65,7 +65,8 @@ class TopKRouter(nn.Module):
                 allowed ones.
 
         Returns:
-            The selection, with weights renormalised over the chosen K.
+            The selection, with weights renormalised over the chosen K; at K = 1 the weight is
+            the gate probability itself (Switch), so the task loss trains the router.
         """
         if allowed_experts is not None:
             allowed_count = int(allowed_experts.sum(-1).min()) if allowed_experts.numel() else 0
@@ -79,5 +80,10 @@ class TopKRouter(nn.Module):
             choice_logits = logits + gumbel  # (T, E); -inf stays -inf
         expert_indices = torch.topk(choice_logits, top_k, dim=-1).indices  # (T, K)
         chosen = probs.gather(1, expert_indices)  # (T, K)
-        weights = chosen / chosen.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # (T, K)
+        if top_k == 1:
+            # Switch's choice: the expert's output scaled by its gate probability. Renormalised over
+            # one choice the weight would be 1 and the task loss would never reach the router.
+            weights = chosen  # (T, 1)
+        else:
+            weights = chosen / chosen.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # (T, K)
         return RouterSelection(logits=logits, probs=probs, expert_indices=expert_indices, weights=weights)

@@ -59,6 +59,7 @@ class ResolvedRouting:
     allowed_experts: Optional[Tensor]  # (E,) or (B, E) bool, or None for all
     uniform_weights: bool
     max_top_k: Optional[int] = None  # K is at most this (a cluster's number of experts)
+    dropless: bool = False  # no capacity limit
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class RoutingRequest:
         allowed_experts: an optional (E,) bool mask of the experts any image may use.
         clusters: optional cluster-level routing (per-image allowed experts); K is then at most
             the cluster's number of experts.
+        dropless: no capacity limit (every choice keeps its expert), as evaluation and inference
+            route; a layer configured dropless is dropless whatever the request.
     """
 
     mode: RoutingMode = "topk"
@@ -82,6 +85,7 @@ class RoutingRequest:
     single_expert: Optional[int] = None
     allowed_experts: Optional[Tensor] = None
     clusters: Optional[ClusterRouting] = None
+    dropless: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("topk", "dense", "single"):
@@ -100,6 +104,10 @@ class RoutingRequest:
     def with_top_k(self, top_k: Optional[int]) -> "RoutingRequest":
         return replace(self, top_k=top_k)
 
+    def without_drops(self) -> "RoutingRequest":
+        """The same routing with no capacity limit (how evaluation and inference route)."""
+        return replace(self, dropless=True)
+
     def resolve(self, router_input: Tensor, num_experts: int) -> ResolvedRouting:
         """The request for a batch with router input (B, D)."""
         if self.mode == "single":
@@ -107,19 +115,23 @@ class RoutingRequest:
                 raise ValueError(f"single_expert = {self.single_expert}: expected 0..{num_experts - 1}")
             only = torch.zeros(num_experts, dtype=torch.bool, device=router_input.device)
             only[self.single_expert] = True
-            return ResolvedRouting("single", None, only, False)
+            return ResolvedRouting("single", None, only, False, dropless=True)
         if self.clusters is None:
-            return ResolvedRouting(self.mode, self.top_k, self.allowed_experts, self.uniform_weights)
+            return ResolvedRouting(self.mode, self.top_k, self.allowed_experts, self.uniform_weights,
+                                   dropless=self.dropless)
         allowed = self.clusters.allowed(router_input, num_experts)  # (B, E)
         if self.allowed_experts is not None:
             allowed = allowed & self.allowed_experts.to(allowed.device)
-        return ResolvedRouting(self.mode, self.top_k, allowed, self.uniform_weights, self.clusters.experts_per_cluster)
+        return ResolvedRouting(self.mode, self.top_k, allowed, self.uniform_weights, self.clusters.experts_per_cluster,
+                               self.dropless)
 
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {"mode": self.mode, "top_k": self.top_k, "kind": "cluster" if self.clusters else
                                   self.mode}
         if self.uniform_weights:
             record["uniform_weights"] = True
+        if self.dropless:
+            record["dropless"] = True
         if self.single_expert is not None:
             record["single_expert"] = self.single_expert
         if self.allowed_experts is not None:

@@ -70,8 +70,10 @@ class TrainingPasses:
 
     @torch.no_grad()
     def evaluate(self, split: str, routing: RoutingRequest, stage: Any = None) -> dict[str, float]:
-        """Top-1/top-5/loss on ``split`` with ``routing`` (from the eval caches while ``stage`` keeps the backbone frozen)."""
+        """Top-1/top-5/loss on ``split`` with ``routing``, dropless as ``mgmoe eval`` and inference route
+        (from the eval caches while ``stage`` keeps the backbone frozen)."""
         self.model.eval()
+        routing = routing.without_drops()
         totals = torch.zeros(4, dtype=torch.float64)  # images, top1, top5, loss sum
         for batch in self.batches(split, stage):
             labels = batch["labels"].to(self.device)

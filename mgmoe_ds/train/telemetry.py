@@ -59,12 +59,16 @@ class Telemetry:
         self.is_main = comm.rank == 0
         self.logger = MetricsLogger(run_dir, enabled=self.is_main)
         self.window = Window(num_experts)
+        self.stage_load = torch.zeros(num_experts)  # this rank's routing choices in the stage, by expert
+        self.stage_dropped = torch.zeros(num_experts)  # ... and those dropped for capacity
         self.bar = None
 
     # -- steps -----------------------------------------------------------------------------------
 
     def step(self, result: Any) -> None:
         self.window.add(result)
+        self.stage_load += result.out.route.load_per_expert.float().cpu()
+        self.stage_dropped += result.out.route.dropped_per_expert.float().cpu()
         if self.bar is not None:
             self.bar.update(1)
 
@@ -85,6 +89,7 @@ class Telemetry:
             "samples_per_s": images / max(window.seconds, 1e-9) if window.seconds else 0.0,
             "expert_load": (load / load.sum().clamp_min(1)).tolist(),
             "dropped": int(dropped.sum()), "dropped_per_expert": dropped.long().tolist(),
+            "dropped_fraction": float(dropped.sum() / load.sum().clamp_min(1)),
         })
         mean = load.sum() / max(1, load.numel())
         if warn_imbalance and mean > 0 and float(load.max() / mean) > LOAD_IMBALANCE_WARNING and self.is_main:
@@ -109,6 +114,18 @@ class Telemetry:
                          "batches": batches.steps, "planned_batches_per_rank": table[:, 0].long().tolist(),
                          "ran_out_per_rank": table[:, 1].bool().tolist(),
                          "skipped_per_rank": table[:, 2].long().tolist()})
+
+    def start_stage(self) -> None:
+        self.stage_load.zero_()
+        self.stage_dropped.zero_()
+
+    def stage_routing(self) -> dict[str, Any]:
+        """The stage's routing choices and how many capacity dropped (since the stage started or resumed),
+        over every rank (a collective)."""
+        load, dropped = self.comm.sum(self.stage_load), self.comm.sum(self.stage_dropped)
+        return {"choices": int(load.sum()), "dropped": int(dropped.sum()),
+                "dropped_fraction": float(dropped.sum() / load.sum().clamp_min(1)),
+                "dropped_per_expert": dropped.long().tolist()}
 
     def log_validation(self, stage_name: str, epoch: int, step: int, val: dict[str, float]) -> None:
         self.logger.log({"event": "validation", "stage": stage_name, "epoch": epoch, "step": step,

@@ -159,13 +159,15 @@ class Trainer:
         self.features.forget()  # keyed by the weights this stage starts from
         steps_per_epoch, total_steps = self.plan(stage, index, cached=self.features.refusal(stage) is None)
         pending_rng = self._enter_stage(index, resume)
-        stage.on_stage_start(self)
         engine, step = self.engine_for(stage, total_steps)
         if resume is not None:
             complete = resume["stage_complete"]
             engine.load_checkpoint(str(self.checkpoints.dir), tag=resume["tag"], load_module_only=complete,
                                    load_optimizer_states=not complete, load_lr_scheduler_states=not complete)
             self.features.forget()  # the loaded weights may differ from those the clusters used
+        if pending_rng is None:  # the stage starts now (a mid-stage checkpoint holds what its start made)
+            stage.on_stage_start(self)
+        self._mask_heads(stage.frozen_heads(self.clusters, self.model.num_experts))
         cache = self.features.train_cache(stage)  # after the checkpoint load: keyed by the loaded weights
         self._write_stage_json()
         if self.is_main:
@@ -173,6 +175,7 @@ class Trainer:
                      len(self.config.curriculum.stages), stage.name, total_steps, steps_per_epoch,
                      ", ".join(f"{g}@{lr:.2g}" for g, lr in stage.group_lr.items()))
         self.telemetry.open_bar(stage.name, total_steps, progress.stage_step)
+        self.telemetry.start_stage()
         result: dict[str, Any] = {}
         tag = f"stage{index}-{stage.name}"
         while not self._done(stage, total_steps):
@@ -207,8 +210,9 @@ class Trainer:
             progress.end_epoch()
             result = {"val": self.passes.evaluate(self.data.val_split, step.routing, stage)}
             self.telemetry.log_validation(stage.name, progress.epoch, progress.global_step, result["val"])
-        # stage end: the checkpoint, then the engine and the head masks go
+        # stage end: what routing dropped, the checkpoint, then the engine and the head masks go
         self.telemetry.close_bar()
+        self._write_stage_json(**self.telemetry.stage_routing())
         self._save(engine, f"{tag}-end", complete=True)
         engine.destroy()
         self._mask_heads(set())
@@ -252,7 +256,6 @@ class Trainer:
         groups = trained_groups(self.model, stage)
         if not groups:
             raise TrainingError(f"stage {stage.name!r} trains no parameters; check curriculum.stages lr")
-        self._mask_heads(stage.frozen_heads(self.clusters, self.model.num_experts))
         engine = build_engine(self.model, groups, self.ds_config, total_steps)
         reorder = None
         if reduces_in_arrival_order(self.ds_config):
@@ -328,8 +331,8 @@ class Trainer:
         self.checkpoints.save(engine, tag, stage_index=self.progress.stage_index, stage_complete=complete,
                               global_step=self.progress.global_step)
 
-    def _write_stage_json(self) -> None:
-        record = {**self.stage.to_json(self.clusters), "index": self.stage_index,
+    def _write_stage_json(self, **extra: Any) -> None:
+        record = {**self.stage.to_json(self.clusters), **extra, "index": self.stage_index,
                   "experts": self.model.expert_names,
                   "clusters": None if self.clusters is None else self.clusters.to_json(),
                   "feature_cache": self.features.record, "epoch": self.progress.epoch,
