@@ -32,11 +32,11 @@ from mgmoe_ds.moe.routing import RoutingRequest
 @dataclass
 class AblateArgs(EvaluationArgs):
     subset_k: Optional[int] = None  # K within a subset; None: every expert of the subset
-    min_subset_size: int = 2
+    min_subset_size: int = 1  # 1: each expert alone too (the fixed subsets a Top-1 router must beat)
 
 
 def ablation_rows(model, meta, subset_k: Optional[int] = None,
-                  min_subset_size: int = 2) -> list[tuple[dict[str, Any], RoutingRequest]]:
+                  min_subset_size: int = 1) -> list[tuple[dict[str, Any], RoutingRequest]]:
     """(row description, routing) for the trained routing, K = 1..E, and each subset of size >= min."""
     num_experts = model.num_experts
     names = model.expert_names

@@ -29,6 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ablate.add_argument("--out", type=Path, default=None, help="output folder (default RUN/ablation)")
     ablate.add_argument("--subset-k", type=int, default=None,
                         help="experts fused within a subset (default: all of the subset)")
+    ablate.add_argument("--min-subset-size", type=int, default=1, help="smallest subset (default %(default)s: "
+                        "each expert alone too)")
     ablate.set_defaults(func=run_ablate)
 
     export = subparsers.add_parser("export", help="consolidate a checkpoint into one .safetensors file")
@@ -71,7 +73,8 @@ def run_ablate(args: argparse.Namespace) -> int:
 
     report = ablate_model(AblateArgs(checkpoint=args.checkpoint, data=args.data, out=args.out, split=args.split,
                                      batch_size=args.batch_size, num_workers=args.num_workers,
-                                     subset_k=args.subset_k, progress=not args.no_progress,
+                                     subset_k=args.subset_k, min_subset_size=args.min_subset_size,
+                                     progress=not args.no_progress,
                                      device=args.device))
     print(f"{len(report['rows'])} rows on {report['images']} images", file=sys.stderr)
     return 0

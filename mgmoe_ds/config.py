@@ -90,6 +90,9 @@ class CurriculumConfig:
     )
     num_clusters: int = 8  # clusters of training samples for cluster-level routing
     teacher_temperature: float = 1.0  # softmax temperature of the cluster teacher
+    # what the teacher grades an expert by on a cluster's validation images: the mean log-likelihood of
+    # the true class, its mean probability, or the expert's accuracy
+    teacher_score: Literal["log_likelihood", "probability", "accuracy"] = "log_likelihood"
     kl_weight: float = 1.0  # weight of KL(cluster teacher || router) in stage 1 (the teacher is the target)
 
 

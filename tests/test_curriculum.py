@@ -147,3 +147,16 @@ def test_cluster_state_round_trips_through_its_state_dict():
 def test_the_residual_stage_keeps_top_2_experts_per_cluster_or_top_k_above_2():
     assert [cluster_expert_count(k, 4) for k in (1, 2, 3, 4)] == [2, 2, 3, 4]
     assert cluster_expert_count(2, 1) == 1
+
+
+def test_the_teacher_grades_experts_by_log_likelihood_probability_or_accuracy():
+    import math
+
+    from mgmoe_ds.curriculum.teacher import expert_scores
+
+    # one image of class 1, two experts: expert 0 says (0.2, 0.8), expert 1 says (0.6, 0.4)
+    logits = torch.tensor([[[0.0, math.log(4.0)], [math.log(1.5), 0.0]]])  # (1, 2, 2)
+    labels = torch.tensor([1])
+    torch.testing.assert_close(expert_scores(logits, labels, "log_likelihood"), torch.tensor([[math.log(0.8), math.log(0.4)]]))
+    torch.testing.assert_close(expert_scores(logits, labels, "probability"), torch.tensor([[0.8, 0.4]]))
+    torch.testing.assert_close(expert_scores(logits, labels, "accuracy"), torch.tensor([[1.0, 0.0]]))

@@ -50,7 +50,7 @@ def test_eval_report_has_every_section_and_figure(eval_report):
 
 
 @pytest.mark.slow
-def test_ablate_has_a_row_per_k_and_per_subset(trained_run, tiny_dataset, tmp_path):
+def test_ablate_has_a_row_per_k_and_per_subset(trained_run, eval_report, tiny_dataset, tmp_path):
     from mgmoe_ds.cli import main
 
     assert main(["ablate", "--checkpoint", str(trained_run), "--data", str(tiny_dataset), "--out", str(tmp_path),
@@ -59,7 +59,12 @@ def test_ablate_has_a_row_per_k_and_per_subset(trained_run, tiny_dataset, tmp_pa
     rows = {r["row"]: r for r in report["rows"]}
     assert [r["k"] for r in report["rows"] if r["kind"] == "top_k"] == [1, 2, 3, 4]
     subsets = [r for r in report["rows"] if r["kind"] == "subset"]
-    assert len(subsets) == 6 + 4 + 1 and all(len(r["experts"]) == r["k"] >= 2 for r in subsets)
+    assert len(subsets) == 4 + 6 + 4 + 1 and all(len(r["experts"]) == r["k"] >= 1 for r in subsets)
+    alone = {r["experts"][0]: r["top1"] for r in subsets if r["k"] == 1}
+    report_rows = json.loads((eval_report / "report.json").read_text())["variants"]
+    for e, name in enumerate(("mpsa", "pmg", "transfg", "pim")):  # a subset of one is the expert alone
+        assert alone[name] == report_rows[f"expert {e}:{name}"]["top1"]
+    assert report["verdict"] and "fixed subset" in report["verdict"][0]
     assert rows["top-1"]["flops_per_image"] < rows["top-2"]["flops_per_image"] < rows["top-4"]["flops_per_image"]
     assert all(0 <= r["top1"] <= 1 and abs(r["experts_per_image"] - r["k"]) < 1e-6 for r in subsets)
     # all four experts fused with router weights is dense fusion: the same as top-4

@@ -66,7 +66,7 @@ class ClusterState:
 
     centroids: Tensor  # (C, D)
     teacher: Tensor  # (C, E)
-    scores: Tensor  # (C, E) mean log-likelihood per expert on each cluster's validation images
+    scores: Tensor  # (C, E) each expert's mean teacher score (curriculum.teacher_score) on the cluster's val images
     val_counts: Tensor  # (C,)
     train_counts: Tensor  # (C,)
 
@@ -86,7 +86,7 @@ class ClusterState:
             "num_clusters": int(self.centroids.shape[0]),
             "train_images_per_cluster": self.train_counts.long().tolist(),
             "val_images_per_cluster": self.val_counts.long().tolist(),
-            "expert_scores_mean_loglik": [[round(float(x), 4) for x in row] for row in self.scores],
+            "expert_scores": [[round(float(x), 4) for x in row] for row in self.scores],
             "teacher": [[round(float(x), 4) for x in row] for row in self.teacher],
             "top2_experts": self.top_experts(min(2, self.teacher.shape[1])).tolist(),
         }

@@ -12,12 +12,28 @@ from torch import Tensor
 from mgmoe_ds.curriculum.clustering import AllReduce, _identity
 
 
+def expert_scores(expert_logits: Tensor, labels: Tensor, score: str) -> Tensor:
+    """(B, E, C) each expert's logits, (B,) labels -> (B, E) what the teacher grades each expert by:
+    ``"log_likelihood"`` log p(true class), ``"probability"`` p(true class), or ``"accuracy"``
+    1 where the expert's top class is right, else 0."""
+    logp = torch.log_softmax(expert_logits.float(), dim=-1)  # (B, E, C)
+    if score == "accuracy":
+        return (logp.argmax(-1) == labels[:, None]).float()  # (B, E)
+    true = logp.gather(2, labels[:, None, None].expand(-1, logp.shape[1], 1))[..., 0]  # (B, E)
+    if score == "probability":
+        return true.exp()
+    if score != "log_likelihood":
+        raise ValueError(f"teacher score {score!r}: expected 'log_likelihood', 'probability' or 'accuracy'")
+    return true
+
+
 def cluster_expert_scores(log_likelihood: Tensor, clusters: Tensor, num_clusters: int,
                           all_reduce: AllReduce = _identity) -> tuple[Tensor, Tensor]:
-    """Mean per-expert log-likelihood of the true class on each cluster's validation images.
+    """Mean per-expert score on each cluster's validation images.
 
     Args:
-        log_likelihood: (N, E) log p_e(true class) of each validation image under each expert.
+        log_likelihood: (N, E) each validation image's score under each expert: log p_e(true
+            class) by default (``curriculum.teacher_score``).
         clusters: (N,) cluster of each validation image.
         num_clusters: C.
         all_reduce: sums across ranks.

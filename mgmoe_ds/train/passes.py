@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from mgmoe_ds.config import RunConfig
 from mgmoe_ds.curriculum import ClusterState
 from mgmoe_ds.curriculum.clustering import assign_clusters, kmeans
-from mgmoe_ds.curriculum.teacher import cluster_expert_scores, cluster_teacher
+from mgmoe_ds.curriculum.teacher import cluster_expert_scores, cluster_teacher, expert_scores
 from mgmoe_ds.metrics import topk_correct
 from mgmoe_ds.moe.routing import RoutingRequest
 
@@ -102,10 +102,11 @@ class TrainingPasses:
 
     @torch.no_grad()
     def val_expert_stats(self, stage: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per validation image: pooled features (N, D) and each expert's log p(true class) (N, E)."""
+        """Per validation image: pooled features (N, D) and each expert's score (N, E), by
+        ``curriculum.teacher_score``: log p(true class), p(true class), or 1 when right, else 0."""
         self.model.eval()
         num_experts = self.model.num_experts
-        pooled, loglik = [], []
+        pooled, scores = [], []
         for batch in self.batches(self.data.val_split, stage):
             labels = batch["labels"].to(self.device)
             out = self.forward(batch, routing=RoutingRequest.dense())
@@ -113,10 +114,9 @@ class TrainingPasses:
                                      device=labels.device)  # (B, E, C)
             per_expert.scatter_(1, out.route.expert_indices[:, :, None].expand_as(out.expert_logits),
                                 out.expert_logits.float())
-            logp = torch.log_softmax(per_expert, dim=-1)  # (B, E, C)
-            loglik.append(logp.gather(2, labels[:, None, None].expand(-1, num_experts, 1))[..., 0].cpu())
+            scores.append(expert_scores(per_expert, labels, self.config.curriculum.teacher_score).cpu())
             pooled.append(out.pooled.float().cpu())
-        return torch.cat(pooled), torch.cat(loglik)
+        return torch.cat(pooled), torch.cat(scores)
 
     def clusters(self, stage: Any, seed: int) -> ClusterState:
         """k-means over every rank's training images (centroids drawn by rank 0 from ``seed``),
@@ -132,8 +132,8 @@ class TrainingPasses:
         centroids = kmeans(train_pooled, cur.num_clusters, all_reduce=self.comm.sum, initial=initial)
         train_counts = self.comm.sum(torch.bincount(assign_clusters(train_pooled, centroids),
                                                     minlength=cur.num_clusters).float())
-        val_pooled, loglik = self.val_expert_stats(stage)
-        scores, val_counts = cluster_expert_scores(loglik, assign_clusters(val_pooled, centroids), cur.num_clusters,
+        val_pooled, per_image = self.val_expert_stats(stage)
+        scores, val_counts = cluster_expert_scores(per_image, assign_clusters(val_pooled, centroids), cur.num_clusters,
                                                    self.comm.sum)
         teacher = cluster_teacher(scores, cur.teacher_temperature)
         return ClusterState(centroids, teacher, scores, val_counts, train_counts)
