@@ -8,7 +8,9 @@ EfficientNet-Lite0 (ImageNet) backbone of ``ds_configs/cpu_small.json`` at its r
    and the three splits are written as shards with ``mgmoe shards build``; the test photos are
    never used for any choice;
 2. a linear probe on the pooled backbone features (eval transform): full-batch AdamW on the
-   cross-entropy, its weight decay chosen on the validation split;
+   cross-entropy, its weight decay chosen on the validation split; the same probe on the frozen
+   offline EfficientNet-Lite1 (240 px) and Lite2 (260 px), with each backbone's extraction time
+   per image;
 3. the product's training job (``python jobs/train.py --deepspeed CONFIG``), once per model, all
    reading one shared feature cache (``cache.dir``) and all trained for the same number of
    epochs, the sum of the config's stage epochs (W warm-up + R routing + S residual):
@@ -156,7 +158,8 @@ def routed_evaluation(name: str, run_dir: Path, dataset: Path, work: Path) -> di
         return result
     cli("ablate", "--checkpoint", str(run_dir), "--data", str(dataset), "--split", "test", "--out",
         str(work / "ablation" / name), "--no-progress", log=log)
-    rows = json.loads((work / "ablation" / name / "ablation.json").read_text())["rows"]
+    ablation = json.loads((work / "ablation" / name / "ablation.json").read_text())
+    rows = ablation["rows"]
     trained = next(r for r in rows if r["kind"] == "trained")
     k = round(trained["experts_per_image"])
     free = next(r for r in rows if r["kind"] == "top_k" and r["k"] == k)
@@ -164,29 +167,40 @@ def routed_evaluation(name: str, run_dir: Path, dataset: Path, work: Path) -> di
     best = max(fixed, key=lambda r: r["top1"]) if fixed else None
     result["ablation"] = {"k": k, "trained_top1": trained["top1"], "free_topk_top1": free["top1"],
                           "best_fixed_subset": best and {"experts": best["experts"], "top1": best["top1"]},
-                          "fixed_subsets": {"+".join(r["experts"]): r["top1"] for r in fixed}}
+                          "fixed_subsets": {"+".join(r["experts"]): r["top1"] for r in fixed},
+                          "oracle_top1": ablation.get("oracle_top1", {}).get(str(k)),
+                          "verdict": ablation["verdict"]}
     return result
 
 
-def linear_probe(args, dataset: Path) -> dict:
+PROBE_BACKBONES = {"linear_probe_lite1": "efficientnet-lite1", "linear_probe_lite2": "efficientnet-lite2"}
+
+
+def linear_probe(args, dataset: Path, offline: str | None = None) -> dict:
     """Pooled features of the frozen backbone (eval transform), logistic regression, weight decay
-    chosen on val."""
+    chosen on val. ``offline``: another offline checkpoint (``efficientnet-lite1``), at its native
+    resolution, instead of the config's backbone."""
     import torch
     import torch.nn.functional as F
 
     from mgmoe_ds.backbone import Backbone
     from mgmoe_ds.config import load_run_config
     from mgmoe_ds.data import make_loader
+    from mgmoe_ds.offline_weights import OFFLINE_WEIGHTS
 
     started = time.perf_counter()
     config, _ = load_run_config(args.config, [])
     model = config.model
-    backbone = Backbone(model.backbone, pretrained=model.pretrained, img_size=model.img_size,
-                        **model.backbone_options).eval()
+    if offline is None:
+        name, pretrained, img_size, options = model.backbone, model.pretrained, model.img_size, model.backbone_options
+    else:
+        weights = OFFLINE_WEIGHTS[offline]
+        name, pretrained, img_size, options = weights.timm_arch, weights.name, weights.native_size, {}
+    backbone = Backbone(name, pretrained=pretrained, img_size=img_size, **options).eval()
 
     @torch.no_grad()
     def pooled(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        loader, _ = make_loader(dataset, split, batch_size=32, img_size=config.model.img_size, train=False,
+        loader, _ = make_loader(dataset, split, batch_size=32, img_size=img_size, train=False,
                                 num_workers=1, transform_options=backbone.preprocessing())
         feats, labels = [], []
         for batch in loader:
@@ -194,7 +208,10 @@ def linear_probe(args, dataset: Path) -> dict:
             labels.append(batch["labels"])
         return torch.cat(feats), torch.cat(labels)
 
+    extract_started = time.perf_counter()
     data = {split: pooled(split) for split in ("train", "val", "test")}
+    extract_seconds = time.perf_counter() - extract_started
+    images = sum(int(y.numel()) for _, y in data.values())
     test_images = int(data["test"][1].numel())
     mean, std = data["train"][0].mean(0), data["train"][0].std(0) + 1e-6
     data = {split: ((x - mean) / std, y) for split, (x, y) in data.items()}
@@ -220,11 +237,14 @@ def linear_probe(args, dataset: Path) -> dict:
     best = max(PROBE_WEIGHT_DECAYS, key=lambda wd: (val_by_decay[wd], -wd))
     head = fit(best)
     return {"test_top1": top1(head, "test"), "val_top1": top1(head, "val"), "seconds": time.perf_counter() - started,
-            "test_images": test_images, "weight_decay": best, "val_by_weight_decay": val_by_decay}
+            "test_images": test_images, "weight_decay": best, "val_by_weight_decay": val_by_decay,
+            "backbone": name, "pretrained": pretrained, "img_size": img_size,
+            "ms_per_image": 1000 * extract_seconds / images}
 
 
 LABELS = {
     "linear_probe": "linear probe on pooled features",
+    "linear_probe_lite1": "linear probe, frozen Lite1 at 240 px", "linear_probe_lite2": "linear probe, frozen Lite2 at 260 px",
     "dense": "dense fusion of all experts (equal weights)",
     "top1": "MG-MoE Top-1, curriculum", "top2": "**MG-MoE Top-2, curriculum (default)**",
     "top3": "MG-MoE Top-3, curriculum", "top1_no_curriculum": "MG-MoE Top-1, no curriculum stages",
@@ -251,18 +271,25 @@ def render(results: dict) -> str:
                                                                                                  {}).items())
         lines.append(f"| {label} | {r['test_top1']:.3f} | {binomial_se(r['test_top1'], r['test_images']):.3f} | "
                      f"{r['val_top1']:.3f} | {use or '-'} | {r['seconds']:.0f} |")
+    costs = [f"{r['pretrained']} at {r['img_size']} px {r['ms_per_image']:.1f} ms"
+             for r in results["models"].values() if "ms_per_image" in r]
+    if costs:
+        lines += ["", "Frozen-backbone cost per image (JPEG decode in one loader worker + forward, batch 32, eval "
+                      "transform), from the probes' feature passes: " + "; ".join(costs) + "."]
     ablations = {n: r["routing"]["ablation"] for n, r in results["models"].items() if "ablation" in r.get("routing", {})}
     if ablations:
         lines += ["", "`mgmoe ablate` on the test split, the same trained weights: the trained routing and the "
                       "router's free Top-K against every fixed subset of the same size (router-weighted fusion).",
-                  "", "| model | trained routing | free Top-K | best fixed subset | all fixed subsets |",
-                  "|---|---:|---:|---|---|"]
+                  "", "| model | trained routing | free Top-K | best fixed subset | per-image oracle over the fixed "
+                      "subsets (bound) | all fixed subsets |",
+                  "|---|---:|---:|---|---:|---|"]
         for name, a in ablations.items():
             best = a["best_fixed_subset"]
             subsets = ", ".join(f"{k} {v:.3f}" for k, v in sorted(a["fixed_subsets"].items(), key=lambda kv: -kv[1]))
+            oracle = f"{a['oracle_top1']:.3f}" if a.get("oracle_top1") is not None else "-"
             lines.append(f"| {LABELS.get(name, name)} | {a['trained_top1']:.3f} | {a['free_topk_top1']:.3f} | "
-                         f"{'+'.join(best['experts'])} {best['top1']:.3f} | {subsets} |" if best else
-                         f"| {LABELS.get(name, name)} | {a['trained_top1']:.3f} | {a['free_topk_top1']:.3f} | - | - |")
+                         f"{'+'.join(best['experts'])} {best['top1']:.3f} | {oracle} | {subsets} |" if best else
+                         f"| {LABELS.get(name, name)} | {a['trained_top1']:.3f} | {a['free_topk_top1']:.3f} | - | - | - |")
     return "\n".join(lines)
 
 
@@ -289,10 +316,11 @@ def main() -> None:
 
     config = json.loads(args.config.read_text())
     runs = model_runs(config)
-    names = args.only or ["linear_probe", *runs]
-    unknown = sorted(set(names) - {"linear_probe", *runs})
+    probes = ["linear_probe", *PROBE_BACKBONES]
+    names = args.only or [*probes, *runs]
+    unknown = sorted(set(names) - {*probes, *runs})
     if unknown:
-        sys.exit(f"--only {unknown[0]}: expected some of linear_probe, {', '.join(runs)}")
+        sys.exit(f"--only {unknown[0]}: expected some of {', '.join(probes)}, {', '.join(runs)}")
     started = time.time()
     suffix = f"_{args.train_per_class}pc" if args.train_per_class else ""
     args.work = args.work or ROOT / "bench" / "results" / f"real_data_work{suffix}"
@@ -314,7 +342,7 @@ def main() -> None:
     out = ROOT / "bench" / "results" / f"real_data{suffix}.json"
     for name in names:
         print(f"{name} ...", flush=True)
-        results["models"][name] = (linear_probe(args, dataset) if name == "linear_probe"
+        results["models"][name] = (linear_probe(args, dataset, PROBE_BACKBONES.get(name)) if name in probes
                                    else train_job(name, runs[name], args, dataset, args.work))
         r = results["models"][name]
         print(f"  test top-1 {r['test_top1']:.3f}, val top-1 {r['val_top1']:.3f}, {r['seconds']:.0f} s", flush=True)

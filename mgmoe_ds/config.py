@@ -35,7 +35,7 @@ def _default_experts() -> list[ExpertSpec]:
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "vit_tiny_patch16_224"  # any timm model name
-    pretrained: Optional[str] = None  # local weights file, "efficientnet-lite0" (offline package), or None
+    pretrained: Optional[str] = None  # local weights file, "efficientnet-lite0/1/2" (offline packages), or None
     img_size: int = 224  # input resolution in pixels
     num_classes: Optional[int] = None  # None: taken from the dataset's manifest or the registry
     experts: list[ExpertSpec] = field(default_factory=_default_experts)  # one entry per expert
@@ -164,6 +164,7 @@ def _validate(config: RunConfig, source: str) -> None:
     check(m.z_loss_weight >= 0, "moe.z_loss_weight", m.z_loss_weight, "a number >= 0")
     check(m.expert_loss_weight >= 0, "moe.expert_loss_weight", m.expert_loss_weight, "a number >= 0")
     check(config.model.img_size >= 16, "model.img_size", config.model.img_size, "an integer >= 16")
+    _check_pretrained(config.model, check)
     if config.model.num_classes is not None:
         check(config.model.num_classes >= 2, "model.num_classes", config.model.num_classes, "an integer >= 2")
     check(config.data.num_workers >= 0, "data.num_workers", config.data.num_workers, "an integer >= 0")
@@ -204,6 +205,21 @@ def _validate(config: RunConfig, source: str) -> None:
     check(config.train.max_bad_steps >= 1, "train.max_bad_steps", config.train.max_bad_steps, "an integer >= 1")
     check(config.cache.views >= 1, "cache.views", config.cache.views, "an integer >= 1")
     check(config.cache.memory_limit_gb >= 0, "cache.memory_limit_gb", config.cache.memory_limit_gb, "a number >= 0")
+
+
+def _check_pretrained(model: ModelConfig, check) -> None:
+    """An offline checkpoint name must exist and fit ``model.backbone``; a file path passes."""
+    from mgmoe_ds.offline_weights import OFFLINE_WEIGHTS, looks_like_offline_name
+
+    if model.pretrained is None:
+        return
+    weights = OFFLINE_WEIGHTS.get(model.pretrained)
+    if weights is None:
+        check(not looks_like_offline_name(model.pretrained), "model.pretrained", model.pretrained,
+              f"an offline checkpoint ({', '.join(json.dumps(n) for n in OFFLINE_WEIGHTS)}) or a weights file")
+    else:
+        check(model.backbone == weights.timm_arch, "model.backbone", model.backbone,
+              f"{json.dumps(weights.timm_arch)}, the architecture of model.pretrained = {json.dumps(weights.name)}")
 
 
 def config_from_dict(block: dict[str, Any], source: str = "<dict>") -> RunConfig:

@@ -163,6 +163,12 @@ def test_importing_the_config_imports_neither_torch_nor_timm():
     ({"modle": {}}, "unknown key mgmoe.modle; accepted keys: cache, curriculum, data, model, moe, train"),
     ({"curriculum": {"stages": [{"name": "warmup"}]}}, "mgmoe.curriculum.stages[0]"),
     ({"curriculum": {"stages": [{"name": "polish", "epochs": 1}]}}, "mgmoe.curriculum.stages[0].name = 'polish'"),
+    ({"model": {"backbone": "tf_efficientnet_lite0", "pretrained": "efficientnet-lite3"}},
+     'mgmoe.model.pretrained = \'efficientnet-lite3\': expected an offline checkpoint ("efficientnet-lite0", '
+     '"efficientnet-lite1", "efficientnet-lite2") or a weights file'),
+    ({"model": {"backbone": "tf_efficientnet_lite0", "pretrained": "efficientnet-lite2"}},
+     'mgmoe.model.backbone = \'tf_efficientnet_lite0\': expected "tf_efficientnet_lite2", the architecture of '
+     'model.pretrained = "efficientnet-lite2"'),
 ])
 def test_bad_values_fail_in_one_line_naming_file_and_key(tmp_path, block, message):
     path = write(tmp_path, block)
@@ -191,6 +197,14 @@ def test_unreadable_and_malformed_files(tmp_path):
     bad.write_text("{\"mgmoe\": {,}}")
     with pytest.raises(ConfigError, match=r"bad.json: invalid JSON at line 1"):
         load_run_config(bad)
+
+
+def test_offline_checkpoints_and_weight_files_are_accepted_at_load():
+    for n in (0, 1, 2):
+        config = config_from_dict({"model": {"backbone": f"tf_efficientnet_lite{n}",
+                                             "pretrained": f"efficientnet-lite{n}"}})
+        assert config.model.pretrained == f"efficientnet-lite{n}"
+    assert config_from_dict({"model": {"pretrained": "weights/efficientnet-b0.pth"}}).model.pretrained
 
 
 def test_config_is_frozen():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import (
     DEEPSPEED,
@@ -55,8 +57,39 @@ def full_run(tmp_path_factory, tiny_dataset):
     tmp = tmp_path_factory.mktemp("full")
     config = write_tiny_config(tmp / "ds.json", train={"seed": 0, "log_every": 2, "checkpoint_every": 3})
     run = tmp / "run"
-    checked(run_job(["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)]))
+    result = checked(run_job(["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)]))
+    (tmp / "job_output.txt").write_text(result.stdout + result.stderr)
     return config, run
+
+
+@pytest.mark.slow
+def test_the_closing_summary_names_the_runs_files_and_its_next_commands_run_as_printed(full_run, tmp_path):
+    _, run = full_run
+    output = (run.parent / "job_output.txt").read_text()
+    # each stage says how long it will take, from its measured step time, and again at each epoch end
+    for stage in ("warmup", "routing", "residual"):
+        assert re.search(rf"stage {stage}: \d+\.\d\d s/step measured; about .+ left \(\d+ steps\), ends ~\d\d:\d\d",
+                         output), stage
+        assert re.search(rf"stage {stage}: epoch 1 took .+ \(validation .+\)", output), stage
+    lines = output[output.index("done: validation top-1"):].splitlines()
+    assert lines[1].split() == ["run", "folder", str(run)]
+    last = json.loads((run / "checkpoints" / "last_good.json").read_text())["tag"]
+    assert f"(last good: {last}; continue with --resume {run})" in output and (run / "checkpoints" / last).is_dir()
+    for name in ("metrics.jsonl", "final_metrics.json", "stages"):
+        assert str(run / name) in output and (run / name).exists()
+    commands = [line.split("#")[0].split() for line in lines[lines.index("next:") + 1:] if line.startswith("  mgmoe ")]
+    assert [c[1] for c in commands] == ["eval", "ablate", "export", "predict"]
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (40, 30), (120, 200, 40)).save(photo)
+    for command in commands:
+        args = [str(photo) if a == "PHOTO_OR_FOLDER" else a for a in command[1:] if a != "..."]
+        if args[0] in ("eval", "ablate"):
+            args.append("--no-progress")
+        result = subprocess.run([sys.executable, "-m", "mgmoe_ds.cli", *args], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-3000:]}"
+    assert (run / "eval" / "report.json").is_file() and (run / "ablation" / "ablation.json").is_file()
+    assert (run / "model.safetensors").is_file() and "photo.jpg" in result.stdout
 
 
 @pytest.mark.slow

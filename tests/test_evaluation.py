@@ -65,6 +65,9 @@ def test_ablate_has_a_row_per_k_and_per_subset(trained_run, eval_report, tiny_da
     for e, name in enumerate(("mpsa", "pmg", "transfg", "pim")):  # a subset of one is the expert alone
         assert alone[name] == report_rows[f"expert {e}:{name}"]["top1"]
     assert report["verdict"] and "fixed subset" in report["verdict"][0]
+    for k, bound in report["oracle_top1"].items():  # the oracle can pick any subset of k: never below one
+        assert bound >= max(r["top1"] for r in subsets if r["k"] == int(k))
+    assert report["verdict"][-1].startswith("Headroom: an oracle picking, per image, a fixed subset of")
     assert rows["top-1"]["flops_per_image"] < rows["top-2"]["flops_per_image"] < rows["top-4"]["flops_per_image"]
     assert all(0 <= r["top1"] <= 1 and abs(r["experts_per_image"] - r["k"]) < 1e-6 for r in subsets)
     # all four experts fused with router weights is dense fusion: the same as top-4
@@ -116,3 +119,26 @@ def test_the_ablation_says_in_words_whether_the_router_beats_the_fixed_subsets()
                                "subset of 2, {a+b} (85.00%) by 5.00 points, more than one standard error (1.79)")
     assert lines[1].startswith("The router's free Top-2 (86.00%) ties the best fixed subset of 2")
     assert lines[2] == "The trained routing beats 2 of the 2 fixed subsets of 2."
+
+
+def test_the_oracle_headroom_counts_an_image_right_when_any_fixed_subset_of_that_size_is():
+    from types import SimpleNamespace
+
+    from mgmoe_ds.ablate import oracle_top1, verdict
+
+    labels = torch.tensor([0, 1, 0, 1])
+
+    def predicting(*classes):  # logits whose argmax is the given class per image
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(torch.tensor(classes), 2).float())
+
+    passes = {"{a} k=1": predicting(0, 0, 0, 0), "{b} k=1": predicting(0, 1, 0, 0),  # right on {0,2}, {0,1,2}
+              "{a+b} k=2": predicting(0, 1, 1, 0), "{a+c} k=2": predicting(1, 1, 1, 0),  # right on {0,1}, {1}
+              "{a+b} k=1": predicting(1, 1, 1, 1)}  # subset_k < size: not a fixed subset of 1, not counted
+    rows = [({"row": name, "kind": "subset", "k": int(name[-1]), "experts": name[1:name.index("}")].split("+")}, None)
+            for name in passes]
+    oracle = oracle_top1(rows, SimpleNamespace(labels=labels, passes=passes))
+    assert oracle == {1: 0.75, 2: 0.5}  # k=1: images 0, 1, 2; k=2: images 0 and 1
+    table = [{"kind": "trained", "top1": 0.5, "k": None, "experts": None, "experts_per_image": 2.0},
+             {"kind": "subset", "top1": 0.5, "k": 2, "experts": ["a", "b"], "experts_per_image": 2.0}]
+    assert verdict(table, 4, oracle)[-1] == ("Headroom: an oracle picking, per image, a fixed subset of 2 that is "
+                                             "right would reach 50.00% (+0.00 points on the best fixed subset).")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -45,6 +47,75 @@ class Window:
         self.dropped += result.out.route.dropped_per_expert.float().cpu()
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class StageClock:
+    """How long the stage will take, from its own measured step and validation times.
+
+    The first step is not timed (engine start, first batch); after ``measure`` timed steps it says
+    the step time and the stage's end once; at each epoch end it says the epoch's wall time, the
+    validation pass's, and the end again, with validations still to come counted in.
+
+    Args:
+        name: the stage's name.
+        total_steps: steps in the stage.
+        done_steps: steps already trained (a resumed stage).
+        steps_per_epoch: planned steps per epoch (one validation pass each).
+        measure: timed steps before the first estimate.
+        clock: the time source (seconds); ``time.monotonic``.
+        wall: the wall clock for the "ends at" time; ``time.time``.
+    """
+
+    def __init__(self, name: str, total_steps: int, done_steps: int, steps_per_epoch: int, measure: int = 10,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
+        self.name, self.total, self.done, self.per_epoch = name, total_steps, done_steps, max(1, steps_per_epoch)
+        self.measure = max(1, min(measure, total_steps - done_steps - 1))
+        self.clock, self.wall = clock, wall
+        self.timed_from: Optional[float] = None
+        self.timed_steps = 0
+        self.step_seconds: Optional[float] = None
+        self.val_seconds = 0.0
+        self.epoch_started = clock()
+        self.val_started: Optional[float] = None
+
+    def _remaining(self) -> float:
+        left = self.total - self.done
+        validations = math.ceil(left / self.per_epoch)
+        return left * (self.step_seconds or 0.0) + validations * self.val_seconds
+
+    def _ends(self) -> str:
+        ends = time.strftime("%H:%M", time.localtime(self.wall() + self._remaining()))
+        return f"about {_minutes(self._remaining())} left ({self.total - self.done} steps), ends ~{ends}"
+
+    def step(self) -> Optional[str]:
+        """Counts a step; the line to show once the step time is measured, else None."""
+        self.done += 1
+        if self.timed_from is None:
+            self.timed_from = self.clock()
+            return None
+        self.timed_steps += 1
+        if self.step_seconds is None and self.timed_steps >= self.measure:
+            self.step_seconds = (self.clock() - self.timed_from) / self.timed_steps
+            return f"stage {self.name}: {self.step_seconds:.2f} s/step measured; {self._ends()}"
+        return None
+
+    def validation_starts(self) -> None:
+        self.val_started = self.clock()
+
+    def epoch_ends(self, epoch: int) -> str:
+        """Called after the epoch's validation pass; the line to show."""
+        now = self.clock()
+        if self.val_started is not None:
+            self.val_seconds = now - self.val_started
+        if self.step_seconds is None and self.timed_from is not None and self.timed_steps:
+            self.step_seconds = (now - self.val_seconds - self.timed_from) / self.timed_steps
+        took, self.epoch_started, self.val_started = now - self.epoch_started, now, None
+        line = f"stage {self.name}: epoch {epoch} took {_minutes(took)} (validation {_minutes(self.val_seconds)})"
+        return line + ("; stage done" if self.done >= self.total else f"; {self._ends()}")
+
+
 class Telemetry:
     """The run's reporting.
 
@@ -62,8 +133,15 @@ class Telemetry:
         self.stage_load = torch.zeros(num_experts)  # this rank's routing choices in the stage, by expert
         self.stage_dropped = torch.zeros(num_experts)  # ... and those dropped for capacity
         self.bar = None
+        self.clock: Optional[StageClock] = None
 
     # -- steps -----------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """A step was taken (finite or not): the stage clock's count, and its estimate once measured."""
+        line = self.clock.step() if self.clock is not None else None
+        if line and self.is_main:
+            LOG.info(line)
 
     def step(self, result: Any) -> None:
         self.window.add(result)
@@ -127,9 +205,15 @@ class Telemetry:
                 "dropped_fraction": float(dropped.sum() / load.sum().clamp_min(1)),
                 "dropped_per_expert": dropped.long().tolist()}
 
+    def validation_starts(self) -> None:
+        if self.clock is not None:
+            self.clock.validation_starts()
+
     def log_validation(self, stage_name: str, epoch: int, step: int, val: dict[str, float]) -> None:
         self.logger.log({"event": "validation", "stage": stage_name, "epoch": epoch, "step": step,
                          "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]})
+        if self.clock is not None and self.is_main:
+            LOG.info("%s; val top-1 %.3f", self.clock.epoch_ends(epoch), val["top1"])
         if self.bar is not None:
             self.bar.set_postfix(val_top1=f"{val['top1']:.3f}")
 
@@ -137,13 +221,16 @@ class Telemetry:
         if self.is_main:
             (self.run_dir / "stages" / f"{index}_{record['stage']}.json").write_text(json.dumps(record, indent=2))
 
-    def open_bar(self, stage_name: str, total: int, initial: int) -> None:
+    def open_bar(self, stage_name: str, total: int, initial: int, steps_per_epoch: int) -> None:
+        """The stage's progress bar (rank 0) and its clock (every rank: it only counts)."""
+        self.clock = StageClock(stage_name, total, initial, steps_per_epoch)
         if self.is_main:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=stage_name, dynamic_ncols=True, leave=True)
 
     def close_bar(self) -> None:
+        self.clock = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -156,8 +243,22 @@ class Telemetry:
         self.logger.close()
 
 
-def final_summary(run_dir: Path, summary: dict[str, Any], test: Optional[dict[str, float]]) -> str:
-    """Writes ``final_metrics.json``; returns the closing log line."""
+def final_summary(run_dir: Path, summary: dict[str, Any], test: Optional[dict[str, float]],
+                  checkpoint_tag: Optional[str]) -> str:
+    """Writes ``final_metrics.json``; returns the closing lines: the accuracies, where the run's
+    files are, and the next commands with this run's own paths."""
     (run_dir / "final_metrics.json").write_text(json.dumps(summary, indent=2))
-    return (f"done: validation top-1 {summary['val']['top1']:.3f}, top-5 {summary['val']['top5']:.3f}"
-            + (f"; test top-1 {test['top1']:.3f}" if test else ""))
+    model = run_dir / "model.safetensors"
+    return "\n".join([
+        f"done: validation top-1 {summary['val']['top1']:.3f}, top-5 {summary['val']['top5']:.3f}"
+        + (f"; test top-1 {test['top1']:.3f}" if test else ""),
+        f"  run folder   {run_dir}",
+        f"  metrics      {run_dir / 'metrics.jsonl'} (every step window and validation), "
+        f"{run_dir / 'final_metrics.json'}, {run_dir / 'stages'}/ (one JSON per stage)",
+        f"  checkpoints  {run_dir / 'checkpoints'} (last good: {checkpoint_tag or 'none'}; continue with --resume {run_dir})",
+        "next:",
+        f"  mgmoe eval --checkpoint {run_dir} --out {run_dir / 'eval'}      # report, per-expert table, figures",
+        f"  mgmoe ablate --checkpoint {run_dir} --out {run_dir / 'ablation'}  # routing vs fixed expert subsets",
+        f"  mgmoe export --checkpoint {run_dir} --out {model}    # one file for inference",
+        f"  mgmoe predict --model {model} PHOTO_OR_FOLDER ...",
+    ])

@@ -149,7 +149,8 @@ class Trainer:
         summary = {"val": final.get("val"), "test": test, "global_step": self.progress.global_step}
         if self.is_main:
             self.telemetry.log({"event": "final", **{f"test_{k}": v for k, v in (test or {}).items()}})
-            LOG.info(final_summary(self.run_dir, summary, test))
+            last = self.checkpoints.last_good()
+            LOG.info(final_summary(self.run_dir, summary, test, last["tag"] if last else None))
         self.telemetry.close()
         return summary
 
@@ -174,7 +175,7 @@ class Trainer:
             LOG.info("stage %d/%d %s: %d steps (%d per epoch), training %s", index + 1,
                      len(self.config.curriculum.stages), stage.name, total_steps, steps_per_epoch,
                      ", ".join(f"{g}@{lr:.2g}" for g, lr in stage.group_lr.items()))
-        self.telemetry.open_bar(stage.name, total_steps, progress.stage_step)
+        self.telemetry.open_bar(stage.name, total_steps, progress.stage_step, steps_per_epoch)
         self.telemetry.start_stage()
         result: dict[str, Any] = {}
         tag = f"stage{index}-{stage.name}"
@@ -208,6 +209,7 @@ class Trainer:
             # epoch end: every rank's batch count, then validation with the stage's routing
             self._log_epoch(stage, batches, cache)
             progress.end_epoch()
+            self.telemetry.validation_starts()
             result = {"val": self.passes.evaluate(self.data.val_split, step.routing, stage)}
             self.telemetry.log_validation(stage.name, progress.epoch, progress.global_step, result["val"])
         # stage end: what routing dropped, the checkpoint, then the engine and the head masks go
@@ -303,6 +305,7 @@ class Trainer:
     def _after_step(self, result: Any) -> None:
         """Counts the step; a non-finite loss (skipped on every rank) counts towards the stop."""
         self.progress.count_step()
+        self.telemetry.tick()
         if result.finite:
             self.progress.bad_steps = 0
             self.telemetry.step(result)
