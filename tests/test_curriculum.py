@@ -160,3 +160,22 @@ def test_the_teacher_grades_experts_by_log_likelihood_probability_or_accuracy():
     torch.testing.assert_close(expert_scores(logits, labels, "log_likelihood"), torch.tensor([[math.log(0.8), math.log(0.4)]]))
     torch.testing.assert_close(expert_scores(logits, labels, "probability"), torch.tensor([[0.8, 0.4]]))
     torch.testing.assert_close(expert_scores(logits, labels, "accuracy"), torch.tensor([[1.0, 0.0]]))
+
+
+def test_an_expert_no_cluster_puts_in_its_top_k_is_named_with_its_score_and_chance():
+    import math
+
+    teacher = torch.tensor([[0.5, 0.3, 0.15, 0.05],  # top 2: experts 0, 1
+                            [0.2, 0.1, 0.6, 0.1]])  # top 2: experts 2, 0 -> expert 3 is in no top 2
+    scores = torch.tensor([[-0.2, -0.5, -0.9, -2.0],
+                           [-0.4, -1.0, -0.1, -2.4]])
+    state = ClusterState(torch.zeros(2, 3), teacher, scores, val_counts=torch.tensor([3.0, 1.0]),
+                         train_counts=torch.tensor([30.0, 10.0]))
+    assert state.left_out(2) == [3] and state.left_out(3) == [] and state.left_out(1) == [1, 3]
+    assert state.to_json()["left_out_of_top2"] == [3]
+    line = state.left_out_warning(2, ["mpsa", "pmg", "transfg", "pim"], num_classes=12, score="log_likelihood")
+    # validation-weighted mean score of pim: (3 * -2.0 + 1 * -2.4) / 4 = -2.1; chance log(1/12) = -2.48
+    assert line.startswith("no cluster's teacher puts pim (validation log_likelihood -2.1, teacher weight at most "
+                           "0.10) among its top 2 (chance log_likelihood -2.48)")
+    assert f"{math.log(1 / 12):.3g}" == "-2.48"
+    assert state.left_out_warning(3, ["mpsa", "pmg", "transfg", "pim"], 12, "log_likelihood") is None

@@ -6,6 +6,7 @@ this module never imports ``torch.distributed``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional
 
@@ -81,6 +82,27 @@ class ClusterState:
         """(C, k) the k experts each cluster's teacher trusts most, best first."""
         return torch.topk(self.teacher, k, dim=-1).indices
 
+    def left_out(self, k: int) -> list[int]:
+        """Experts that no cluster's teacher puts in its top ``k``: the teacher pulls the router
+        away from them everywhere (with K = k they are never routed to, so never trained again)."""
+        chosen = set(self.top_experts(min(k, self.teacher.shape[1])).flatten().tolist())
+        return [e for e in range(self.teacher.shape[1]) if e not in chosen]
+
+    def left_out_warning(self, k: int, expert_names: list[str], num_classes: int, score: str) -> Optional[str]:
+        """One line naming the left-out experts with their mean score and the chance level, or None."""
+        left = self.left_out(k)
+        if not left:
+            return None
+        weights = self.val_counts.float() / self.val_counts.sum().clamp_min(1)  # (C,)
+        mean = (weights[:, None] * self.scores).sum(0)  # (E,) over validation images
+        chance = {"log_likelihood": math.log(1 / num_classes), "probability": 1 / num_classes,
+                  "accuracy": 1 / num_classes}[score]
+        named = ", ".join(f"{expert_names[e]} (validation {score} {float(mean[e]):.3g}, teacher weight at most "
+                          f"{float(self.teacher[:, e].max()):.2f})" for e in left)
+        return (f"no cluster's teacher puts {named} among its top {k} (chance {score} {chance:.3g}): the routing "
+                f"stage pulls the router away from them in every cluster; an expert that learns slowly needs a "
+                f"longer warm-up")
+
     def to_json(self) -> dict[str, Any]:
         return {
             "num_clusters": int(self.centroids.shape[0]),
@@ -89,4 +111,5 @@ class ClusterState:
             "expert_scores": [[round(float(x), 4) for x in row] for row in self.scores],
             "teacher": [[round(float(x), 4) for x in row] for row in self.teacher],
             "top2_experts": self.top_experts(min(2, self.teacher.shape[1])).tolist(),
+            "left_out_of_top2": self.left_out(2),
         }

@@ -126,8 +126,13 @@ class Trainer:
         return self._clusters.value
 
     def recompute_clusters(self) -> None:
-        self._clusters.value = self.passes.clusters(self.stage, seed=self.config.train.seed + self.progress.global_step)
+        clusters = self.passes.clusters(self.stage, seed=self.config.train.seed + self.progress.global_step)
+        self._clusters.value = clusters
         self._write_stage_json()
+        warning = clusters.left_out_warning(self.config.moe.top_k, self.model.expert_names, self.num_classes,
+                                            self.config.curriculum.teacher_score)
+        if warning and self.is_main:
+            LOG.warning("stage %s: %s", self.stage.name, warning)
 
     # -- the run ---------------------------------------------------------------------------------
 
