@@ -134,6 +134,7 @@ class Telemetry:
         self.stage_dropped = torch.zeros(num_experts)  # ... and those dropped for capacity
         self.bar = None
         self.clock: Optional[StageClock] = None
+        self.redirect = None  # tqdm's logging redirection while the bar is open
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -226,11 +227,18 @@ class Telemetry:
         self.clock = StageClock(stage_name, total, initial, steps_per_epoch)
         if self.is_main:
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=stage_name, dynamic_ncols=True, leave=True)
+            # log lines while the bar is open go through tqdm.write: each on its own line, the bar redrawn below
+            self.redirect = logging_redirect_tqdm()
+            self.redirect.__enter__()
 
     def close_bar(self) -> None:
         self.clock = None
+        if self.redirect is not None:
+            self.redirect.__exit__(None, None, None)
+            self.redirect = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None
