@@ -27,6 +27,8 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
         torch.set_num_threads(1)
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         fn(rank, world_size, *args)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # no gloo thread left to abort the exit
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise

@@ -54,6 +54,13 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def teardown_distributed(comm: "Collectives") -> None:
+    """After a run that ended well on every rank: one barrier, then every process group goes, so no
+    backend thread outlives the interpreter (NCCL warns and can hang at exit; gloo can abort)."""
+    comm.barrier()
+    dist.destroy_process_group()
+
+
 def check_expert_parallel_size(expert_parallel_size: int, num_experts: int, world_size: int, source: str) -> None:
     """Refuses a launch whose world the expert-parallel size does not divide.
 

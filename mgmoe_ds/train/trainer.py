@@ -32,6 +32,7 @@ from mgmoe_ds.train.distributed import (
     launched_world_size,
     reduces_in_arrival_order,
     setup_distributed,
+    teardown_distributed,
 )
 from mgmoe_ds.train.passes import TrainingPasses
 from mgmoe_ds.train.stage_features import StageFeatures
@@ -359,4 +360,7 @@ class Trainer:
 def train(args: TrainArgs) -> dict[str, Any]:
     """Entry point of ``jobs/train.py``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return Trainer(args).run()
+    trainer = Trainer(args)
+    summary = trainer.run()
+    teardown_distributed(trainer.comm)
+    return summary
