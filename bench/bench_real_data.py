@@ -36,6 +36,7 @@ Usage::
     PYTHONPATH=. python bench/bench_real_data.py                        # flowers12, ~40 min on 2 cores
     PYTHONPATH=. python bench/bench_real_data.py --train-per-class 15   # data-limited flowers12
     PYTHONPATH=. python bench/bench_real_data.py --only linear_probe top2 dense
+    PYTHONPATH=. python bench/bench_real_data.py --pretrained efficientnet-lite2 --only linear_probe top2  # frozen Lite2
 """
 
 from __future__ import annotations
@@ -115,8 +116,20 @@ def model_runs(config: dict) -> dict[str, list[str]]:
     return runs
 
 
+def backbone_overrides(pretrained: str | None) -> list[str]:
+    """``--set`` overrides that put every job on another offline checkpoint at its native resolution."""
+    if pretrained is None:
+        return []
+    from mgmoe_ds.offline_weights import OFFLINE_WEIGHTS
+
+    weights = OFFLINE_WEIGHTS[pretrained]
+    return [f"model.backbone={weights.timm_arch}", f"model.pretrained={weights.name}",
+            f"model.img_size={weights.native_size}"]
+
+
 def train_job(name: str, overrides: list[str], args, dataset: Path, work: Path) -> dict:
     run_dir = work / "runs" / name
+    overrides = [*backbone_overrides(args.pretrained), *overrides]
     command = [sys.executable, str(ROOT / "jobs" / "train.py"), "--deepspeed", str(args.config), "--data",
                str(dataset), "--output", str(run_dir), "--set", f"cache.dir={work / 'feature_cache'}",
                "--set", "data.num_workers=1", *[part for o in overrides for part in ("--set", o)]]
@@ -191,6 +204,7 @@ def linear_probe(args, dataset: Path, offline: str | None = None) -> dict:
     started = time.perf_counter()
     config, _ = load_run_config(args.config, [])
     model = config.model
+    offline = offline or args.pretrained
     if offline is None:
         name, pretrained, img_size, options = model.backbone, model.pretrained, model.img_size, model.backbone_options
     else:
@@ -260,7 +274,8 @@ def render(results: dict) -> str:
         f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end; total wall {results['wall_s'] / 60:.1f} min.",
         f"Data: {results['data']} -> train {results['splits']['train']}, val {results['splits']['val']} (carved from "
         f"train), test {results['splits']['test']} photos, {results['num_classes']} species. Budget: "
-        f"{results['epochs']} epochs per model; config {results['config']}.",
+        f"{results['epochs']} epochs per model; config {results['config']}"
+        + (f" with {', '.join(results['backbone_overrides'])}" if results.get("backbone_overrides") else "") + ".",
         "",
         "| model | test top-1 | ± SE | val top-1 | expert utilisation on test | wall (s) |",
         "|---|---:|---:|---:|---|---:|",
@@ -309,6 +324,9 @@ def main() -> None:
                         help="shards, runs, logs and the shared feature cache (default bench/results/real_data_work[_<N>pc])")
     parser.add_argument("--only", nargs="+", default=None, help="models to run (default: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrained", default=None, choices=["efficientnet-lite0", "efficientnet-lite1",
+                                                               "efficientnet-lite2"],
+                        help="every model on this frozen offline backbone at its native resolution (default: the config's)")
     args = parser.parse_args()
     if not (args.data / "train").is_dir() or not (args.data / "test").is_dir():
         sys.exit(f"--data {args.data}: expected an image folder with train/ and test/")
@@ -322,7 +340,8 @@ def main() -> None:
     if unknown:
         sys.exit(f"--only {unknown[0]}: expected some of {', '.join(probes)}, {', '.join(runs)}")
     started = time.time()
-    suffix = f"_{args.train_per_class}pc" if args.train_per_class else ""
+    suffix = (f"_{args.train_per_class}pc" if args.train_per_class else "") + (f"_{args.pretrained}" if args.pretrained
+                                                                              else "")
     args.work = args.work or ROOT / "bench" / "results" / f"real_data_work{suffix}"
     shutil.rmtree(args.work, ignore_errors=True)
     splits = carve_validation(args.data, args.work / "images", args.val_per_class, args.seed, args.train_per_class)
@@ -333,6 +352,7 @@ def main() -> None:
     results = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "data": str(args.data), "splits": splits, "config": str(args.config.relative_to(ROOT)),
+        "backbone_overrides": backbone_overrides(args.pretrained),
         "num_classes": len(json.loads((dataset / "manifest.json").read_text())["classes"]),
         "epochs": sum(stage_epochs(config).values()),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),

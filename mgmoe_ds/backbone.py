@@ -222,7 +222,11 @@ class Backbone(nn.Module):
         if weights is not None:
             if name != weights.timm_arch:
                 raise BackboneError(f"pretrained={weights.name!r} needs backbone {weights.timm_arch!r}, got {name!r}")
-            self.model.load_state_dict(offline_timm_state_dict(weights, self.model))
+            try:
+                state = offline_timm_state_dict(weights, self.model)
+            except ImportError as error:  # the package is not installed: one line naming it
+                raise BackboneError(str(error)) from None
+            self.model.load_state_dict(state)
             return
         if looks_like_offline_name(pretrained):
             raise BackboneError(f"pretrained={pretrained!r}: not an offline checkpoint; accepted: "

