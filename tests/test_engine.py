@@ -185,10 +185,15 @@ def test_sigkill_after_a_checkpoint_then_resume_is_the_uninterrupted_run_at_two_
                                                                                        tmp_path, kind, wanted):
     reference = two_rank_runs[2]
     run = tmp_path / "run"
-    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "jobs" / "train.py"),
+    port = free_port()
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), str(ROOT / "jobs" / "train.py"),
                "--deepspeed", str(reference["config"]), "--data", str(tiny_dataset), "--output", str(run)]
     killed_at = kill_after_checkpoint(command, run, wanted)
     assert wanted(killed_at), f"killed after {killed_at}, not after a {kind} checkpoint"
+    # DeepSpeed's CPU shared-memory all-reduce segments (one per rank, ~69 MB of RAM each) are
+    # unlinked right after start-up: even a killed run leaves none in /dev/shm
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"shared-memory segments left by the killed run: {left}"
     succeeded(launch_training(reference["config"], tiny_dataset, run, ranks=2, resume=True))
     assert_same_run(run, reference["run"])
 

@@ -18,6 +18,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, Iterator, Optional, TypeVar
 
 import torch
@@ -52,6 +53,30 @@ def _free_port() -> int:
 def launched_world_size() -> int:
     """The number of ranks the launcher started (1 without a launcher), read before any process group."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+SHM_ALLREDUCE_PREFIX = "deepspeed_allreduce_buffer"  # DeepSpeed's CPU shared-memory all-reduce (csrc/cpu/comm/shm.cpp)
+
+
+def shared_memory_name(rank: int) -> Path:
+    """The ``/dev/shm`` segment DeepSpeed's CPU all-reduce creates for ``rank`` of this launch."""
+    return Path("/dev/shm") / (f"{SHM_ALLREDUCE_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shared_memory_names(rank: int) -> None:
+    """Removes this rank's name of DeepSpeed's shared-memory all-reduce segment, once every rank has
+    mapped every segment (a barrier after ``init_distributed``, which maps them).
+
+    On CPU with all ranks on one machine, DeepSpeed creates one ~69 MB ``/dev/shm`` segment per rank
+    and never unlinks it: every run left its segments in RAM until reboot (20 GB after a day of
+    runs here, and the next job was killed for memory). Unlinking a name keeps the mappings valid
+    until the processes exit, so the run is unchanged and even a killed run leaves nothing behind.
+    """
+    dist.barrier()  # every rank has mapped every segment (init_distributed waits for its peers')
+    name = shared_memory_name(rank)
+    if name.exists():
+        name.unlink(missing_ok=True)
 
 
 def teardown_distributed(comm: "Collectives") -> None:
@@ -99,6 +124,7 @@ def setup_distributed() -> DistInfo:
             if not own_port or attempt == PORT_ATTEMPTS - 1:
                 raise
     rank, world = dist.get_rank(), dist.get_world_size()
+    release_shared_memory_names(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     name = accelerator.device_name()
     if name == "cpu":
