@@ -72,7 +72,7 @@ def test_the_closing_summary_names_the_runs_files_and_its_next_commands_run_as_p
                          output), stage
         assert re.search(rf"stage {stage}: epoch 1 took .+ \(validation .+\)", output), stage
     lines = output[output.index("done: validation top-1"):].splitlines()
-    assert lines[1].split() == ["run", "folder", str(run)]
+    assert next(line for line in lines if line.startswith("  run folder")).split() == ["run", "folder", str(run)]
     last = json.loads((run / "checkpoints" / "last_good.json").read_text())["tag"]
     assert f"(last good: {last}; continue with --resume {run})" in output and (run / "checkpoints" / last).is_dir()
     for name in ("metrics.jsonl", "final_metrics.json", "stages"):
@@ -89,6 +89,17 @@ def test_the_closing_summary_names_the_runs_files_and_its_next_commands_run_as_p
                                 text=True, timeout=300)
         assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-3000:]}"
     assert (run / "eval" / "report.json").is_file() and (run / "ablation" / "ablation.json").is_file()
+    # the closing test accuracy by long-tail bucket is what `mgmoe eval` computes on its own
+    report = json.loads((run / "eval" / "report.json").read_text())["variants"]["routed"]
+    final = json.loads((run / "final_metrics.json").read_text())["test"]
+    assert final["top1"] == pytest.approx(report["top1"])
+    assert final["buckets"].keys() == report["buckets"].keys()
+    for name, bucket in report["buckets"].items():
+        assert final["buckets"][name]["images"] == bucket["images"]
+        assert final["buckets"][name]["top1"] == pytest.approx(bucket["top1"])
+    shown = ", ".join(f"{n} {b['top1']:.3f} ({b['classes']} species)" for n, b in report["buckets"].items()
+                      if b["top1"] is not None)
+    assert f"  test top-1 by training frequency: {shown}" in lines
     assert (run / "model.safetensors").is_file() and "photo.jpg" in result.stdout
 
 

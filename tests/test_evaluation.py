@@ -142,3 +142,15 @@ def test_the_oracle_headroom_counts_an_image_right_when_any_fixed_subset_of_that
              {"kind": "subset", "top1": 0.5, "k": 2, "experts": ["a", "b"], "experts_per_image": 2.0}]
     assert verdict(table, 4, oracle)[-1] == ("Headroom: an oracle picking, per image, a fixed subset of 2 that is "
                                              "right would reach 50.00% (+0.00 points on the best fixed subset).")
+
+
+def test_bucket_top1_pools_the_images_of_each_buckets_classes():
+    from mgmoe_ds.evaluation.metrics import bucket_top1
+
+    images = torch.tensor([10.0, 4.0, 6.0, 0.0])
+    correct = torch.tensor([9.0, 1.0, 3.0, 0.0])
+    by_bucket = bucket_top1(images, correct, ["head", "tail", "tail", "medium"])
+    # tail: (1 + 3) / (4 + 6) = 0.4 pooled over images (the mean of per-class rates would be 0.375)
+    assert by_bucket == {"head": {"classes": 1, "images": 10, "top1": 0.9},
+                         "medium": {"classes": 1, "images": 0, "top1": None},
+                         "tail": {"classes": 2, "images": 10, "top1": 0.4}}

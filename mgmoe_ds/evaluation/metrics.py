@@ -65,6 +65,23 @@ def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = CALIB
     return float(gap.abs().sum() / labels.numel())
 
 
+def bucket_top1(class_images: Tensor, class_correct: Tensor, buckets: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Top-1 over the images of each long-tail bucket's classes (``long_tail_buckets``).
+
+    Args:
+        class_images: (classes,) evaluated images per class.
+        class_correct: (classes,) of those, how many were predicted right.
+        buckets: each class's bucket.
+    """
+    by_bucket = {}
+    for bucket in ([BALANCED] if BALANCED in buckets else BUCKETS):
+        classes = [i for i, b in enumerate(buckets) if b == bucket]
+        images = int(class_images[classes].sum()) if classes else 0
+        hits = float(class_correct[classes].sum()) if classes else 0.0
+        by_bucket[bucket] = {"classes": len(classes), "images": images, "top1": hits / images if images else None}
+    return by_bucket
+
+
 def accuracy_summary(logits: Tensor, labels: Tensor, buckets: Sequence[str]) -> dict[str, Any]:
     """Top-1/top-5, NLL, expected calibration error, per-class top-1, mean class accuracy and
     per-bucket top-1 (the buckets of ``long_tail_buckets``)."""
@@ -75,13 +92,7 @@ def accuracy_summary(logits: Tensor, labels: Tensor, buckets: Sequence[str]) -> 
     per_class_n = torch.bincount(labels, minlength=num_classes).float()  # (classes,)
     per_class_hits = torch.zeros(num_classes).index_add_(0, labels, correct)  # (classes,)
     per_class = [float(h / c) if c > 0 else None for h, c in zip(per_class_hits, per_class_n)]
-    by_bucket = {}
-    for bucket in ([BALANCED] if BALANCED in buckets else BUCKETS):
-        classes = [i for i, b in enumerate(buckets) if b == bucket]
-        images = int(per_class_n[classes].sum()) if classes else 0
-        hits = float(per_class_hits[classes].sum()) if classes else 0.0
-        by_bucket[bucket] = {"classes": len(classes), "images": images,
-                             "top1": hits / images if images else None}
+    by_bucket = bucket_top1(per_class_n, per_class_hits, buckets)
     present = [a for a in per_class if a is not None]
     nll = float(torch.nn.functional.cross_entropy(logits.float(), labels)) if n else 0.0
     return {"images": n, "top1": top1 / n, "top5": top5 / n, "nll": nll,

@@ -69,12 +69,16 @@ class TrainingPasses:
             yield {"features": cache.gather(rows, torch.zeros_like(rows)), "labels": cache.labels[rows]}
 
     @torch.no_grad()
-    def evaluate(self, split: str, routing: RoutingRequest, stage: Any = None) -> dict[str, float]:
+    def evaluate(self, split: str, routing: RoutingRequest, stage: Any = None,
+                 class_counts: Optional[list[int]] = None) -> dict[str, Any]:
         """Top-1/top-5/loss on ``split`` with ``routing``, dropless as ``mgmoe eval`` and inference route
-        (from the eval caches while ``stage`` keeps the backbone frozen)."""
+        (from the eval caches while ``stage`` keeps the backbone frozen). With ``class_counts`` (training
+        images per class), also top-1 per long-tail bucket, as ``mgmoe eval`` reports it."""
         self.model.eval()
         routing = routing.without_drops()
         totals = torch.zeros(4, dtype=torch.float64)  # images, top1, top5, loss sum
+        num_classes = self.model.num_classes
+        by_class = torch.zeros(2, num_classes, dtype=torch.float64)  # images, correct per class
         for batch in self.batches(split, stage):
             labels = batch["labels"].to(self.device)
             out = self.forward(batch, routing=routing)
@@ -82,10 +86,20 @@ class TrainingPasses:
                 top1, top5 = topk_correct(out.logits.float(), labels, (1, 5))
                 loss = F.cross_entropy(out.logits.float(), labels, reduction="sum")
                 totals += torch.tensor([labels.numel(), top1, top5, float(loss)], dtype=torch.float64)
+                labels, correct = labels.cpu(), (out.logits.argmax(-1) == labels).cpu().double()  # (B,)
+                by_class[0].index_add_(0, labels, torch.ones_like(correct))
+                by_class[1].index_add_(0, labels, correct)
         totals = self.comm.sum(totals)
+        by_class = self.comm.sum(by_class)  # every rank, whether or not it reports buckets
         n = max(1.0, float(totals[0]))
-        return {"images": int(totals[0]), "top1": float(totals[1]) / n, "top5": float(totals[2]) / n,
-                "loss": float(totals[3]) / n}
+        result: dict[str, Any] = {"images": int(totals[0]), "top1": float(totals[1]) / n,
+                                  "top5": float(totals[2]) / n, "loss": float(totals[3]) / n}
+        if class_counts is not None:
+            from mgmoe_ds.evaluation.metrics import bucket_top1, long_tail_buckets
+
+            buckets, _ = long_tail_buckets(class_counts)
+            result["buckets"] = bucket_top1(by_class[0], by_class[1], buckets)
+        return result
 
     @torch.no_grad()
     def pooled_features(self, stage: Any) -> torch.Tensor:

@@ -151,7 +151,8 @@ class Trainer:
             if final.get("stopped"):
                 return final
         test_loader = self.data.test_loader()
-        test = self.passes.evaluate("test", stages[-1].routing(self.clusters)) if test_loader is not None else None
+        test = (self.passes.evaluate("test", stages[-1].routing(self.clusters), class_counts=self.data.class_counts)
+                if test_loader is not None else None)
         summary = {"val": final.get("val"), "test": test, "global_step": self.progress.global_step}
         if self.is_main:
             self.telemetry.log({"event": "final", **{f"test_{k}": v for k, v in (test or {}).items()}})
