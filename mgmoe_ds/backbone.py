@@ -32,7 +32,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from mgmoe_ds.offline_weights import OFFLINE_WEIGHTS, OfflineWeights, looks_like_offline_name, offline_weights
+from mgmoe_ds.offline_weights import OFFLINE_WEIGHTS, OfflineWeights, looks_like_offline_name
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class Backbone(nn.Module):
         return timm.create_model(name, pretrained=False, **kwargs)
 
     def _load_pretrained(self, name: str, pretrained: str) -> None:
-        weights = offline_weights(pretrained)
+        weights = OFFLINE_WEIGHTS.get(pretrained)  # None: a weights file
         if weights is not None:
             if name != weights.timm_arch:
                 raise BackboneError(f"pretrained={weights.name!r} needs backbone {weights.timm_arch!r}, got {name!r}")

@@ -45,11 +45,6 @@ OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
 }
 
 
-def offline_weights(name: str) -> OfflineWeights | None:
-    """The table entry for ``model.pretrained == name``, or None when ``name`` is a file path."""
-    return OFFLINE_WEIGHTS.get(name)
-
-
 def looks_like_offline_name(name: str) -> bool:
     """A value meant as a table name rather than a file (no path separator, no file suffix)."""
     return name.startswith("efficientnet-") and "/" not in name and Path(name).suffix == ""

@@ -77,8 +77,7 @@ class TrainingPasses:
         self.model.eval()
         routing = routing.without_drops()
         totals = torch.zeros(4, dtype=torch.float64)  # images, top1, top5, loss sum
-        num_classes = self.model.num_classes
-        by_class = torch.zeros(2, num_classes, dtype=torch.float64)  # images, correct per class
+        by_class = torch.zeros(2, self.model.num_classes, dtype=torch.float64, device=self.device)  # images, correct
         for batch in self.batches(split, stage):
             labels = batch["labels"].to(self.device)
             out = self.forward(batch, routing=routing)
@@ -86,17 +85,18 @@ class TrainingPasses:
                 top1, top5 = topk_correct(out.logits.float(), labels, (1, 5))
                 loss = F.cross_entropy(out.logits.float(), labels, reduction="sum")
                 totals += torch.tensor([labels.numel(), top1, top5, float(loss)], dtype=torch.float64)
-                labels, correct = labels.cpu(), (out.logits.argmax(-1) == labels).cpu().double()  # (B,)
-                by_class[0].index_add_(0, labels, torch.ones_like(correct))
-                by_class[1].index_add_(0, labels, correct)
+                if class_counts is not None:  # per class, on the device: no copy per batch
+                    correct = (out.logits.argmax(-1) == labels).double()  # (B,)
+                    by_class[0].index_add_(0, labels, torch.ones_like(correct))
+                    by_class[1].index_add_(0, labels, correct)
         totals = self.comm.sum(totals)
-        by_class = self.comm.sum(by_class)  # every rank, whether or not it reports buckets
         n = max(1.0, float(totals[0]))
         result: dict[str, Any] = {"images": int(totals[0]), "top1": float(totals[1]) / n,
                                   "top5": float(totals[2]) / n, "loss": float(totals[3]) / n}
         if class_counts is not None:
             from mgmoe_ds.evaluation.metrics import bucket_top1, long_tail_buckets
 
+            by_class = self.comm.sum(by_class).cpu()  # every rank passes class_counts, or none does
             buckets, _ = long_tail_buckets(class_counts)
             result["buckets"] = bucket_top1(by_class[0], by_class[1], buckets)
         return result

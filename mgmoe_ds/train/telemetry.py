@@ -86,8 +86,9 @@ class StageClock:
         return left * (self.step_seconds or 0.0) + validations * self.val_seconds
 
     def _ends(self) -> str:
-        ends = time.strftime("%H:%M", time.localtime(self.wall() + self._remaining()))
-        return f"about {_minutes(self._remaining())} left ({self.total - self.done} steps), ends ~{ends}"
+        remaining = self._remaining()
+        ends = time.strftime("%H:%M", time.localtime(self.wall() + remaining))
+        return f"about {_minutes(remaining)} left ({self.total - self.done} steps), ends ~{ends}"
 
     def step(self) -> Optional[str]:
         """Counts a step; the line to show once the step time is measured, else None."""
