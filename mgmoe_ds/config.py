@@ -19,7 +19,8 @@ from mgmoe_ds.typed_json import CHECKS, SHORT_FORMS, ConfigError, build_dataclas
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
 # The parameter groups every model has, by name: a stage trains some of them, each at its own lr.
 # (``MGMoE.group_matcher`` says which parameter belongs to which.)
-PARAMETER_GROUPS = ("backbone", "router", "fallback", "experts", "expert_heads")
+# "backbone_top": the backbone's blocks above the cache's cut (cache.depth); "backbone": the rest of it.
+PARAMETER_GROUPS = ("backbone", "backbone_top", "router", "fallback", "experts", "expert_heads")
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,11 @@ class CacheConfig:
     memory_limit_gb: float = 8.0  # per rank; a larger cache is memory-mapped files in RUN/feature_cache
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage dtype of the cached features
     dir: Optional[str] = None  # a folder shared by runs (sweeps): caches are memory-mapped there and reused by any run with the same key
+    # None: the cache holds the backbone's outputs. N: it holds the activation after block N (timm
+    # EfficientNet's model.blocks[N]) and the levels below it; the blocks above form the parameter
+    # group "backbone_top", which stages may train from that cache (their BatchNorm statistics stay
+    # frozen, as the rest of a backbone whose "backbone" group does not train).
+    depth: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,13 @@ def _validate(config: RunConfig, source: str) -> None:
     check(config.train.max_bad_steps >= 1, "train.max_bad_steps", config.train.max_bad_steps, "an integer >= 1")
     check(config.cache.views >= 1, "cache.views", config.cache.views, "an integer >= 1")
     check(config.cache.memory_limit_gb >= 0, "cache.memory_limit_gb", config.cache.memory_limit_gb, "a number >= 0")
+    check(config.cache.depth is None or config.cache.depth >= 0, "cache.depth", config.cache.depth,
+          "a backbone block index >= 0, or null")
+    for i, stage in enumerate(cur.stages):
+        check(config.cache.depth is not None or stage.lr.get("backbone_top", 0) == 0,
+              f"curriculum.stages[{i}].lr.backbone_top", stage.lr.get("backbone_top"),
+              "0 or absent while mgmoe.cache.depth is null (the backbone's top starts after the cache's cut; set "
+              "cache.depth, e.g. 4)")
 
 
 def _check_pretrained(model: ModelConfig, check) -> None:

@@ -5,7 +5,7 @@ so the router and the experts can train from stored features instead of images: 
 forward (most of the compute) runs once per sample and view instead of once per step.
 
 - The key (:func:`cache_key`) is a sha256 of everything the stored values depend on: the
-  backbone's weights, the transform's repr, the dataset's manifest bytes, the feature names,
+  weights of the backbone (of its part below the cut, for a cache at a depth) and the depth, the transform's repr, the dataset's manifest bytes, the feature names,
   this rank's share of the shards (rank and world size), the number of views, the storage dtype
   and the augmentation seed. A cache whose key differs is never read.
 - Storage (:class:`FeatureCache`): per feature one ``(V, N, ...)`` array (V views, N samples of
@@ -61,7 +61,7 @@ def weights_digest(backbone: nn.Module) -> str:
 
 
 def cache_key(weights: str, *, transform: str, manifest: bytes, split: str, features: Iterable[str],
-              rank: int, world_size: int, views: int, dtype: str, seed: int) -> str:
+              rank: int, world_size: int, views: int, dtype: str, seed: int, depth: Optional[int] = None) -> str:
     """The sha256 (hex) of what cached features depend on.
 
     Args:
@@ -77,10 +77,14 @@ def cache_key(weights: str, *, transform: str, manifest: bytes, split: str, feat
         views: augmented views per sample (1: the eval transform).
         dtype: storage dtype name.
         seed: seeds the augmentation of the views.
+        depth: the backbone block after which the cached activation was taken (None: the
+            backbone's outputs are cached).
     """
     digest = hashlib.sha256(weights.encode())
     meta = {"transform": transform, "split": split, "features": sorted(features), "rank": rank, "world_size": world_size,
             "views": views, "dtype": dtype, "seed": seed if views > 1 else None}
+    if depth is not None:  # absent otherwise, so the keys of end-of-backbone caches stay as they were
+        meta["depth"] = depth
     digest.update(json.dumps(meta, sort_keys=True).encode())
     digest.update(hashlib.sha256(manifest).digest())
     return digest.hexdigest()

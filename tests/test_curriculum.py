@@ -179,3 +179,14 @@ def test_an_expert_no_cluster_puts_in_its_top_k_is_named_with_its_score_and_chan
                            "0.10) among its top 2 (chance log_likelihood -2.48)")
     assert f"{math.log(1 / 12):.3g}" == "-2.48"
     assert state.left_out_warning(3, ["mpsa", "pmg", "transfg", "pim"], 12, "log_likelihood") is None
+
+
+def test_at_a_cut_the_backbones_top_trains_with_the_backbone_unless_a_stage_says_otherwise():
+    cut = config_from_dict({"cache": {"depth": 4}})
+    warm = create_stage(StageConfig("warmup", epochs=1), cut, base_lr=1e-3)
+    assert warm.group_lr["backbone_top"] == warm.group_lr["backbone"] == pytest.approx(1e-3)
+    top_only = create_stage(StageConfig("warmup", epochs=1, lr={"backbone_top": 2e-4, "experts": 1e-3}), cut, 1e-3)
+    assert top_only.group_lr == {"backbone_top": 2e-4, "experts": 1e-3} and not top_only.trains_backbone
+    frozen_top = create_stage(StageConfig("warmup", epochs=1, lr={"backbone": 1e-3, "backbone_top": 0.0}), cut, 1e-3)
+    assert frozen_top.group_lr == {"backbone": 1e-3}
+    assert "backbone_top" not in create_stage(StageConfig("warmup", epochs=1), RUN, base_lr=1e-3).group_lr

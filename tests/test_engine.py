@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import (
     DEEPSPEED,
     ROOT,
+    TINY_MGMOE,
     launch_training,
     succeeded,
     write_small_set,
@@ -186,6 +187,62 @@ def test_sigkill_after_a_checkpoint_then_resume_is_the_uninterrupted_run_at_one_
     command = TRAIN + ["--deepspeed", str(config), "--data", str(tiny_dataset), "--output", str(run)]
     killed_at = kill_after_checkpoint(command, run, wanted)
     assert wanted(killed_at), f"killed after {killed_at}, not after a {kind} checkpoint"
+    succeeded(launch_training(config, tiny_dataset, run, resume=True))
+    assert_same_run(run, reference)
+
+
+# A cache at a depth of the backbone: stages train the blocks above the cut from it
+CUT_AFTER = 3
+TOP_STAGES = {"stages": [
+    {"name": "warmup", "steps": 3, "lr": {"backbone_top": 1e-3, "experts": 2e-3, "expert_heads": 2e-3, "fallback": 2e-3}},
+    {"name": "routing", "steps": 4, "lr": {"backbone_top": 5e-4, "router": 2e-3, "experts": 1e-3,
+                                           "expert_heads": 1e-3, "fallback": 2e-3}},
+    {"name": "residual", "steps": 2}], "num_clusters": 2}
+
+
+@pytest.fixture(scope="module")
+def top_run(tmp_path_factory, tiny_dataset):
+    """One uninterrupted run of a tiny EfficientNet whose feature cache sits after block 3."""
+    tmp = tmp_path_factory.mktemp("top")
+    config = write_tiny_config(tmp / "ds.json", model=dict(TINY_MGMOE["model"], backbone="tf_efficientnet_lite0",
+                                                           backbone_options={}),
+                               cache={"depth": CUT_AFTER}, curriculum=TOP_STAGES,
+                               train={"seed": 0, "log_every": 2, "checkpoint_every": 2})
+    run = tmp / "run"
+    result = succeeded(launch_training(config, tiny_dataset, run))
+    return config, run, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_stages_train_the_backbones_top_from_a_cache_at_depth_and_nothing_below_it(top_run):
+    _, run, log = top_run
+    records = [json.loads((run / "stages" / f"{i}_{n}.json").read_text())
+               for i, n in enumerate(["warmup", "routing", "residual"])]
+    caches = [r["feature_cache"] for r in records]
+    assert all(c["depth"] == CUT_AFTER for c in caches)
+    assert caches[1]["reused"] and caches[1]["key"] == caches[0]["key"]  # training the top keeps the cache
+    assert "backbone_top" in records[1]["trained_groups"] and "backbone" not in records[1]["trained_groups"]
+    # one pass of the lower part over train and one over val, for the whole run
+    assert log.count(" built in ") == 2 and "the backbone's blocks after 3 run on it each step" in log
+    warm, routing = load_state(run, "stage0-warmup-end"), load_state(run, "stage1-routing-end")
+    top = re.compile(r"^backbone\.model\.(blocks\.[4-6]\.|conv_head\.|bn2\.)")  # above block 3 of Lite0's 0..6
+    lower = [k for k in warm if k.startswith("backbone.") and not top.match(k)]
+    top_weights = [k for k in warm if top.match(k) and k.endswith(".weight")]
+    top_statistics = [k for k in warm if top.match(k) and k.endswith(("running_mean", "running_var"))]
+    assert lower and top_weights and top_statistics
+    assert all(torch.equal(warm[k], routing[k]) for k in lower)  # the cached part never moves
+    assert any(not torch.equal(warm[k], routing[k]) for k in top_weights)  # the top trains
+    assert all(torch.equal(warm[k], routing[k]) for k in top_statistics)  # with frozen BatchNorm statistics
+
+
+@pytest.mark.slow
+def test_a_resume_inside_a_stage_that_trains_the_backbones_top_is_the_uninterrupted_run(top_run, tiny_dataset,
+                                                                                       tmp_path):
+    config, reference, _ = top_run
+    run = tmp_path / "run"
+    succeeded(launch_training(config, tiny_dataset, run, extra=("--max-steps", "5")))  # 3 warm-up + 2 of routing
+    pointer = json.loads((run / "checkpoints" / "last_good.json").read_text())
+    assert pointer["stage_index"] == 1 and not pointer["stage_complete"]
     succeeded(launch_training(config, tiny_dataset, run, resume=True))
     assert_same_run(run, reference)
 

@@ -260,3 +260,72 @@ def test_a_shared_cache_dir_is_reused_by_another_run(tiny_dataset, tmp_path, wor
         builds.append(features._store.builds)
         assert features._eval_caches["val"].storage == "memmap" and features._eval_caches["val"].folder.parent == shared
     assert builds == [1, 0] and not (tmp_path / "one" / "feature_cache").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A cache at a depth of the backbone (cache.depth): the top above the cut trains on it
+
+CUT_AFTER = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_cut_model(tiny_dataset):
+    """A tiny EfficientNet cut after block 3, its lower part frozen (a stage that trains ``backbone_top``)."""
+    torch.manual_seed(0)
+    config = config_from_dict(dict(TINY_MGMOE, model=dict(TINY_MGMOE["model"], backbone="tf_efficientnet_lite0",
+                                                         backbone_options={}), cache={"depth": CUT_AFTER}))
+    model = MGMoE(config.model, config.moe, num_classes=4, cut_after=CUT_AFTER)
+    model.backbone.requires_grad_(False)
+    for module in model.backbone.top_modules():
+        module.requires_grad_(True)
+    return model
+
+
+def top_gradients(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.backbone.named_parameters() if p.grad is not None}
+
+
+def test_at_a_depth_cached_and_uncached_steps_give_the_same_losses_and_top_gradients(tiny_cut_model, tiny_dataset,
+                                                                                     tmp_path):
+    model = tiny_cut_model
+    store = FeatureCacheStore(tmp_path, dtype="float32", memory_limit_bytes=1 << 30)
+    loader, capacity = eval_loader(tiny_dataset, model)
+    model.eval()  # the cache holds the frozen lower part's inference outputs
+    cache, _ = store.get(key_for(model, tiny_dataset, features=model.cached_features, depth=CUT_AFTER), views=1,
+                         capacity=capacity, view_batches=lambda view: iter(loader), compute=model.cache_features)
+    assert set(cache.features) == {"cut", "level0", "level1"}  # levels 2 and 3 lie above a cut after block 3
+    assert cache.features["cut"].shape[2:] == (80, 2, 2)  # block 3 of Lite0: 80 channels, stride 16 at 32 px
+    batch = next(iter(loader))
+    cached = cache.gather(torch.arange(BATCH), torch.zeros(BATCH, dtype=torch.long))
+    model.train()
+    model.backbone.eval()  # frozen BatchNorm statistics, as the trainer runs a stage that trains only the top
+    runs = {}
+    for name, inputs in (("images", dict(images=batch["images"])), ("cache", dict(images=None, features=cached))):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)  # the experts' training randomness (PMG's jigsaw) drawn alike
+        out = model(targets=batch["labels"], **inputs)
+        out.losses["task"].backward()
+        runs[name] = (out.losses, top_gradients(model))
+    (losses, grads), (cached_losses, cached_grads) = runs["images"], runs["cache"]
+    assert losses.keys() == cached_losses.keys()
+    for name, value in losses.items():
+        assert torch.allclose(value, cached_losses[name], rtol=1e-5, atol=1e-6), name
+    names = {id(p): n for n, p in model.backbone.named_parameters()}
+    top = {names[id(p)] for module in model.backbone.top_modules() for p in module.parameters()}
+    assert grads.keys() == cached_grads.keys() == top  # only the top gets gradients, every tensor of it
+    for name, grad in grads.items():
+        assert torch.allclose(grad, cached_grads[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_at_a_depth_the_key_follows_the_lower_parts_weights_only(tiny_cut_model):
+    backbone = tiny_cut_model.backbone
+    before = weights_digest(backbone.lower_modules())
+    top_weight = next(backbone.top_modules()[0].parameters())
+    lower_weight = next(backbone.lower_modules().parameters())
+    with torch.no_grad():
+        top_weight.add_(1.0)  # the top trained: the lower part's output, and so the cache, is unchanged
+        assert weights_digest(backbone.lower_modules()) == before
+        lower_weight.add_(1.0)
+        assert weights_digest(backbone.lower_modules()) != before
+        top_weight.sub_(1.0)
+        lower_weight.sub_(1.0)

@@ -68,13 +68,6 @@ def test_dense_and_single_expert_modes(model):
             torch.testing.assert_close(single.logits, direct, atol=1e-5, rtol=1e-5)
 
 
-def test_parameter_groups_cover_every_parameter_once(model):
-    groups = model.parameter_groups()
-    assert list(groups) == ["backbone", "router", "fallback", "experts", "expert_heads"]
-    ids = [id(p) for params in groups.values() for p in params]
-    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-
-
 def test_compute_report_counts_flops_and_active_parameters(model):
     report = model.compute_report(batch_size=2)
     flops = report["flops_per_image"]
@@ -140,6 +133,20 @@ def test_every_parameter_is_in_exactly_one_group_and_heads_are_the_experts_own(m
     assert {id(p) for p in groups["expert_heads"]} == heads
     assert {id(p) for p in groups["router"]} == {id(p) for p in model.moe.router.parameters()}
     assert {id(p) for p in groups["backbone"]} == {id(p) for p in model.backbone.parameters()}
+    assert groups["backbone_top"] == []  # no cut: the whole backbone is one group
+
+
+def test_at_a_cut_the_backbones_top_is_a_group_of_its_own():
+    import re
+
+    config = config_from_dict({"model": dict(TINY_MGMOE["model"], backbone="tf_efficientnet_lite0",
+                                             backbone_options={}), "cache": {"depth": 4}})
+    cut = MGMoE(config.model, config.moe, NUM_CLASSES, cut_after=4)
+    names = {id(p): n for n, p in cut.named_parameters()}
+    groups = {g: {names[id(p)] for p in params} for g, params in cut.parameter_groups().items()}
+    top = re.compile(r"^backbone\.model\.(blocks\.[56]\.|conv_head\.|bn2\.)")  # Lite0 has blocks 0..6
+    assert groups["backbone_top"] == {n for n in names.values() if top.match(n)} != set()
+    assert groups["backbone"] == {n for n in names.values() if n.startswith("backbone.") and not top.match(n)}
 
 
 def test_every_expert_has_a_standalone_loss_on_the_images_routed_to_it(model):

@@ -48,15 +48,16 @@ class Stage:
 
     def __init__(self, config: "StageConfig", run: "RunConfig", base_lr: float) -> None:
         self.config, self.run = config, run
-        if config.lr:
-            self.group_lr = {group: lr for group, lr in config.lr.items() if lr > 0}  # lr 0 freezes a group
-        else:
-            self.group_lr = {group: multiple * base_lr for group, multiple in self.default_lr.items()}
+        table = config.lr or {group: multiple * base_lr for group, multiple in self.default_lr.items()}
+        if run.cache.depth is not None and "backbone" in table and "backbone_top" not in table:
+            table = {**table, "backbone_top": table["backbone"]}  # the backbone's top trains with the rest of it
+        self.group_lr = {group: lr for group, lr in table.items() if lr > 0}  # lr 0 freezes a group
 
     # -- what it trains and freezes ------------------------------------------------------------
 
     @property
     def trains_backbone(self) -> bool:
+        """Whether the backbone below the cache's cut trains (then no feature cache is valid)."""
         return "backbone" in self.group_lr
 
     def group_options(self, group: str) -> dict[str, Any]:

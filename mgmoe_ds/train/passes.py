@@ -107,10 +107,8 @@ class TrainingPasses:
         self.model.eval()
         feats = []
         for batch in self.batches("train", stage):
-            if "features" in batch:
-                pooled = batch["features"]["pooled"]
-            else:
-                pooled = self.model.forward_features(model_inputs(batch, self.device, self.input_dtype)["images"])["pooled"]
+            inputs = model_inputs(batch, self.device, self.input_dtype)
+            pooled = self.model.forward_features(inputs["images"], cached=inputs.get("features"))["pooled"]
             feats.append(pooled.float().cpu())
         return torch.cat(feats) if feats else torch.zeros(0, self.model.backbone.info.pooled_dim)
 

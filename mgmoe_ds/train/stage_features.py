@@ -1,6 +1,7 @@
 """Which features a stage trains and evaluates from: images, or the frozen backbone's cached features.
 
-A stage that does not train the backbone trains from a feature cache (``mgmoe_ds.feature_cache``)
+A stage that does not train the backbone (below the cut of ``cache.depth``, if set) trains from a
+feature cache (``mgmoe_ds.feature_cache``)
 built once per backbone state, and its validation, cluster and teacher passes read eval-transform
 caches of the training and validation splits. Everything here is keyed by the backbone weights
 the stage starts from; :meth:`StageFeatures.forget` drops it when they may have changed.
@@ -87,10 +88,12 @@ class StageFeatures:
                                                 slot="train", description="feature cache (train)")
         self.model.train()
         self.record = {"key": key, "storage": cache.storage, "views": cache.num_views, "dtype": cache.dtype,
-                       "samples": cache.num_samples, "reused": reused}
+                       "samples": cache.num_samples, "reused": reused, "depth": self.config.cache.depth}
         if self.is_main:
-            LOG.info("stage %s: training from the feature cache %s (%s; %s in %.1fs)", stage.name, key[:12],
-                     describe(cache), "reused" if reused else "built", time.perf_counter() - started)
+            depth = self.config.cache.depth
+            LOG.info("stage %s: training from the feature cache %s (%s; %s in %.1fs)%s", stage.name, key[:12],
+                     describe(cache), "reused" if reused else "built", time.perf_counter() - started,
+                     "" if depth is None else f", the backbone's blocks after {depth} run on it each step")
             self._log_cached_experts()
         return cache
 
@@ -156,18 +159,18 @@ class StageFeatures:
 
         options = self.model.backbone.preprocessing()
         transform = repr(create_transform(self.config.model.img_size, views > 1, **options))
-        if self._digest is None:
-            self._digest = weights_digest(self.model.backbone)
+        if self._digest is None:  # at a cut, only the lower part's weights: training the top keeps the cache
+            self._digest = weights_digest(self.model.backbone.lower_modules())
         if self._content is None:
             self._content = dataset_source(self.data.dataset).content_bytes()
         return cache_key(self._digest, transform=f"{transform}|input={self.input_dtype}",
                          manifest=self._content, split=split,
-                         features=self.model.features | {"pooled"}, rank=self.data.rank,
+                         features=self.model.cached_features, rank=self.data.rank,
                          world_size=self.data.world_size, views=views, dtype=self.config.cache.dtype,
-                         seed=self.config.train.seed)
+                         seed=self.config.train.seed, depth=self.config.cache.depth)
 
     def _compute(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model.forward_features(images.to(self.device, dtype=self.input_dtype))
+        return self.model.cache_features(images.to(self.device, dtype=self.input_dtype))
 
     @torch.no_grad()
     def _empty_cache(self, key: str):

@@ -94,7 +94,8 @@ class Trainer:
                                 f"has {len(classes)} classes")
         seed_everything(self.config.train.seed)
         self.model = MGMoE(self.config.model, moe, self.num_classes,
-                           expert_parallel_rank=expert_parallel_rank(moe.expert_parallel_size))
+                           expert_parallel_rank=expert_parallel_rank(moe.expert_parallel_size),
+                           cut_after=self.config.cache.depth)
         adopt_moe_layers(self.model)
         self.model.to(self.dist.device)
         self.data = RunData(self.config, self.dataset, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -304,7 +305,10 @@ class Trainer:
 
     def _train_mode(self, stage: Stage) -> None:
         """Training mode, except a frozen backbone: its BatchNorm statistics must not drift either
-        (and it then computes exactly what the feature cache stores)."""
+        (and it then computes exactly what the feature cache stores). Above a cut (``cache.depth``)
+        the top's statistics stay frozen too while only ``backbone_top`` trains: the ImageNet
+        statistics, not those of 32-image class-balanced batches on one rank, and training then
+        computes the function that validation and inference compute."""
         self.model.train()
         if not stage.trains_backbone:
             self.model.backbone.eval()
