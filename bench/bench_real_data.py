@@ -295,12 +295,18 @@ LABELS = {
 }
 
 
-def render(results: dict) -> str:
+def run_lines(results: dict) -> list[str]:
+    """The command and the machine a results table came from."""
     m = results["machine"]
+    return [f"Command: {results['command']}",
+            f"Machine: {m['cpu']} ({m['cores']} cores); torch {m['torch']}, Python {m['python']}; load average "
+            f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end; total wall "
+            f"{results['wall_s'] / 60:.1f} min."]
+
+
+def render(results: dict) -> str:
     lines = [
-        f"Command: {results['command']}",
-        f"Machine: {m['cpu']} ({m['cores']} cores); torch {m['torch']}, Python {m['python']}; load average "
-        f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end; total wall {results['wall_s'] / 60:.1f} min.",
+        *run_lines(results),
         f"Data: {results['data']} -> train {results['splits']['train']}, val {results['splits']['val']} (carved from "
         f"train), test {results['splits']['test']} photos, {results['num_classes']} species. Budget: "
         f"{results['epochs']} epochs per model; config {results['config']}"
@@ -357,11 +363,8 @@ def sweep_rows(config: dict) -> list[tuple[str, str, str | None, list[str]]]:
 
 
 def render_sweep(results: dict) -> str:
-    m = results["machine"]
     lines = [
-        f"Command: {results['command']}",
-        f"Machine: {m['cpu']} ({m['cores']} cores); torch {m['torch']}, Python {m['python']}; load average "
-        f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end; total wall {results['wall_s'] / 60:.1f} min.",
+        *run_lines(results),
         f"Data: {results['data']} -> train {results['splits']['train']}, val {results['splits']['val']}, test "
         f"{results['splits']['test']} photos, {results['num_classes']} species; config {results['config']}"
         + (f" with {', '.join(results['extra_overrides'])}" if results.get("extra_overrides") else "") + ".",
@@ -379,9 +382,13 @@ def render_sweep(results: dict) -> str:
                          f"{se:.3f} | - | {r['seconds'] / 60:.1f} | features {r['ms_per_image']:.0f} ms/image |")
             continue
         where = "end of backbone" if name.endswith("_end") else f"after block {name.rsplit('depth', 1)[1]}"
-        gain = 100 * (r["test_top1"] - probes[short]) if short in probes else float("nan")
+        vs_probe = "-"
+        if short in probes:  # the difference's SE from both accuracies' SEs: below it, a tie
+            gain = r["test_top1"] - probes[short]
+            gain_se = (se ** 2 + binomial_se(probes[short], r["test_images"]) ** 2) ** 0.5
+            vs_probe = f"{100 * gain:+.1f} ({'tie, ' if abs(gain) < gain_se else ''}SE {100 * gain_se:.1f})"
         parts = ", ".join(f"{k} {v:.0f}" for k, v in r["parts"].items())
-        lines.append(f"| {short} | MG-MoE Top-2 | {where} | {r['test_top1']:.3f} ± {se:.3f} | {gain:+.1f} | "
+        lines.append(f"| {short} | MG-MoE Top-2 | {where} | {r['test_top1']:.3f} ± {se:.3f} | {vs_probe} | "
                      f"{r['seconds'] / 60:.1f} | {parts} |")
     return "\n".join(lines)
 
