@@ -5,9 +5,10 @@ so the router and the experts can train from stored features instead of images: 
 forward (most of the compute) runs once per sample and view instead of once per step.
 
 - The key (:func:`cache_key`) is a sha256 of everything the stored values depend on: the
-  weights of the backbone (of its part below the cut, for a cache at a depth) and the depth, the transform's repr, the dataset's manifest bytes, the feature names,
-  this rank's share of the shards (rank and world size), the number of views, the storage dtype
-  and the augmentation seed. A cache whose key differs is never read.
+  backbone's weights (those below the cut, for a cache at a depth) and the depth, the
+  transform's repr, the dataset's manifest bytes, the feature names, this rank's share of the
+  shards (rank and world size), the number of views, the storage dtype and the augmentation
+  seed. A cache whose key differs is never read.
 - Storage (:class:`FeatureCache`): per feature one ``(V, N, ...)`` array (V views, N samples of
   this rank) and an ``(N,)`` label vector; in memory when the cache fits under the memory limit,
   else ``.npy`` memory maps in ``ROOT/<key>/`` with an ``index.json`` written last (a folder

@@ -1,9 +1,8 @@
 """Which features a stage trains and evaluates from: images, or the frozen backbone's cached features.
 
 A stage that does not train the backbone (below the cut of ``cache.depth``, if set) trains from a
-feature cache (``mgmoe_ds.feature_cache``)
-built once per backbone state, and its validation, cluster and teacher passes read eval-transform
-caches of the training and validation splits. Everything here is keyed by the backbone weights
+feature cache (``mgmoe_ds.feature_cache``) built once per backbone state, and its validation,
+cluster and teacher passes read eval-transform caches of the training and validation splits. Everything here is keyed by the backbone weights
 the stage starts from; :meth:`StageFeatures.forget` drops it when they may have changed.
 """
 

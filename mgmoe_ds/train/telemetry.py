@@ -261,7 +261,7 @@ def final_summary(run_dir: Path, summary: dict[str, Any], test: Optional[dict[st
     return "\n".join([
         f"done: validation top-1 {summary['val']['top1']:.3f}, top-5 {summary['val']['top5']:.3f}"
         + (f"; test top-1 {test['top1']:.3f}" if test else ""),
-        *([f"  test top-1 by training frequency: " + ", ".join(
+        *(["  test top-1 by training frequency: " + ", ".join(
             f"{name} {b['top1']:.3f} ({b['classes']} species)" for name, b in test["buckets"].items()
             if b["top1"] is not None)] if test and test.get("buckets") else []),
         f"  run folder   {run_dir}",
