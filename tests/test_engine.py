@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import (
     DEEPSPEED,
+    EQUIVALENCE_EXPERTS,
     ROOT,
     TINY_MGMOE,
     launch_training,
@@ -245,6 +246,34 @@ def test_a_resume_inside_a_stage_that_trains_the_backbones_top_is_the_uninterrup
     assert pointer["stage_index"] == 1 and not pointer["stage_complete"]
     succeeded(launch_training(config, tiny_dataset, run, resume=True))
     assert_same_run(run, reference)
+
+
+@pytest.mark.slow
+def test_at_a_depth_expert_parallel_training_equals_data_parallel_training(tiny_dataset, tmp_path):
+    # Two ranks, the backbone's top training from the cache (replicated, its gradients all-reduced)
+    # next to experts split over the ranks (P = 2) or replicated (P = 1): the same weights. Plain
+    # SGD at lr 0.1-0.2: Adam maps the last-bit differences of gradients near zero (summed in
+    # another order at P = 2) to whole lr-sized steps, while under SGD a lost or doubled gradient
+    # moves a weight by lr x gradient (about 1e-3 per step here) and only that shows.
+    stages = json.loads(json.dumps(TOP_STAGES))
+    for stage in stages["stages"]:
+        stage["lr"] = {group: 100 * lr for group, lr in stage.get("lr", {"router": 1e-3, "expert_heads": 2e-3}).items()}
+    states = {}
+    for ep in (1, 2):
+        config = write_tiny_config(tmp_path / f"p{ep}.json", model=dict(  # 64 px: level3 2x2, not 1x1
+            TINY_MGMOE["model"], backbone="tf_efficientnet_lite0", backbone_options={}, img_size=64,
+            experts=EQUIVALENCE_EXPERTS),
+            moe={"expert_parallel_size": ep}, cache={"depth": CUT_AFTER}, curriculum=stages,
+            train={"seed": 0, "log_every": 2})
+        ds = json.loads(config.read_text())
+        config.write_text(json.dumps(dict(ds, optimizer={"type": "SGD", "params": {"lr": 0.1}},
+                                          zero_allow_untested_optimizer=True)))
+        succeeded(launch_training(config, tiny_dataset, tmp_path / f"run{ep}", ranks=2))
+        states[ep] = load_state(tmp_path / f"run{ep}", "stage2-residual-end")
+    top = [k for k in states[1] if k.startswith("backbone.model.blocks.6.")]
+    assert top and states[1].keys() == states[2].keys()
+    for key, value in states[1].items():
+        torch.testing.assert_close(states[2][key], value, atol=1e-4, rtol=0, msg=key)
 
 
 @pytest.mark.slow

@@ -77,6 +77,10 @@ class MoEOutput:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # raw losses by name (weighted by the model's caller)
     expert_rows: Optional[Tensor] = field(default=None, repr=False)  # (A, *output_shape) in plan order
     plan: Optional[DispatchPlan] = field(default=None, repr=False)
+    # The zero-valued leaf that ties the exchanged buffers into the graph (expert parallelism in
+    # training; None otherwise). A backward restricted to some inputs (``autograd.grad``) must list
+    # it among them, or a rank whose exchanges lead to no requested tensor skips their collectives.
+    exchange_anchor: Optional[Tensor] = field(default=None, repr=False)
 
     @property
     def expert_outputs(self) -> Tensor:
@@ -246,6 +250,7 @@ class RoutedExperts(nn.Module):
             sent[TARGETS_KEY] = targets
         spec = payload_spec(sent)
         buffers = pack_rows(sent, spec, plan.token_index)  # per dtype: (A, F)
+        anchor = None
         if torch.is_grad_enabled() and self.comm.size > 1:
             # Every rank must run the same collectives in backward. A rank whose payload or
             # expert outputs happen not to require grad (frozen backbone, no rows for its
@@ -298,7 +303,8 @@ class RoutedExperts(nn.Module):
             "z_loss": router_z_loss(selection.logits),
             **expert_losses,
         }
-        return MoEOutput(output=fused, route=route, aux_losses=aux_losses, expert_rows=returned, plan=plan)
+        return MoEOutput(output=fused, route=route, aux_losses=aux_losses, expert_rows=returned, plan=plan,
+                         exchange_anchor=anchor)
 
     def _run_local_experts(
         self, received: list[Tensor], recv_counts: Tensor, spec: Any, out_dtype: torch.dtype

@@ -19,7 +19,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -259,7 +259,8 @@ def reduces_in_arrival_order(ds_config: dict[str, Any]) -> bool:
     return int(zero.get("stage", 0)) >= 2 or bool(zero.get("overlap_comm", False))
 
 
-def fixed_order_loss(loss: Tensor, params: list[torch.nn.Parameter], loss_scale: float = 1.0) -> Tensor:
+def fixed_order_loss(loss: Tensor, params: list[torch.nn.Parameter], loss_scale: float = 1.0,
+                     anchors: Sequence[Tensor] = ()) -> Tensor:
     """A loss with ``loss``'s gradient whose backward reaches ``params`` in a fixed order: the reverse of ``params``.
 
     With routed experts the order in which backward reaches each parameter depends on the data:
@@ -282,11 +283,17 @@ def fixed_order_loss(loss: Tensor, params: list[torch.nn.Parameter], loss_scale:
             (put the parameters every rank holds last, so their slices come first in each bucket).
         loss_scale: the fp16 loss scale DeepSpeed will apply to the surrogate (1 otherwise); the
             real backward runs on ``loss * loss_scale`` so small gradients do not underflow.
+        anchors: the routed layers' exchange anchors (``MoEOutput.exchange_anchor``). They are
+            differentiated too (and their gradients dropped): ``autograd.grad`` runs only the
+            nodes that lead to its inputs, so without them a rank whose experts got no rows, on a
+            frozen payload, would skip the all-to-all backward that the other ranks run, and hang.
 
     Returns:
         The surrogate: pass it to ``engine.backward`` in place of ``loss``.
     """
-    grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, params, allow_unused=True)
+    inputs = [*params, *anchors]
+    grads = torch.autograd.grad(loss * loss_scale if loss_scale != 1.0 else loss, inputs,
+                                allow_unused=True)[:len(params)]
     surrogate = loss.detach().float() * 0.0
     for param, grad in zip(params, grads):
         if grad is None:  # not used this step: a zero gradient keeps the hook sequence the same on every rank
@@ -321,12 +328,13 @@ def build_engine(model: torch.nn.Module, groups: list[dict[str, Any]], ds_config
     return engine
 
 
-def fixed_order(engine: Any, params: list[torch.nn.Parameter]) -> Callable[[Tensor], Tensor]:
-    """``loss -> fixed_order_loss(loss, params, <the engine's fp16 loss scale, 1 in fp32 and bf16>)``."""
+def fixed_order(engine: Any, params: list[torch.nn.Parameter]) -> Callable[..., Tensor]:
+    """``(loss, anchors) -> fixed_order_loss(loss, params, <the engine's fp16 loss scale, 1 in fp32
+    and bf16>, anchors)``."""
 
-    def reorder(loss: Tensor) -> Tensor:
+    def reorder(loss: Tensor, anchors: Sequence[Tensor] = ()) -> Tensor:
         scale = float(getattr(engine.optimizer, "loss_scale", 1.0)) if engine.fp16_enabled() else 1.0
-        return fixed_order_loss(loss, params, scale)
+        return fixed_order_loss(loss, params, scale, anchors)
 
     return reorder
 

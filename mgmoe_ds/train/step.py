@@ -50,7 +50,7 @@ class TrainStep:
     device: torch.device
     input_dtype: torch.dtype
     moe_config: Any
-    reorder: Optional[Callable[[Tensor], Tensor]] = None
+    reorder: Optional[Callable[..., Tensor]] = None
 
     def __call__(self, engine: Any, batch: dict, clusters: Any) -> StepResult:
         started = time.perf_counter()
@@ -62,7 +62,10 @@ class TrainStep:
         finite = bool(self.comm.reduce_int(int(bool(torch.isfinite(total))), "min"))
         detached = {name: value.detach() for name, value in losses.items()}
         if finite:
-            engine.backward(self.reorder(total) if self.reorder is not None else total)
+            if self.reorder is not None:
+                anchors = [o.exchange_anchor for o in out.layer_outputs.values() if o.exchange_anchor is not None]
+                total = self.reorder(total, anchors)
+            engine.backward(total)
             engine.step()
         return StepResult(finite, detached, out, int(labels.shape[0]), time.perf_counter() - started)
 
