@@ -59,6 +59,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from machine import cpu_name
@@ -452,29 +453,22 @@ def main() -> None:
     }
     out = ROOT / "bench" / "results" / f"real_data{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    if sweep is not None:
-        for name, kind, offline, overrides in sweep:
-            print(f"{name} ...", flush=True)
-            results["models"][name] = (linear_probe(args, dataset, offline) if kind == "probe"
-                                       else train_job(name, overrides, args, dataset, args.work, offline))
-            r = results["models"][name]
-            print(f"  test top-1 {r['test_top1']:.3f}, {r['seconds']:.0f} s", flush=True)
-            results["machine"]["loadavg_end"] = os.getloadavg()
-            results["wall_s"] = time.time() - started
-            out.write_text(json.dumps(results, indent=1))
-        print(f"\n{render_sweep(results)}\n\nraw results in {out}")
-        return
-    for name in names:
+    if sweep is not None:  # one job per row: (name, () -> its result)
+        jobs = [(name, partial(linear_probe, args, dataset, offline) if kind == "probe"
+                 else partial(train_job, name, overrides, args, dataset, args.work, offline))
+                for name, kind, offline, overrides in sweep]
+    else:
+        jobs = [(name, partial(linear_probe, args, dataset, PROBE_BACKBONES.get(name)) if name in probes
+                 else partial(train_job, name, runs[name], args, dataset, args.work)) for name in names]
+    for name, job in jobs:
         print(f"{name} ...", flush=True)
-        results["models"][name] = (linear_probe(args, dataset, PROBE_BACKBONES.get(name)) if name in probes
-                                   else train_job(name, runs[name], args, dataset, args.work))
-        r = results["models"][name]
+        r = results["models"][name] = job()
         print(f"  test top-1 {r['test_top1']:.3f}, val top-1 {r['val_top1']:.3f}, {r['seconds']:.0f} s", flush=True)
         results["machine"]["loadavg_end"] = os.getloadavg()
         results["wall_s"] = time.time() - started
         out.write_text(json.dumps(results, indent=1))  # after every model: an interrupted run keeps its rows
     print()
-    print(render(results))
+    print(render_sweep(results) if sweep is not None else render(results))
     print(f"\nraw results in {out}")
 
 

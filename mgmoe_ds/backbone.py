@@ -134,6 +134,11 @@ class Backbone(nn.Module):
         if img_size is None:
             img_size = int(self.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
         self.level_indices = self._choose_level_indices()
+        # At a cut: each level's step in timm's ``forward_intermediates`` numbering (0: the stem,
+        # i: block i - 1), and the cut's.
+        self._level_steps = ({} if cut_after is None else
+                             {k: self.model.stage_ends[i] for k, i in zip(LEVEL_KEYS, self.level_indices)})
+        self._cut_step = None if cut_after is None else cut_after + 1
         self.info = self._measure(name, img_size)
 
     @staticmethod
@@ -255,17 +260,9 @@ class Backbone(nn.Module):
             raise BackboneError(f"mgmoe.cache.depth = {cut_after}: {name!r} has blocks 0..{last}; the cut goes after "
                                 f"one of them")
 
-    @property
-    def _cut_step(self) -> int:
-        """The cut as a step of timm's ``forward_intermediates`` numbering (0: the stem, i: block i - 1)."""
-        return self.cut_after + 1
-
-    def _level_steps(self) -> dict[str, int]:
-        return {k: self.model.stage_ends[i] for k, i in zip(LEVEL_KEYS, self.level_indices)}
-
     def lower_features(self, need) -> frozenset[str]:
         """The keys ``forward_lower`` returns for ``need``: the cut and the needed levels below it."""
-        steps = self._level_steps()
+        steps = self._level_steps
         return frozenset({CUT_KEY} | {k for k in LEVEL_KEYS if k in need and steps[k] < self._cut_step})
 
     def lower_modules(self) -> nn.Module:
@@ -283,7 +280,7 @@ class Backbone(nn.Module):
     def forward_lower(self, images: Tensor, need) -> dict[str, Tensor]:
         """Stem and blocks ``0..cut_after``: ``{"cut": (B, C, H, W)}`` plus the levels of ``need``
         that lie below the cut."""
-        wanted, steps = self.lower_features(need), self._level_steps()
+        wanted, steps = self.lower_features(need), self._level_steps
         x = self.model.bn1(self.model.conv_stem(images))  # (B, C0, H/2, W/2)
         out = {k: x for k in wanted if k != CUT_KEY and steps[k] == 0}
         for step, block in enumerate(self.model.blocks[:self._cut_step], start=1):
@@ -294,7 +291,7 @@ class Backbone(nn.Module):
 
     def forward_upper(self, lower: dict[str, Tensor], need) -> dict[str, Tensor]:
         """The features of ``need`` from ``forward_lower``'s output: the top runs from the cut."""
-        steps, x = self._level_steps(), lower[CUT_KEY]
+        steps, x = self._level_steps, lower[CUT_KEY]
         levels = {k: lower[k] for k in LEVEL_KEYS if k in lower}
         levels.update({k: x for k in LEVEL_KEYS if k in need and steps[k] == self._cut_step})
         for step, block in enumerate(self.model.blocks[self._cut_step:], start=self._cut_step + 1):

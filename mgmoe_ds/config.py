@@ -200,6 +200,9 @@ def _validate(config: RunConfig, source: str) -> None:
                 raise ConfigError(f"{source}: mgmoe.{key}.lr: unknown parameter group {group!r}; accepted: "
                                   f"{', '.join(PARAMETER_GROUPS)}")
             check(lr >= 0, f"{key}.lr.{group}", lr, "a learning rate >= 0")
+        check(config.cache.depth is not None or stage.lr.get("backbone_top", 0) == 0, f"{key}.lr.backbone_top",
+              stage.lr.get("backbone_top"), "0 or absent while mgmoe.cache.depth is null (the backbone's top "
+              "starts after the cache's cut; set cache.depth, e.g. 4)")
         trained = stage.lr or stage_class(stage.name).default_lr
         check(any(lr > 0 for lr in trained.values()), f"{key}.lr", stage.lr, "at least one parameter group with lr > 0")
     check(cur.num_clusters >= 1, "curriculum.num_clusters", cur.num_clusters, "an integer >= 1")
@@ -213,11 +216,6 @@ def _validate(config: RunConfig, source: str) -> None:
     check(config.cache.memory_limit_gb >= 0, "cache.memory_limit_gb", config.cache.memory_limit_gb, "a number >= 0")
     check(config.cache.depth is None or config.cache.depth >= 0, "cache.depth", config.cache.depth,
           "a backbone block index >= 0, or null")
-    for i, stage in enumerate(cur.stages):
-        check(config.cache.depth is not None or stage.lr.get("backbone_top", 0) == 0,
-              f"curriculum.stages[{i}].lr.backbone_top", stage.lr.get("backbone_top"),
-              "0 or absent while mgmoe.cache.depth is null (the backbone's top starts after the cache's cut; set "
-              "cache.depth, e.g. 4)")
 
 
 def _check_pretrained(model: ModelConfig, check) -> None:

@@ -162,14 +162,14 @@ class MGMoE(nn.Module):
         return self._zero_rows_when_empty(partial(self.backbone, need=self.backbone_outputs), images)
 
     @property
-    def cached_features(self) -> frozenset[str]:
+    def cached_feature_names(self) -> frozenset[str]:
         """What a feature cache stores: the backbone's outputs, or its lower part's at a cut."""
         if self.backbone.cut_after is None:
             return self.backbone_outputs
         return self.backbone.lower_features(self.backbone_outputs)
 
     def cache_features(self, images: Tensor) -> dict[str, Tensor]:
-        """What a feature cache stores for ``images`` (``cached_features``); ``forward_features(cached=...)``
+        """What a feature cache stores for ``images`` (``cached_feature_names``); ``forward_features(cached=...)``
         turns it into ``forward_features(images)``."""
         if self.backbone.cut_after is None:
             return self.forward_features(images)

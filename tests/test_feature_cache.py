@@ -291,7 +291,7 @@ def test_at_a_depth_cached_and_uncached_steps_give_the_same_losses_and_top_gradi
     store = FeatureCacheStore(tmp_path, dtype="float32", memory_limit_bytes=1 << 30)
     loader, capacity = eval_loader(tiny_dataset, model)
     model.eval()  # the cache holds the frozen lower part's inference outputs
-    cache, _ = store.get(key_for(model, tiny_dataset, features=model.cached_features, depth=CUT_AFTER), views=1,
+    cache, _ = store.get(key_for(model, tiny_dataset, features=model.cached_feature_names, depth=CUT_AFTER), views=1,
                          capacity=capacity, view_batches=lambda view: iter(loader), compute=model.cache_features)
     assert set(cache.features) == {"cut", "level0", "level1"}  # levels 2 and 3 lie above a cut after block 3
     assert cache.features["cut"].shape[2:] == (80, 2, 2)  # block 3 of Lite0: 80 channels, stride 16 at 32 px

@@ -2,8 +2,9 @@
 
 A stage that does not train the backbone (below the cut of ``cache.depth``, if set) trains from a
 feature cache (``mgmoe_ds.feature_cache``) built once per backbone state, and its validation,
-cluster and teacher passes read eval-transform caches of the training and validation splits. Everything here is keyed by the backbone weights
-the stage starts from; :meth:`StageFeatures.forget` drops it when they may have changed.
+cluster and teacher passes read eval-transform caches of the training and validation splits.
+Everything here is keyed by the backbone weights the stage starts from; :meth:`StageFeatures.forget`
+drops it when they may have changed.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class StageFeatures:
             self._content = dataset_source(self.data.dataset).content_bytes()
         return cache_key(self._digest, transform=f"{transform}|input={self.input_dtype}",
                          manifest=self._content, split=split,
-                         features=self.model.cached_features, rank=self.data.rank,
+                         features=self.model.cached_feature_names, rank=self.data.rank,
                          world_size=self.data.world_size, views=views, dtype=self.config.cache.dtype,
                          seed=self.config.train.seed, depth=self.config.cache.depth)
 
