@@ -12,7 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from mgmoe_ds.typed_json import CHECKS, SHORT_FORMS, ConfigError, build_dataclass, fail, options_from_dict
 
@@ -20,7 +20,8 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "ds_configs" / "z
 # The parameter groups every model has, by name: a stage trains some of them, each at its own lr.
 # (``MGMoE.group_matcher`` says which parameter belongs to which.)
 # "backbone_top": the backbone's blocks above the cache's cut (cache.depth); "backbone": the rest of it.
-PARAMETER_GROUPS = ("backbone", "backbone_top", "router", "fallback", "experts", "expert_heads")
+# "backbone_moe": the routers and experts of the token-level MoE layers inside the backbone.
+PARAMETER_GROUPS = ("backbone", "backbone_top", "backbone_moe", "router", "fallback", "experts", "expert_heads")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,41 @@ def _default_experts() -> list[ExpertSpec]:
 
 
 @dataclass(frozen=True)
+class SoftConstraintConfig:
+    importance_weight: float = 0.01  # weight of <layer>.importance: CV^2 of each expert's summed gate probability
+    load_weight: float = 0.01  # weight of <layer>.load: GShard's load-balancing loss
+
+
+@dataclass(frozen=True)
+class HardConstraintConfig:
+    threshold: float = 0.3  # an expert whose running share of the gate exceeds this is masked in training
+    momentum: float = 0.9  # EMA momentum of the running share (weight of the old value)
+
+
+@dataclass(frozen=True)
+class ConstraintConfig:
+    soft: Optional[SoftConstraintConfig] = field(default_factory=SoftConstraintConfig)  # null: no auxiliary losses
+    hard: Optional[HardConstraintConfig] = None  # null: no masking
+
+
+@dataclass(frozen=True)
+class BackboneMoEConfig:
+    # Which blocks become MoE blocks: an integer counts the backbone's supported residual blocks in
+    # forward order from 0 (ViT blocks; EfficientNet and ResNet bottleneck blocks across stages);
+    # a string is the block's timm module path ("blocks.5.1", "layer3.2").
+    blocks: list[Union[int, str]] = field(default_factory=list)
+    num_experts: int = 8  # E per MoE block
+    top_k: int = 2  # experts per token (or per image)
+    granularity: Literal["token", "image"] = "token"  # a gate decision per token, or per image on pooled tokens
+    capacity_factor: float = 1.25  # training capacity = factor * tokens * top_k / experts
+    eval_capacity_factor: float = 2.0  # the same in evaluation
+    min_capacity: int = 4  # lower bound on each expert's slots
+    constraint: ConstraintConfig = field(default_factory=ConstraintConfig)  # soft and/or hard
+    upcycle_noise: float = 0.01  # every expert starts as the block's dense layer plus noise of this relative std
+    backend: Literal["auto", "padded", "grouped"] = "auto"  # batched expert matmul (grouped: CUDA bf16)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "vit_tiny_patch16_224"  # any timm model name
     pretrained: Optional[str] = None  # local weights file, "efficientnet-lite0/1/2" (offline packages), or None
@@ -41,6 +77,7 @@ class ModelConfig:
     num_classes: Optional[int] = None  # None: taken from the dataset's manifest or the registry
     experts: list[ExpertSpec] = field(default_factory=_default_experts)  # one entry per expert
     backbone_options: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    backbone_moe: Optional[BackboneMoEConfig] = None  # token-level MoE blocks inside the backbone, or null
 
 
 @dataclass(frozen=True)
@@ -170,6 +207,8 @@ def _validate(config: RunConfig, source: str) -> None:
     check(m.z_loss_weight >= 0, "moe.z_loss_weight", m.z_loss_weight, "a number >= 0")
     check(m.expert_loss_weight >= 0, "moe.expert_loss_weight", m.expert_loss_weight, "a number >= 0")
     check(config.model.img_size >= 16, "model.img_size", config.model.img_size, "an integer >= 16")
+    if config.model.backbone_moe is not None:
+        _check_backbone_moe(config.model.backbone_moe, m.expert_parallel_size, check)
     _check_pretrained(config.model, check)
     if config.model.num_classes is not None:
         check(config.model.num_classes >= 2, "model.num_classes", config.model.num_classes, "an integer >= 2")
@@ -200,6 +239,8 @@ def _validate(config: RunConfig, source: str) -> None:
                 raise ConfigError(f"{source}: mgmoe.{key}.lr: unknown parameter group {group!r}; accepted: "
                                   f"{', '.join(PARAMETER_GROUPS)}")
             check(lr >= 0, f"{key}.lr.{group}", lr, "a learning rate >= 0")
+        check(config.model.backbone_moe is not None or stage.lr.get("backbone_moe", 0) == 0, f"{key}.lr.backbone_moe",
+              stage.lr.get("backbone_moe"), "0 or absent while mgmoe.model.backbone_moe is null")
         check(config.cache.depth is not None or stage.lr.get("backbone_top", 0) == 0, f"{key}.lr.backbone_top",
               stage.lr.get("backbone_top"), "0 or absent while mgmoe.cache.depth is null (the backbone's top "
               "starts after the cache's cut; set cache.depth, e.g. 4)")
@@ -216,6 +257,32 @@ def _validate(config: RunConfig, source: str) -> None:
     check(config.cache.memory_limit_gb >= 0, "cache.memory_limit_gb", config.cache.memory_limit_gb, "a number >= 0")
     check(config.cache.depth is None or config.cache.depth >= 0, "cache.depth", config.cache.depth,
           "a backbone block index >= 0, or null")
+
+
+def _check_backbone_moe(b: BackboneMoEConfig, expert_parallel_size: int, check) -> None:
+    key = "model.backbone_moe"
+    check(len(b.blocks) >= 1, f"{key}.blocks", b.blocks, "at least one block index or name")
+    check(len(set(map(str, b.blocks))) == len(b.blocks), f"{key}.blocks", b.blocks, "each block once")
+    check(all(not isinstance(i, int) or i >= 0 for i in b.blocks), f"{key}.blocks", b.blocks,
+          "block indices >= 0 or timm module paths")
+    check(b.num_experts >= 2, f"{key}.num_experts", b.num_experts, "an integer >= 2")
+    check(1 <= b.top_k <= b.num_experts, f"{key}.top_k", b.top_k, f"an integer from 1 to num_experts ({b.num_experts})")
+    check(b.num_experts % expert_parallel_size == 0, f"{key}.num_experts", b.num_experts,
+          f"a multiple of moe.expert_parallel_size ({expert_parallel_size}): every rank holds the same number")
+    check(b.capacity_factor > 0, f"{key}.capacity_factor", b.capacity_factor, "a number > 0")
+    check(b.eval_capacity_factor > 0, f"{key}.eval_capacity_factor", b.eval_capacity_factor, "a number > 0")
+    check(b.min_capacity >= 1, f"{key}.min_capacity", b.min_capacity, "an integer >= 1")
+    check(b.upcycle_noise >= 0, f"{key}.upcycle_noise", b.upcycle_noise, "a number >= 0")
+    soft, hard = b.constraint.soft, b.constraint.hard
+    if soft is not None:
+        for name in ("importance_weight", "load_weight"):
+            value = getattr(soft, name)
+            check(value >= 0, f"{key}.constraint.soft.{name}", value, "a number >= 0")
+    if hard is not None:
+        # A threshold at or below the uniform share 1/E would mask experts of a perfectly balanced gate.
+        check(1.0 / b.num_experts < hard.threshold <= 1, f"{key}.constraint.hard.threshold", hard.threshold,
+              f"a share in (1/num_experts, 1] = ({1 / b.num_experts:.4g}, 1]")
+        check(0 <= hard.momentum < 1, f"{key}.constraint.hard.momentum", hard.momentum, "a number in [0, 1)")
 
 
 def _check_pretrained(model: ModelConfig, check) -> None:

@@ -21,13 +21,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mgmoe_ds.backbone import CUT_KEY, Backbone
+from mgmoe_ds.backbone_moe import install_token_moe
 from mgmoe_ds.config import PARAMETER_GROUPS, ExpertSpec, ModelConfig, MoEConfig
 from mgmoe_ds.experts import create_expert, expert_class
 from mgmoe_ds.flops import count_flops, count_parameters
 from mgmoe_ds.moe.layer import MoEOutput, RouteOutput, RoutedExperts, layer_from_config
 from mgmoe_ds.moe.routing import RoutingRequest
+from mgmoe_ds.moe.token_layer import TokenMoE, TokenMoERecord, collect_token_moe, token_moe_layers
 
-Routing = Union[RoutingRequest, dict[str, RoutingRequest], None]  # one request for every layer, or by layer name
+# The head layer's request, or requests by layer name (the head's is HEAD_LAYER; a backbone MoE
+# layer's is its block's path, "blocks.5.1"); a layer with no request routes Top-K as configured.
+Routing = Union[RoutingRequest, dict[str, RoutingRequest], None]
 
 ROUTER_INPUT = "pooled"
 HEAD_LAYER = "moe"  # name of the per-image routed layer of heterogeneous experts (its module path)
@@ -63,12 +67,16 @@ class ModelOutput:
         return self.layer_outputs[HEAD_LAYER].expert_outputs
 
 
-def loss_weights(moe_config: MoEConfig, *overrides: dict[str, float]) -> dict[str, float]:
+def loss_weights(moe_config: MoEConfig, *overrides: dict[str, float], backbone_moe=None) -> dict[str, float]:
     """The weight of every loss, by name or glob pattern (``*.load_balance``): the defaults, then
-    each of ``overrides`` in turn (a stage's own weights, then the user's ``loss_weights``)."""
+    each of ``overrides`` in turn (a stage's own weights, then the user's ``loss_weights``).
+    ``backbone_moe`` (``config.BackboneMoEConfig``) adds its soft constraint's weights."""
     weights = dict(BASE_LOSS_WEIGHTS, **{"*.load_balance": moe_config.load_balance_weight,
                                          "*.z_loss": moe_config.z_loss_weight,
                                          "*.standalone": moe_config.expert_loss_weight})
+    soft = backbone_moe.constraint.soft if backbone_moe is not None else None
+    if soft is not None:
+        weights.update({"*.importance": soft.importance_weight, "*.load": soft.load_weight})
     for extra in overrides:
         weights.update(extra)
     return weights
@@ -106,6 +114,11 @@ def _for_layer(routing: Routing, layer: str) -> Optional[RoutingRequest]:
     return routing.get(layer) if isinstance(routing, dict) else routing
 
 
+def _by_name(routing: Routing) -> dict[str, RoutingRequest]:
+    """The requests for the backbone's layers: only those given by name."""
+    return routing if isinstance(routing, dict) else {}
+
+
 class MGMoE(nn.Module):
     """Backbone -> router -> Top-K heterogeneous experts -> fused logits.
 
@@ -140,14 +153,24 @@ class MGMoE(nn.Module):
         fallback = nn.Sequential(nn.LayerNorm(info.pooled_dim), nn.Linear(info.pooled_dim, num_classes))
         self.moe = layer_from_config(factories, moe_config, router_dim=info.pooled_dim, output_shape=(num_classes,),
                                      fallback_head=fallback, expert_parallel_rank=expert_parallel_rank)
+        if model_config.backbone_moe is not None:
+            # Drawn last, so that a model without backbone MoE layers initialises as before.
+            install_token_moe(self.backbone.model, model_config.backbone_moe, seed=int(torch.randint(0, 2**40, (1,))),
+                              expert_parallel_size=moe_config.expert_parallel_size,
+                              expert_parallel_rank=expert_parallel_rank, dropless=moe_config.dropless,
+                              cut_after=cut_after)
 
     @property
     def num_experts(self) -> int:
         return self.moe.num_experts
 
     def moe_layers(self) -> dict[str, RoutedExperts]:
-        """Every routed layer by name (its module path); today the head layer alone."""
+        """Every routed layer by its module path: the backbone's token-level layers, then the head."""
         return {name: module for name, module in self.named_modules() if isinstance(module, RoutedExperts)}
+
+    def token_moe_layers(self) -> dict[str, TokenMoE]:
+        """The backbone's token-level MoE layers by name (their block's path, "blocks.5.1")."""
+        return token_moe_layers(self.backbone)
 
     def forward_features(self, images: Optional[Tensor] = None, *,
                          cached: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
@@ -157,9 +180,23 @@ class MGMoE(nn.Module):
         An empty batch (a rank whose stream ran out while others still route) gets zero-row
         features of the right shapes, so the expert-parallel exchange still runs on every rank.
         """
-        if cached is not None:
-            return self.backbone.forward_upper(cached, self.backbone_outputs) if CUT_KEY in cached else cached
-        return self._zero_rows_when_empty(partial(self.backbone, need=self.backbone_outputs), images)
+        return self.forward_backbone(images, cached=cached)[0]
+
+    def forward_backbone(self, images: Optional[Tensor] = None, *, cached: Optional[dict[str, Tensor]] = None,
+                         routing: Routing = None) -> tuple[dict[str, Tensor], dict[str, TokenMoERecord]]:
+        """``forward_features`` and what the backbone's token-level MoE layers did, by layer name."""
+        with collect_token_moe(_by_name(routing)) as collector:
+            if cached is not None:
+                features = (self.backbone.forward_upper(cached, self.backbone_outputs) if CUT_KEY in cached
+                            else cached)
+            else:
+                features = self._zero_rows_when_empty(partial(self.backbone, need=self.backbone_outputs), images)
+        records = collector.records
+        if images is not None and images.shape[0] == 0:
+            # The layers ran on a stand-in image: their losses must not train anything.
+            for record in records.values():
+                record.losses = {name: 0.0 * value for name, value in record.losses.items()}
+        return features, records
 
     @property
     def cached_feature_names(self) -> frozenset[str]:
@@ -175,13 +212,25 @@ class MGMoE(nn.Module):
             return self.forward_features(images)
         return self._zero_rows_when_empty(partial(self.backbone.forward_lower, need=self.backbone_outputs), images)
 
-    @staticmethod
-    def _zero_rows_when_empty(compute: Callable[[Tensor], dict[str, Tensor]], images: Tensor) -> dict[str, Tensor]:
-        if images.shape[0] == 0:
+    def _zero_rows_when_empty(self, compute: Callable[[Tensor], dict[str, Tensor]], images: Tensor) -> dict[str, Tensor]:
+        if images.shape[0] != 0:
+            return compute(images)
+        stand_in = images.new_zeros((1, *images.shape[1:]))
+        exchanging = any(layer.routed.ep_size > 1 for layer in self.token_moe_layers().values())
+        if not (exchanging and torch.is_grad_enabled()):
             with torch.no_grad():
-                probe = compute(images.new_zeros((1, *images.shape[1:])))
+                probe = compute(stand_in)
             return {name: value[:0] for name, value in probe.items()}
-        return compute(images)
+        # Expert-parallel layers inside the backbone: the stand-in's forward stays in the graph, so
+        # its all-to-all runs in backward as on the other ranks (its features are sliced to zero
+        # rows: no gradient). BatchNorm's running statistics must not learn the stand-in.
+        statistics = [(buffer, buffer.clone()) for module in self.backbone.modules()
+                      if isinstance(module, nn.modules.batchnorm._BatchNorm) for buffer in module.buffers()]
+        probe = compute(stand_in)
+        with torch.no_grad():
+            for buffer, saved in statistics:
+                buffer.copy_(saved)
+        return {name: value[:0] for name, value in probe.items()}
 
     def forward_head(self, features: dict[str, Tensor], targets: Optional[Tensor] = None,
                      routing: Routing = None) -> ModelOutput:
@@ -216,7 +265,13 @@ class MGMoE(nn.Module):
                 or its lower part's at a cut (its top then runs). Passing them here rather than
                 calling ``forward_head`` keeps the call inside a DeepSpeed engine's forward.
         """
-        return self.forward_head(self.forward_features(images, cached=features), targets, routing)
+        backbone_features, records = self.forward_backbone(images, cached=features, routing=routing)
+        out = self.forward_head(backbone_features, targets, routing)
+        for name, record in records.items():
+            out.routes[name] = record.output.route
+            out.layer_outputs[name] = record.output
+            out.losses.update({f"{name}.{loss}": value for loss, value in record.losses.items()})
+        return out
 
     @property
     def expert_labels(self) -> list[str]:
@@ -234,7 +289,7 @@ class MGMoE(nn.Module):
         """
         route = out.route
         num_tokens, top_k = route.expert_indices.shape
-        per_choice = F.cross_entropy(out.expert_outputs.float().reshape(num_tokens * top_k, -1),
+        per_choice = F.cross_entropy(out.expert_outputs.float().reshape(num_tokens * top_k, self.num_classes),
                                      targets.repeat_interleave(top_k), reduction="none")  # (T*K,)
         kept = route.kept.reshape(-1).float()  # (T*K,)
         experts = route.expert_indices.reshape(-1)  # (T*K,)
@@ -247,14 +302,16 @@ class MGMoE(nn.Module):
 
     def group_matcher(self) -> dict[str, Callable[[str], bool]]:
         """Which parameter (by name) belongs to which of ``config.PARAMETER_GROUPS``, first match
-        wins, as timm's ``group_matcher`` does: the experts' classification heads (each expert
+        wins, as timm's ``group_matcher`` does: the backbone's token-level MoE layers (routers and
+        experts), the experts' classification heads (each expert
         names them), the rest of the experts, each routed layer's router and fallback head, the
         backbone's top above a cut, and the rest of the backbone."""
         names = {id(p): name for name, p in self.named_parameters()}
-        heads = {names[id(p)] for layer in self.moe_layers().values() for expert in layer.local_experts
-                 for p in expert.head_parameters()}
+        heads = {names[id(p)] for expert in self.moe.local_experts for p in expert.head_parameters()}
         top = {names[id(p)] for module in self.backbone.top_modules() for p in module.parameters()}
+        token_moe = {names[id(p)] for layer in self.token_moe_layers().values() for p in layer.parameters()}
         matchers = {
+            "backbone_moe": token_moe.__contains__,
             "expert_heads": heads.__contains__,
             "backbone_top": top.__contains__,
             "experts": re.compile(r"(^|\.)deepspeed_moe\.experts\.").search,

@@ -99,12 +99,14 @@ def convert(annotation: Any, value: Any, key: str, source: str) -> Any:
             return value
         raise fail(source, key, value, type_name(annotation))
     if origin in (Union, types.UnionType):
+        telling = None  # an object's own error (an unknown key inside it) says more than "object or null"
         for option in typing.get_args(annotation):
             try:
                 return convert(option, value, key, source)
-            except ConfigError:
-                continue
-        raise fail(source, key, value, type_name(annotation))
+            except ConfigError as error:
+                if isinstance(value, dict) and dataclasses.is_dataclass(option):
+                    telling = error
+        raise telling or fail(source, key, value, type_name(annotation))
     if annotation is type(None):
         if value is None:
             return None

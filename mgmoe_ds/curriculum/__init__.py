@@ -51,14 +51,20 @@ class Stage:
         table = config.lr or {group: multiple * base_lr for group, multiple in self.default_lr.items()}
         if run.cache.depth is not None and "backbone" in table and "backbone_top" not in table:
             table = {**table, "backbone_top": table["backbone"]}  # the backbone's top trains with the rest of it
+        # The backbone's MoE layers train with the part of the backbone they sit in (above the cut
+        # when there is one), unless the stage sets their lr.
+        around = "backbone_top" if run.cache.depth is not None else "backbone"
+        if run.model.backbone_moe is not None and around in table and "backbone_moe" not in table:
+            table = {**table, "backbone_moe": table[around]}
         self.group_lr = {group: lr for group, lr in table.items() if lr > 0}  # lr 0 freezes a group
 
     # -- what it trains and freezes ------------------------------------------------------------
 
     @property
     def trains_backbone(self) -> bool:
-        """Whether the backbone below the cache's cut trains (then no feature cache is valid)."""
-        return "backbone" in self.group_lr
+        """Whether the backbone below the cache's cut trains (then no feature cache is valid); MoE
+        layers inside a backbone with no cut are part of it."""
+        return "backbone" in self.group_lr or (self.run.cache.depth is None and "backbone_moe" in self.group_lr)
 
     def group_options(self, group: str) -> dict[str, Any]:
         """Extra optimizer options of a trained group (e.g. ``weight_decay``)."""

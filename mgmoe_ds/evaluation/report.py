@@ -14,10 +14,11 @@ from typing import Any, Optional
 
 import torch
 
-from mgmoe_ds.evaluation.figures import plot_routing_heatmap, plot_tsne, tsne_embedding
+from mgmoe_ds.evaluation.figures import plot_routing_share, plot_tsne, tsne_embedding
 from mgmoe_ds.evaluation.loading import EvaluationArgs, device_name, load_for_evaluation
 from mgmoe_ds.evaluation.metrics import accuracy_summary, confused_pairs, long_tail_buckets, pass_flops, router_flops
 from mgmoe_ds.evaluation.passes import DENSE, MAX_TSNE_POINTS, ROUTED, routing_passes, run_passes
+from mgmoe_ds.evaluation.specialisation import class_expert_share, layer_specialisation
 
 
 @dataclass
@@ -52,10 +53,8 @@ def evaluate_model(args: EvalArgs) -> dict[str, Any]:
     best_single = max((v["top1"] for k, v in variants.items() if k.startswith("expert ")), default=None)
 
     used = routed.used  # (N, E)
-    mean_weight = torch.zeros(len(model.expert_names), meta.num_classes)  # (E, classes)
-    class_n = torch.bincount(labels, minlength=meta.num_classes).float().clamp_min(1)  # (classes,)
-    mean_weight.index_add_(1, labels, routed.weights.T)
-    mean_weight /= class_n
+    share = class_expert_share(labels, routed.weights, meta.num_classes)  # (classes, E)
+    class_images = torch.bincount(labels, minlength=meta.num_classes)  # (classes,)
     expert_ids = [f"{e}:{name}" for e, name in enumerate(model.expert_names)]
     report = {
         "checkpoint": meta.source,
@@ -91,6 +90,7 @@ def evaluate_model(args: EvalArgs) -> dict[str, Any]:
             "heatmap": "routing_heatmap.png",
             "tsne": "tsne.png",
             "tsne_points": int(outputs.sample_index.numel()),
+            "specialisation": layer_specialisation(share, class_images, names, expert_ids),
         },
         "variants": {k: {kk: vv for kk, vv in v.items() if kk != "per_class_top1"} for k, v in variants.items()},
         "routed_beats": {"dense": variants[ROUTED]["top1"] > variants[DENSE]["top1"],
@@ -103,7 +103,9 @@ def evaluate_model(args: EvalArgs) -> dict[str, Any]:
             handle.write(json.dumps({"key": key, "label": int(labels[i]), "predicted": int(top.indices[i, 0]),
                                      "top5": top.indices[i].tolist(),
                                      "top5_probabilities": [round(float(p), 6) for p in top.values[i]]}) + "\n")
-    plot_routing_heatmap(mean_weight.numpy(), expert_ids, names, out_dir / "routing_heatmap.png")
+    plot_routing_share(share.numpy(), names, expert_ids,
+                       title="head router: share of each species' routing weight per expert",
+                       path=out_dir / "routing_heatmap.png")
     sample = outputs.sample_index
     plot_tsne(tsne_embedding(outputs.pooled_sample.numpy()), tsne_embedding(routed.logits[sample].numpy()),
               labels[sample].numpy(), out_dir / "tsne.png")
@@ -165,6 +167,13 @@ def render_markdown(report: dict[str, Any]) -> str:
               "| expert | utilisation % | mean weight |", "|---|---:|---:|"]
     for eid, share in routing["utilisation"].items():
         lines.append(f"| {eid} | {_pct(share)} | {routing['mean_weight'][eid]:.3f} |")
+    specialisation = routing.get("specialisation")
+    if specialisation:
+        entropy = specialisation["class_expert_entropy"]
+        lines += ["", f"What each expert learned (head router; class-expert entropy {entropy['normalised']:.2f} of "
+                      f"its maximum, mutual information {specialisation['mutual_information']:.3f} of at most "
+                      f"{specialisation['max_mutual_information']:.3f} nats):", ""]
+        lines += [f"- {sentence}" for sentence in specialisation["summary"]]
     lines += ["", "![routing heatmap](routing_heatmap.png)", "", "![t-SNE](tsne.png)", "", "## Per-class accuracy", "",
               "| species | train images | bucket | top-1 % |", "|---|---:|---|---:|"]
     lines += [f"| {c['species']} | {c['train_images']} | {c['bucket']} | {_pct(c['top1'])} |" for c in acc["per_class"]]

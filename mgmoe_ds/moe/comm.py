@@ -23,6 +23,8 @@ class ExpertComm(Protocol):
 
     def exchange_counts(self, send_counts: Tensor) -> Tensor: ...
 
+    def sum(self, x: Tensor) -> Tensor: ...
+
     def exchange(self, x: Tensor, output_splits: list[int], input_splits: list[int]) -> Tensor: ...
 
 
@@ -39,4 +41,7 @@ class LocalComm:
         return send_counts.reshape(1, -1)  # (1, E)
 
     def exchange(self, x: Tensor, output_splits: list[int], input_splits: list[int]) -> Tensor:
+        return x
+
+    def sum(self, x: Tensor) -> Tensor:
         return x

@@ -43,6 +43,20 @@ class DeepSpeedRoutedExperts(RoutedExperts, MoE):
         bind_expert_parallel_group(self, use_data_before_expert_parallel_)
 
 
+_ADOPTED: dict[type, type] = {}
+
+
+def _deepspeed_class(cls: type) -> type:
+    """``cls`` (a ``RoutedExperts`` subclass) that also is a DeepSpeed ``MoE``: one class per subclass."""
+    if issubclass(cls, MoE):
+        return cls
+    if cls is RoutedExperts:
+        return DeepSpeedRoutedExperts
+    if cls not in _ADOPTED:
+        _ADOPTED[cls] = type(f"DeepSpeed{cls.__name__}", (cls, DeepSpeedRoutedExperts), {})
+    return _ADOPTED[cls]
+
+
 def ensure_expert_groups(expert_parallel_size: int, use_data_before_expert_parallel_: bool = False) -> None:
     """Creates DeepSpeed's expert-parallel and expert-data-parallel groups for P if missing.
 
@@ -92,8 +106,7 @@ def adopt_moe_layers(model: nn.Module) -> list[DeepSpeedRoutedExperts]:
             continue
         if name == "":
             raise ValueError("the routed layer must be a submodule of the model, not its root")
-        if not isinstance(module, DeepSpeedRoutedExperts):
-            module.__class__ = DeepSpeedRoutedExperts
+        module.__class__ = _deepspeed_class(type(module))
         module.expert_group_name = expert_group_name(module.ep_size)
         for param in module.expert_parameters():
             param.allreduce = False

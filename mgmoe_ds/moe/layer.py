@@ -109,7 +109,10 @@ class RoutedExperts(nn.Module):
         jitter_eps: jitter range.
         batch_prioritized_routing: fill slots by descending router confidence.
         fallback_head: module mapping router input (n, router_dim) -> (n, *output_shape) for
-            tokens that lose every choice to capacity; required unless ``dropless``.
+            tokens that lose every choice to capacity; required unless ``dropless`` or
+            ``zero_dropped``.
+        zero_dropped: a token that loses every choice gets a zero output (a layer inside a
+            residual block: the block's skip connection carries the token on).
         expert_parallel_size: P; must divide the number of experts.
         expert_parallel_rank: this rank's index in its expert-parallel group.
     """
@@ -129,6 +132,7 @@ class RoutedExperts(nn.Module):
         jitter_eps: float = 0.01,
         batch_prioritized_routing: bool = False,
         fallback_head: Optional[nn.Module] = None,
+        zero_dropped: bool = False,
         expert_parallel_size: int = 1,
         expert_parallel_rank: int = 0,
     ) -> None:
@@ -145,9 +149,9 @@ class RoutedExperts(nn.Module):
             raise ValueError(f"capacity factors must be > 0, got {capacity_factor} and {eval_capacity_factor}")
         if min_capacity < 1:
             raise ValueError(f"min_capacity = {min_capacity}: expected an integer >= 1")
-        if fallback_head is None and not dropless:
-            raise ValueError("a fallback_head is required unless dropless=True: a token that loses every "
-                             "expert to capacity must still get an output")
+        if fallback_head is None and not (dropless or zero_dropped):
+            raise ValueError("a fallback_head is required unless dropless=True or zero_dropped=True: a token that "
+                             "loses every expert to capacity must still get an output")
         self.num_experts = num_experts
         self.ep_size = expert_parallel_size
         self.ep_rank = expert_parallel_rank
@@ -161,14 +165,19 @@ class RoutedExperts(nn.Module):
         self.batch_prioritized_routing = batch_prioritized_routing
         self.router = TopKRouter(router_dim, num_experts, noisy_gate_policy, jitter_eps)
         self.fallback_head = fallback_head
+        self.zero_dropped = zero_dropped
         first = self.ep_rank * self.num_local_experts
-        local = nn.ModuleList(factory() for factory in expert_factories[first:first + self.num_local_experts])
+        local = self._build_local_experts(expert_factories[first:first + self.num_local_experts])
         # Local experts live at ``deepspeed_moe.experts.deepspeed_experts.<local id>``: DeepSpeed's
         # checkpointing finds expert tensors by this path and renames local ids to global ones.
         self.deepspeed_moe = nn.Module()
         self.deepspeed_moe.experts = nn.Module()
         self.deepspeed_moe.experts.deepspeed_experts = local
         self.comm: ExpertComm = LocalComm()
+
+    def _build_local_experts(self, factories: Sequence[Callable[[], nn.Module]]) -> nn.Module:
+        """This rank's experts from their factories (a subclass may hold them differently)."""
+        return nn.ModuleList(factory() for factory in factories)
 
     # -- placement ----------------------------------------------------------------------------
 
@@ -278,7 +287,7 @@ class RoutedExperts(nn.Module):
             unused_head = sum(p.sum() for p in self.fallback_head.parameters())
             combine_weights = combine_weights + 0.0 * unused_head
         fused = combine(returned, plan, combine_weights, num_tokens)  # (T, *out)
-        if dropped_tokens.numel() > 0:
+        if dropped_tokens.numel() > 0 and not self.zero_dropped:
             if self.fallback_head is None:
                 raise RuntimeError("tokens lost every expert to capacity and the layer has no fallback_head")
             fallback = self.fallback_head(router_input[dropped_tokens]).to(fused.dtype)  # (D, *out)
@@ -316,20 +325,41 @@ class RoutedExperts(nn.Module):
             ties the experts which received no rows into the graph (None when every expert ran),
             so that every replica's gradient reduction sees the same parameters.
         """
-        num_sources, num_local = recv_counts.shape
         device = received[0].device if received else recv_counts.device
-        # Rows arrive grouped by (source rank, local expert); from a single source they are already
-        # grouped by expert and need no reordering.
-        single_source = num_sources == 1
-        by_expert = None
-        grouped = received
-        if not single_source:
-            counts_flat = recv_counts.reshape(-1).to(device)  # (P*L,) in (source, local expert) order
-            local_of_row = torch.arange(num_local, device=device).repeat(num_sources)  # (P*L,)
-            row_expert = torch.repeat_interleave(local_of_row, counts_flat)  # (R,)
-            by_expert = torch.argsort(row_expert, stable=True)  # (R,) rows grouped by local expert
-            grouped = [b.index_select(0, by_expert) for b in received]  # (R, F) each
+        grouped, by_expert = self._group_by_local_expert(received, recv_counts)
         per_expert = recv_counts.sum(0).tolist()  # (L,) rows per local expert
+        grouped_out, losses, idle_tie = self._apply_local_experts(grouped, per_expert, recv_counts, spec, out_dtype,
+                                                                  device)
+        tied = [b for b in received if b.requires_grad]
+        if self.comm.size > 1 and torch.is_grad_enabled() and tied:
+            # Keeps the received buffers in the graph even when no local expert used them, so the
+            # payload all-to-all's backward runs on every rank (see the anchor in ``forward``).
+            grouped_out = grouped_out + sum(b.sum() for b in tied).to(grouped_out.dtype) * 0.0
+        if by_expert is None:
+            return grouped_out, losses, idle_tie
+        # Back to received order: row by_expert[i] of the received buffer is grouped row i.
+        in_received_order = grouped_out.new_empty(grouped_out.shape).index_copy_(0, by_expert, grouped_out)
+        return in_received_order, losses, idle_tie
+
+    @staticmethod
+    def _group_by_local_expert(received: list[Tensor], recv_counts: Tensor) -> tuple[list[Tensor], Optional[Tensor]]:
+        """Received buffers reordered so each local expert's rows are contiguous, and the order
+        used (None: rows from a single source are already grouped)."""
+        num_sources, num_local = recv_counts.shape
+        if num_sources == 1:
+            return received, None
+        device = received[0].device if received else recv_counts.device
+        counts_flat = recv_counts.reshape(-1).to(device)  # (P*L,) in (source, local expert) order
+        local_of_row = torch.arange(num_local, device=device).repeat(num_sources)  # (P*L,)
+        row_expert = torch.repeat_interleave(local_of_row, counts_flat)  # (R,)
+        by_expert = torch.argsort(row_expert, stable=True)  # (R,) rows grouped by local expert
+        return [b.index_select(0, by_expert) for b in received], by_expert  # (R, F) each
+
+    def _apply_local_experts(self, grouped: list[Tensor], per_expert: list[int], recv_counts: Tensor, spec: Any,
+                             out_dtype: torch.dtype, device: torch.device
+                             ) -> tuple[Tensor, dict[str, Tensor], Optional[Tensor]]:
+        """The local experts on rows grouped by expert: (R, *out) outputs, their own losses and
+        the idle experts' zero tie."""
         # Rows per (source rank, local expert): an expert's own losses are summed over its sources'
         # segments, so they get the gradient data parallelism would give them (experts.base).
         segments_by_expert = recv_counts.t().tolist()  # (L, P)
@@ -355,19 +385,8 @@ class RoutedExperts(nn.Module):
             for name, value in result.aux_losses.items():
                 losses[name] = losses[name] + value if name in losses else value
         if outputs:
-            grouped_out = torch.cat(outputs, dim=0)  # (R, *out) grouped by local expert
-        else:
-            grouped_out = torch.zeros((0, *self.output_shape), dtype=out_dtype, device=device)
-        tied = [b for b in received if b.requires_grad]
-        if self.comm.size > 1 and torch.is_grad_enabled() and tied:
-            # Keeps the received buffers in the graph even when no local expert used them, so the
-            # payload all-to-all's backward runs on every rank (see the anchor in ``forward``).
-            grouped_out = grouped_out + sum(b.sum() for b in tied).to(grouped_out.dtype) * 0.0
-        if single_source:
-            return grouped_out, losses, idle_tie
-        # Back to received order: row by_expert[i] of the received buffer is grouped row i.
-        in_received_order = grouped_out.new_empty(grouped_out.shape).index_copy_(0, by_expert, grouped_out)
-        return in_received_order, losses, idle_tie
+            return torch.cat(outputs, dim=0), losses, idle_tie  # (R, *out) grouped by local expert
+        return torch.zeros((0, *self.output_shape), dtype=out_dtype, device=device), losses, idle_tie
 
 
 def layer_from_config(

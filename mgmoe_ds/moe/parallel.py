@@ -52,6 +52,14 @@ class ExpertParallelComm:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return int(t.item())
 
+    def sum(self, x: Tensor) -> Tensor:
+        """``x`` summed over the group (a new tensor; not differentiable)."""
+        if self.group is None:
+            return x
+        total = x.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        return total
+
     def exchange_counts(self, send_counts: Tensor) -> Tensor:
         """Sends ``send_counts`` (P*L,) rows-per-expert; returns (P, L) rows from each source rank.
 

@@ -54,6 +54,9 @@ class StageFeatures:
             return "it trains the backbone"
         if self.config.cache.mode == "off":
             return "mgmoe.cache.mode is \"off\""
+        if self._cache_exchanges_experts():
+            return ("the backbone's MoE layers are expert-parallel and below the cache's output: computing its "
+                    "features needs every rank in step (set cache.depth below the MoE blocks to cache under them)")
         if self.config.data.resampled or self.config.data.balance is not None:
             return "data.resampled / data.balance draw samples the cache's epochs do not reproduce"
         raw = [spec.name for spec in self.config.model.experts if expert_class(spec.name).needs_raw_images]
@@ -114,7 +117,7 @@ class StageFeatures:
         With ``cache.views == 1`` the training split's eval cache is the training cache itself.
         """
         if (stage is None or stage.trains_backbone or self.config.cache.mode == "off"
-                or split not in ("train", self.data.val_split)):
+                or split not in ("train", self.data.val_split) or self._cache_exchanges_experts()):
             return None
         if split not in self._eval_caches:
             from mgmoe_ds.feature_cache import describe
@@ -139,6 +142,12 @@ class StageFeatures:
         return self._eval_caches[split]
 
     # -- internals -------------------------------------------------------------------------------
+
+    def _cache_exchanges_experts(self) -> bool:
+        """Whether computing what the cache holds runs an expert-parallel exchange: each rank builds
+        its caches alone, so the other ranks would not be there to answer."""
+        below_cut = self.config.cache.depth is None  # MoE blocks always sit above a cut
+        return below_cut and any(layer.routed.ep_size > 1 for layer in self.model.token_moe_layers().values())
 
     def _cache_store(self):
         from mgmoe_ds.feature_cache import FeatureCacheStore

@@ -51,13 +51,15 @@ class TrainStep:
     input_dtype: torch.dtype
     moe_config: Any
     reorder: Optional[Callable[..., Tensor]] = None
+    backbone_moe: Any = None  # the run's model.backbone_moe (its soft constraint's loss weights)
 
     def __call__(self, engine: Any, batch: dict, clusters: Any) -> StepResult:
         started = time.perf_counter()
         labels = batch["labels"].to(self.device, non_blocking=True)
         out = engine(targets=labels, routing=self.routing, **model_inputs(batch, self.device, self.input_dtype))
         losses = {**out.losses, **self.stage.extra_losses(out, clusters)}
-        total = weighted_loss(losses, loss_weights(self.moe_config, self.stage.loss_weights()))
+        total = weighted_loss(losses, loss_weights(self.moe_config, self.stage.loss_weights(),
+                                                      backbone_moe=self.backbone_moe))
         # One vote: a non-finite loss on any rank skips the update on every rank.
         finite = bool(self.comm.reduce_int(int(bool(torch.isfinite(total))), "min"))
         detached = {name: value.detach() for name, value in losses.items()}

@@ -269,9 +269,10 @@ class Trainer:
         engine = build_engine(self.model, groups, self.ds_config, total_steps)
         reorder = None
         if reduces_in_arrival_order(self.ds_config):
-            reorder = fixed_order(engine, gradient_order(self.model, self.model.moe.expert_parameters()))
+            experts = [p for layer in self.model.moe_layers().values() for p in layer.expert_parameters()]
+            reorder = fixed_order(engine, gradient_order(self.model, experts))
         step = TrainStep(stage, stage.routing(self.clusters), self.comm, self.dist.device, self.input_dtype,
-                         self.config.moe, reorder)
+                         self.config.moe, reorder, self.config.model.backbone_moe)
         return engine, step
 
     def _mask_heads(self, frozen: set[int]) -> None:

@@ -1,0 +1,181 @@
+"""Homogeneous experts as batched weights: one (L, in, out) tensor per linear layer, not L modules.
+
+``BatchedExperts`` holds the L local experts of a token-level routed layer, each a small MLP
+(``Linear -> act -> Linear``) or a single ``Linear``, as stacked weights, and runs all of them on
+rows grouped by expert in a few kernels (Tutel's batched experts): a padded ``baddbmm`` (every
+device), or ``torch._grouped_mm`` on a CUDA GPU in bf16, with no padding. Its state dict shows
+each expert as the ``nn.Linear`` state dict a loop of separate experts would have
+(``<i>.fc1.weight`` as (out, in), ``<i>.fc1.bias``, ...), so DeepSpeed writes one checkpoint
+file per expert and reshards them across expert-parallel sizes, and a loop of ``nn.Linear``
+experts loads the same files. No ``torch.distributed`` here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MatmulBackend = Literal["auto", "padded", "grouped"]
+
+
+def _grouped_mm_available(x: Tensor) -> bool:
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+class BatchedExperts(nn.Module):
+    """L homogeneous experts with stacked weights.
+
+    Args:
+        num_experts: L, the experts this rank holds.
+        widths: layer widths, e.g. ``(C, H, C)`` for an MLP expert, ``(H, C)`` for one linear map.
+        activation: applied between linear layers (not after the last); a ``torch.nn.functional``
+            callable such as ``F.gelu``.
+        backend: "padded" (``baddbmm`` on rows padded to the busiest expert), "grouped"
+            (``torch._grouped_mm``: CUDA, bf16) or "auto" (grouped where it runs, else padded).
+    """
+
+    def __init__(self, num_experts: int, widths: Sequence[int], activation=F.gelu,
+                 backend: MatmulBackend = "auto") -> None:
+        super().__init__()
+        if len(widths) < 2:
+            raise ValueError(f"widths = {tuple(widths)}: expected at least (in, out)")
+        if backend not in ("auto", "padded", "grouped"):
+            raise ValueError(f"backend = {backend!r}: expected 'auto', 'padded' or 'grouped'")
+        self.num_experts = num_experts
+        self.widths = tuple(int(w) for w in widths)
+        self.activation = activation
+        self.backend = backend
+        # Parameters sit on this module itself (no ParameterList child), so that the state dict
+        # below is the only view of them: ``fc<j>_weight`` (L, in, out), ``fc<j>_bias`` (L, out).
+        for j, (fan_in, fan_out) in enumerate(zip(self.widths[:-1], self.widths[1:]), start=1):
+            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init, per expert
+            self.register_parameter(f"fc{j}_weight",
+                                    nn.Parameter(torch.empty(num_experts, fan_in, fan_out).uniform_(-bound, bound)))
+            self.register_parameter(f"fc{j}_bias", nn.Parameter(torch.empty(num_experts, fan_out).uniform_(-bound, bound)))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.widths) - 1
+
+    @property
+    def weights(self) -> list[nn.Parameter]:
+        """Per layer: (L, in, out)."""
+        return [getattr(self, f"fc{j}_weight") for j in range(1, self.num_layers + 1)]
+
+    @property
+    def biases(self) -> list[nn.Parameter]:
+        """Per layer: (L, out)."""
+        return [getattr(self, f"fc{j}_bias") for j in range(1, self.num_layers + 1)]
+
+    # -- the math ---------------------------------------------------------------------------------
+
+    def forward(self, rows: Tensor, counts: Sequence[int]) -> Tensor:
+        """Runs expert i on its rows.
+
+        Args:
+            rows: (R, in) rows grouped by expert: ``counts[0]`` rows of expert 0 first, and so on.
+            counts: (L,) rows per expert, summing to R.
+
+        Returns:
+            (R, out), row r the output of its expert on row r.
+        """
+        if len(counts) != self.num_experts or sum(counts) != rows.shape[0]:
+            raise ValueError(f"counts {list(counts)} do not split {rows.shape[0]} rows over {self.num_experts} experts")
+        if rows.shape[0] == 0:
+            return rows.new_zeros((0, self.widths[-1]))
+        grouped = self.backend == "grouped" or (self.backend == "auto" and _grouped_mm_available(rows))
+        return self._grouped(rows, counts) if grouped else self._padded(rows, counts)
+
+    def _padded(self, rows: Tensor, counts: Sequence[int]) -> Tensor:
+        """One ``baddbmm`` per layer on rows padded to the busiest expert's count."""
+        longest = max(counts)
+        device = rows.device
+        count_t = torch.as_tensor(counts, device=device)  # (L,)
+        starts = torch.cumsum(count_t, 0) - count_t  # (L,) first row of each expert
+        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=device), count_t)  # (R,)
+        slot = torch.arange(rows.shape[0], device=device) - starts[expert_of_row]  # (R,) position in its expert
+        destination = expert_of_row * longest + slot  # (R,) row of the padded buffer
+        x = rows.new_zeros((self.num_experts * longest, rows.shape[1])).index_copy(0, destination, rows)  # (L*M, in)
+        x = x.view(self.num_experts, longest, rows.shape[1])  # (L, M, in)
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(bias.to(x.dtype).unsqueeze(1), x, weight.to(x.dtype))  # (L, M, out_i)
+            if i < self.num_layers - 1:
+                x = self.activation(x)
+        return x.reshape(self.num_experts * longest, -1).index_select(0, destination)  # (R, out)
+
+    def _grouped(self, rows: Tensor, counts: Sequence[int]) -> Tensor:
+        """``torch._grouped_mm`` per layer: no padding; the bias is gathered per row."""
+        count_t = torch.as_tensor(counts, device=rows.device)  # (L,)
+        offsets = torch.cumsum(count_t, 0).to(torch.int32)  # (L,) end row of each expert
+        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=rows.device), count_t)  # (R,)
+        x = rows
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            x = torch._grouped_mm(x, weight.to(x.dtype), offs=offsets) + bias.to(x.dtype)[expert_of_row]  # (R, out_i)
+            if i < self.num_layers - 1:
+                x = self.activation(x)
+        return x
+
+    # -- initialisation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def upcycle(self, linears: Sequence[tuple[Tensor, Optional[Tensor]]], noise: float,
+                seeds: Sequence[int]) -> None:
+        """Every expert starts as the dense layers it replaces, plus noise (sparse upcycling).
+
+        Args:
+            linears: per layer, the dense ``(weight (out, in), bias (out,) or None)``.
+            noise: std of the Gaussian noise added to each weight, relative to that weight's std.
+            seeds: one seed per local expert (its global id's), so an expert starts from the
+                same weights whichever rank builds it.
+        """
+        if len(linears) != self.num_layers or len(seeds) != self.num_experts:
+            raise ValueError(f"upcycle: got {len(linears)} layers and {len(seeds)} seeds, expected "
+                             f"{self.num_layers} and {self.num_experts}")
+        for layer, (dense_weight, dense_bias) in enumerate(linears):
+            expected = (self.widths[layer + 1], self.widths[layer])
+            if tuple(dense_weight.shape) != expected:
+                raise ValueError(f"upcycle: layer {layer} weight {tuple(dense_weight.shape)}, expected {expected}")
+            weight_t = dense_weight.detach().float().t()  # (in, out)
+            scale = noise * float(weight_t.std()) if weight_t.numel() > 1 else 0.0
+            for local, seed in enumerate(seeds):
+                generator = torch.Generator().manual_seed(int(seed) * 1009 + layer)
+                jitter = torch.randn(weight_t.shape, generator=generator) * scale if scale > 0 else 0.0
+                self.weights[layer][local].copy_(weight_t + jitter)
+                self.biases[layer][local].copy_(dense_bias.detach().float() if dense_bias is not None else 0.0)
+
+    # -- the state dict: one nn.Linear state dict per expert ---------------------------------------
+
+    def _expert_keys(self, prefix: str, expert: int, layer: int) -> tuple[str, str]:
+        return f"{prefix}{expert}.fc{layer + 1}.weight", f"{prefix}{expert}.fc{layer + 1}.bias"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            for expert in range(self.num_experts):
+                weight_key, bias_key = self._expert_keys(prefix, expert, layer)
+                w, b = weight[expert].t(), bias[expert]  # (out, in), (out,): nn.Linear's layout
+                destination[weight_key] = w if keep_vars else w.detach().contiguous()
+                destination[bias_key] = b if keep_vars else b.detach().clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        ours = set()
+        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            for expert in range(self.num_experts):
+                for key, target in zip(self._expert_keys(prefix, expert, layer), (weight[expert].t(), bias[expert])):
+                    ours.add(key)
+                    if key not in state_dict:
+                        missing_keys.append(key)
+                        continue
+                    value = state_dict[key]
+                    if tuple(value.shape) != tuple(target.shape):
+                        error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)}, "
+                                          f"the expert's is {tuple(target.shape)}")
+                        continue
+                    with torch.no_grad():
+                        target.copy_(value)
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in ours)

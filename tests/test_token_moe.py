@@ -1,0 +1,279 @@
+"""Token-level MoE inside the backbone: batched experts, constraints, upcycling, and the model's view."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import TINY_MGMOE
+from mgmoe_ds.backbone_moe import install_token_moe, supported_blocks
+from mgmoe_ds.backbone_weights import BackboneError
+from mgmoe_ds.config import BackboneMoEConfig, ConstraintConfig, HardConstraintConfig, config_from_dict
+from mgmoe_ds.moe.batched import BatchedExperts
+from mgmoe_ds.moe.routing import RoutingRequest
+from mgmoe_ds.moe.token_layer import (
+    BatchedRoutedExperts,
+    TokenMoE,
+    collect_token_moe,
+    hard_constraint_allowed,
+    importance_loss,
+)
+
+
+def _loop_experts(batched: BatchedExperts) -> nn.ModuleList:
+    """Separate ``nn.Linear`` experts loaded from the batched module's state dict."""
+    widths = batched.widths
+    loop = nn.ModuleList(nn.ModuleDict({f"fc{j + 1}": nn.Linear(widths[j], widths[j + 1]) for j in range(len(widths) - 1)})
+                         for _ in range(batched.num_experts))
+    loop.load_state_dict(batched.state_dict())
+    return loop
+
+
+def _run_loop(loop: nn.ModuleList, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    outputs, start = [], 0
+    for expert, count in zip(loop, counts):
+        x = rows[start:start + count]
+        layers = list(expert.values())
+        for j, layer in enumerate(layers):
+            x = layer(x)
+            if j < len(layers) - 1:
+                x = F.gelu(x)
+        outputs.append(x)
+        start += count
+    return torch.cat(outputs)
+
+
+@pytest.mark.parametrize("widths", [(6, 10, 6), (10, 4)])
+def test_batched_experts_equal_a_loop_of_separate_experts_outputs_and_gradients(widths):
+    torch.manual_seed(0)
+    batched = BatchedExperts(4, widths, backend="padded")
+    loop = _loop_experts(batched)
+    counts = [3, 0, 7, 1]  # an idle expert and an uneven load
+    rows = torch.randn(sum(counts), widths[0])
+    upstream = torch.randn(sum(counts), widths[-1])
+    x1, x2 = rows.clone().requires_grad_(True), rows.clone().requires_grad_(True)
+    out = batched(x1, counts)
+    ref = _run_loop(loop, x2, counts)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    (out * upstream).sum().backward()
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=1e-5)
+    for e, expert in enumerate(loop):
+        for j, layer in enumerate(expert.values()):
+            torch.testing.assert_close(batched.weights[j].grad[e], layer.weight.grad.t(), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(batched.biases[j].grad[e], layer.bias.grad, atol=1e-6, rtol=1e-5)
+    assert float(batched.weights[0].grad[1].abs().sum()) == 0.0  # the idle expert: a zero gradient, not None
+
+
+def test_state_dict_holds_each_expert_as_linear_layers_and_loads_back():
+    torch.manual_seed(1)
+    batched = BatchedExperts(3, (4, 8, 5))
+    state = batched.state_dict()
+    assert sorted(state) == sorted(f"{e}.fc{j}.{t}" for e in range(3) for j in (1, 2) for t in ("weight", "bias"))
+    assert state["2.fc1.weight"].shape == (8, 4) and state["2.fc2.bias"].shape == (5,)
+    torch.testing.assert_close(state["1.fc2.weight"], batched.fc2_weight[1].t())
+    fresh = BatchedExperts(3, (4, 8, 5))
+    fresh.load_state_dict(state)
+    for a, b in zip(fresh.parameters(), batched.parameters()):
+        assert torch.equal(a, b)
+    state["0.fc1.weight"] = torch.zeros(8, 3)
+    with pytest.raises(RuntimeError, match="size mismatch for 0.fc1.weight"):
+        fresh.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict({k: v for k, v in batched.state_dict().items() if k != "1.fc2.bias"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._grouped_mm needs a CUDA GPU")
+def test_grouped_and_padded_backends_agree_on_a_gpu():
+    torch.manual_seed(2)
+    padded = BatchedExperts(8, (64, 128, 64), backend="padded").cuda().bfloat16()
+    grouped = copy.deepcopy(padded)
+    grouped.backend = "grouped"
+    counts = [5, 0, 17, 3, 9, 0, 1, 29]
+    rows = torch.randn(sum(counts), 64, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(grouped(rows, counts).float(), padded(rows, counts).float(), atol=3e-2, rtol=3e-2)
+
+
+def test_importance_loss_by_hand():
+    # importance = (1.5, 0.5): mean 1, population variance 0.25 -> CV^2 = 0.25
+    probs = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    assert float(importance_loss(probs)) == pytest.approx(0.25)
+    assert float(importance_loss(torch.full((6, 4), 0.25))) == pytest.approx(0.0, abs=1e-12)
+    assert float(importance_loss(torch.tensor([[1.0, 0.0, 0.0]]))) == pytest.approx(2.0)  # one expert: E - 1
+
+
+def test_hard_constraint_masks_over_used_experts_and_never_too_many():
+    share = torch.tensor([0.5, 0.2, 0.2, 0.1])
+    assert hard_constraint_allowed(share, 0.3, min_allowed=2).tolist() == [False, True, True, True]
+    two_over = torch.tensor([0.45, 0.44, 0.06, 0.05])
+    assert hard_constraint_allowed(two_over, 0.3, min_allowed=2).tolist() == [False, False, True, True]
+    # K = 3 leaves room to mask one: the most used.
+    assert hard_constraint_allowed(two_over, 0.3, min_allowed=3).tolist() == [False, True, True, True]
+    # K = E: nothing may be masked.
+    assert hard_constraint_allowed(two_over, 0.3, min_allowed=4).tolist() == [True, True, True, True]
+
+
+def _token_layer(num_experts=4, width=6, *, granularity="token", hard=None, soft=True, **options) -> TokenMoE:
+    torch.manual_seed(3)
+    routed = BatchedRoutedExperts(num_experts, (width, 2 * width, width), router_dim=width, top_k=2, **options)
+    return TokenMoE("blk", routed, layout="tokens", granularity=granularity, soft=soft, hard_threshold=hard,
+                    hard_momentum=0.75)
+
+
+def test_hard_constraint_keeps_an_over_used_expert_out_of_training_routes_and_updates_its_share():
+    layer = _token_layer(hard=0.4, dropless=True).train()
+    layer.gate_share.copy_(torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    x = torch.randn(2, 9, 6)
+    with collect_token_moe() as collector:
+        layer(x)
+    record = collector.records["blk"]
+    route = record.output.route
+    assert not bool((route.expert_indices == 0).any())
+    assert float(route.probs[:, 0].abs().max()) == 0.0  # masked in the gate: its weight is zero everywhere
+    assert record.allowed_experts.tolist() == [False, True, True, True]
+    expected = 0.75 * torch.tensor([0.7, 0.1, 0.1, 0.1]) + 0.25 * route.probs.mean(0)
+    torch.testing.assert_close(layer.gate_share, expected)
+    layer.eval()  # evaluation routes with every expert
+    with collect_token_moe() as collector:
+        layer(x)
+    assert collector.records["blk"].allowed_experts is None
+    torch.testing.assert_close(layer.gate_share, expected)  # and does not update the share
+
+
+def test_image_granularity_sends_all_of_an_image_s_tokens_to_its_experts():
+    layer = _token_layer(granularity="image", dropless=True).eval()
+    x = torch.randn(3, 5, 6)
+    with collect_token_moe() as collector, torch.no_grad():
+        y = layer(x)
+    route = collector.records["blk"].output.route
+    assert route.expert_indices.shape == (3, 2)  # one decision per image
+    loop = _loop_experts(layer.routed.local_experts)
+    for b in range(3):
+        expected = sum(route.weights[b, k] * _run_loop(loop[int(route.expert_indices[b, k]):][:1], x[b], [5])
+                       for k in range(2))
+        torch.testing.assert_close(y[b], expected, atol=1e-5, rtol=1e-5)
+    router_input = x.mean(dim=1)  # the gate sees each image's mean token
+    torch.testing.assert_close(route.logits, layer.routed.router(router_input))
+
+
+def test_tokens_dropped_for_capacity_get_zero_output():
+    layer = _token_layer(capacity_factor=0.1, min_capacity=1).train()
+    with collect_token_moe() as collector:
+        y = layer(torch.randn(1, 16, 6))
+    dropped = collector.records["blk"].output.route.fully_dropped  # (16,)
+    assert int(dropped.sum()) > 0
+    assert float(y[0, dropped].abs().max()) == 0.0
+    assert bool((y[0, ~dropped].abs().sum(-1) > 0).all())
+
+
+@pytest.mark.parametrize("arch,blocks,kwargs", [
+    ("tf_efficientnet_lite0", [5, "blocks.6.0"], {}),  # InvertedResidual; the last one has no skip
+    ("vit_tiny_patch16_224", [2], {"img_size": 32, "patch_size": 8, "depth": 3}),
+    ("resnet50", ["layer2.1"], {}),
+])
+def test_an_upcycled_block_without_noise_computes_what_the_dense_block_did(arch, blocks, kwargs):
+    torch.manual_seed(4)
+    model = timm.create_model(arch, num_classes=0, **kwargs).eval()
+    for module in model.modules():  # BN statistics far from the identity, so folding is exercised
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    dense = copy.deepcopy(model)
+    config = BackboneMoEConfig(blocks=blocks, num_experts=4, upcycle_noise=0.0)
+    layers = install_token_moe(model, config, seed=0, dropless=True)
+    assert len(layers) == len(blocks)
+    images = torch.randn(2, 3, 64, 64) if "vit" not in arch else torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = dense(images), model(images)
+    torch.testing.assert_close(got, expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-4)
+    # With noise, the experts differ from each other and from the dense layer, and nothing else moved.
+    noisy = copy.deepcopy(dense)
+    install_token_moe(noisy, BackboneMoEConfig(blocks=blocks, num_experts=4, upcycle_noise=0.05), seed=0, dropless=True)
+    weights = next(iter(token_layers(noisy))).routed.local_experts.fc1_weight
+    assert not torch.equal(weights[0], weights[1])
+    dense_keys = {k: v for k, v in dense.state_dict().items()}
+    for key, value in noisy.state_dict().items():
+        if key in dense_keys and ".routed." not in key and "gate_share" not in key:
+            assert torch.equal(value, dense_keys[key]), key
+
+
+def token_layers(model):
+    return [m for m in model.modules() if isinstance(m, TokenMoE)]
+
+
+def test_block_choices_that_cannot_work_fail_in_one_line():
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=0)
+    assert len(supported_blocks(model)) == 16
+    with pytest.raises(BackboneError, match=r"index 16 is out of range; this backbone has supported blocks 0\.\.15"):
+        install_token_moe(model, BackboneMoEConfig(blocks=[16]), seed=0)
+    with pytest.raises(BackboneError, match="'blocks.9' is not a supported block"):
+        install_token_moe(model, BackboneMoEConfig(blocks=["blocks.9"]), seed=0)
+    with pytest.raises(BackboneError, match="below the feature cache's cut"):
+        install_token_moe(model, BackboneMoEConfig(blocks=["blocks.3.1"]), seed=0, cut_after=4)
+    with pytest.raises(BackboneError, match="'blocks.1.0' has no skip connection"):
+        install_token_moe(model, BackboneMoEConfig(blocks=["blocks.1.0"]), seed=0)
+
+
+def _tiny_model(**backbone_moe):
+    from mgmoe_ds.model import MGMoE
+
+    block = dict(TINY_MGMOE, model=dict(TINY_MGMOE["model"], backbone_moe={"blocks": [1, 3], "num_experts": 4,
+                                                                          **backbone_moe}))
+    config = config_from_dict(block)
+    torch.manual_seed(0)
+    return MGMoE(config.model, config.moe, num_classes=4), config
+
+
+def test_the_model_keys_backbone_moe_losses_and_routes_by_block_and_groups_their_parameters():
+    from mgmoe_ds.model import loss_weight, loss_weights
+
+    model, config = _tiny_model(constraint={"soft": {"importance_weight": 0.2, "load_weight": 0.3}})
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    out = model(images, labels)
+    for name in ("blocks.1", "blocks.3"):
+        assert {f"{name}.importance", f"{name}.load", f"{name}.z_loss"} <= set(out.losses)
+        assert out.routes[name].expert_indices.shape == (2 * 17, 2)  # 16 patches + CLS per image
+    weights = loss_weights(config.moe, backbone_moe=config.model.backbone_moe)
+    assert loss_weight("blocks.3.importance", weights) == 0.2 and loss_weight("blocks.1.load", weights) == 0.3
+    assert "moe.importance" not in out.losses  # the head layer has no soft constraint of its own
+    groups = model.parameter_groups()
+    token_params = {id(p) for layer in model.token_moe_layers().values() for p in layer.parameters()}
+    assert {id(p) for p in groups["backbone_moe"]} == token_params
+    assert not token_params & {id(p) for g, ps in groups.items() if g != "backbone_moe" for p in ps}
+
+
+def test_a_routing_request_by_block_name_switches_one_backbone_expert_off():
+    model, _ = _tiny_model()
+    model.eval()
+    images = torch.randn(2, 3, 32, 32)
+    without_2 = torch.tensor([True, True, False, True])
+    with torch.no_grad():
+        out = model(images, routing={"blocks.3": RoutingRequest(allowed_experts=without_2)})
+        plain = model(images, routing=RoutingRequest.single(1))  # a bare request is the head's alone
+    assert not bool((out.routes["blocks.3"].expert_indices == 2).any())
+    assert bool((out.routes["blocks.1"].expert_indices == 2).any())  # the other layer is untouched
+    assert set(plain.routes["blocks.1"].expert_indices.unique().tolist()) != {1}
+
+
+def test_stages_train_backbone_moe_layers_with_the_backbone_part_they_sit_in():
+    from mgmoe_ds.curriculum import create_stage
+
+    moe = {"blocks": ["blocks.5.0"], "num_experts": 4}
+    block = dict(TINY_MGMOE, model=dict(TINY_MGMOE["model"], backbone_moe=moe))
+    plain = config_from_dict(block)
+    warmup = create_stage(plain.curriculum.stages[0], plain, base_lr=1.0)
+    assert warmup.group_lr["backbone_moe"] == warmup.group_lr["backbone"] and warmup.trains_backbone
+    cut = config_from_dict(dict(block, cache={"depth": 4}, curriculum={"stages": [
+        {"name": "warmup", "steps": 1, "lr": {"backbone_top": 0.01, "experts": 0.1}}]}))
+    top_only = create_stage(cut.curriculum.stages[0], cut, base_lr=1.0)
+    assert top_only.group_lr["backbone_moe"] == 0.01 and not top_only.trains_backbone
+    with pytest.raises(Exception, match="lr.backbone_moe = 0.1: expected 0 or absent while mgmoe.model.backbone_moe is null"):
+        config_from_dict(dict(TINY_MGMOE, curriculum={"stages": [{"name": "warmup", "steps": 1,
+                                                                   "lr": {"backbone_moe": 0.1}}]}))
