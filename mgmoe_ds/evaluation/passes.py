@@ -42,6 +42,15 @@ class SplitOutputs:
     sample_index: Tensor  # (M,) which images (rows of labels) those are
     backbone_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # per backbone MoE layer: (N, E) share of each image's tokens' combine weight on each expert
+    token_moe_mass: dict[str, Tensor] = field(default_factory=dict)
+
+
+def image_expert_mass(route, num_experts: int, num_images: int) -> Tensor:
+    """A backbone MoE layer's route -> (B, E): the mean over each image's tokens of their combine
+    weight on each expert (a row sums to 1 less its dropped tokens' share)."""
+    weights, _ = _per_expert(route, num_experts)  # (B * n, E)
+    return weights.reshape(num_images, -1, num_experts).mean(dim=1)  # (B, E)
 
 
 def _per_expert(route, num_experts: int) -> tuple[Tensor, Tensor]:
@@ -75,6 +84,7 @@ def run_passes(model, loader, passes: dict[str, RoutingRequest], *, max_points: 
     weights: dict[str, list[Tensor]] = {name: [] for name in passes}
     used: dict[str, list[Tensor]] = {name: [] for name in passes}
     seconds = {name: 0.0 for name in passes}
+    token_moe_mass: dict[str, list[Tensor]] = {}
     backbone_seconds = 0.0
     kept_points = 0
     device = device or torch.device("cpu")
@@ -86,8 +96,12 @@ def run_passes(model, loader, passes: dict[str, RoutingRequest], *, max_points: 
 
     for batch in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
         started = clock()
-        features = model.forward_features(batch["images"].to(device, dtype=torch.float32))
+        images = batch["images"].to(device, dtype=torch.float32)
+        features, records = model.forward_backbone(images)
         backbone_seconds += clock() - started
+        for name, record in records.items():
+            token_moe_mass.setdefault(name, []).append(
+                image_expert_mass(record.output.route, record.output.route.probs.shape[1], images.shape[0]))
         pooled = features["pooled"]  # (B, D)
         for name, routing in passes.items():
             started = clock()
@@ -109,7 +123,8 @@ def run_passes(model, loader, passes: dict[str, RoutingRequest], *, max_points: 
     sample_index = torch.randperm(pooled_all.shape[0], generator=generator)[:max_points].sort().values  # (M,)
     results = {name: PassResult(torch.cat(logits[name]), torch.cat(weights[name]), torch.cat(used[name]), seconds[name])
                for name in passes}
-    return SplitOutputs(torch.cat(labels), keys, results, pooled_all[sample_index], sample_index, backbone_seconds)
+    return SplitOutputs(torch.cat(labels), keys, results, pooled_all[sample_index], sample_index, backbone_seconds,
+                        token_moe_mass={name: torch.cat(mass) for name, mass in token_moe_mass.items()})
 
 
 def routing_passes(model, meta: InferenceMeta) -> dict[str, RoutingRequest]:

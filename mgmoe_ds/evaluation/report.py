@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 
+from mgmoe_ds.evaluation.backbone_moe import backbone_moe_report, plan_switch_off, render_backbone_moe, switch_off_top1
 from mgmoe_ds.evaluation.figures import plot_routing_share, plot_tsne, tsne_embedding
 from mgmoe_ds.evaluation.loading import EvaluationArgs, device_name, load_for_evaluation
 from mgmoe_ds.evaluation.metrics import accuracy_summary, confused_pairs, long_tail_buckets, pass_flops, router_flops
@@ -96,6 +97,11 @@ def evaluate_model(args: EvalArgs) -> dict[str, Any]:
         "routed_beats": {"dense": variants[ROUTED]["top1"] > variants[DENSE]["top1"],
                          "best_single_expert": best_single is not None and variants[ROUTED]["top1"] > best_single},
     }
+    if outputs.token_moe_mass:
+        switched_off = switch_off_top1(model, loader, meta.routing, plan_switch_off(outputs.token_moe_mass),
+                                       device=device, progress=args.progress)
+        report["backbone_moe"] = backbone_moe_report(outputs.token_moe_mass, labels, names, variants[ROUTED]["top1"],
+                                                     switched_off, out_dir)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     with open(out_dir / "predictions.jsonl", "w") as handle:
         top = torch.softmax(routed.logits, dim=-1).topk(min(5, meta.num_classes), dim=-1)  # (N, 5)
@@ -174,7 +180,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"its maximum, mutual information {specialisation['mutual_information']:.3f} of at most "
                       f"{specialisation['max_mutual_information']:.3f} nats):", ""]
         lines += [f"- {sentence}" for sentence in specialisation["summary"]]
-    lines += ["", "![routing heatmap](routing_heatmap.png)", "", "![t-SNE](tsne.png)", "", "## Per-class accuracy", "",
+    lines += ["", "![routing heatmap](routing_heatmap.png)", "", "![t-SNE](tsne.png)"]
+    lines += render_backbone_moe(report.get("backbone_moe", {}))
+    lines += ["", "## Per-class accuracy", "",
               "| species | train images | bucket | top-1 % |", "|---|---:|---|---:|"]
     lines += [f"| {c['species']} | {c['train_images']} | {c['bucket']} | {_pct(c['top1'])} |" for c in acc["per_class"]]
     return "\n".join(lines) + "\n"
