@@ -368,8 +368,12 @@ class MGMoE(nn.Module):
         out = self.forward_head(features)
         chosen = out.route.expert_indices  # (B, K)
         expert_params = [count_parameters(e) for e in self.moe.local_experts]
-        shared = count_parameters(self) - sum(expert_params)
-        active = shared + sum(expert_params[e] for e in chosen.flatten().tolist()) / batch_size
+        # A backbone MoE block's experts: K of E run on each token.
+        token_experts = [(count_parameters(layer.routed.local_experts), layer.routed.top_k / layer.routed.num_experts)
+                         for layer in self.token_moe_layers().values()]
+        shared = count_parameters(self) - sum(expert_params) - sum(n for n, _ in token_experts)
+        active = (shared + sum(n * fraction for n, fraction in token_experts)
+                  + sum(expert_params[e] for e in chosen.flatten().tolist()) / batch_size)
         self.train(was_training)
         return {
             "flops_per_image": {"backbone": backbone_flops, "experts": expert_flops, "top_k": topk, "dense": dense},

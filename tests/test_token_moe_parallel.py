@@ -16,14 +16,14 @@ pytestmark = pytest.mark.slow
 WIDTH, EXPERTS = 8, 8
 
 
-def _block(ep_size: int, ep_rank: int, *, hard=None, **options):
+def _block(ep_size: int, ep_rank: int, *, hard=None, num_experts=EXPERTS, **options):
     """A residual block whose MLP is a token-level MoE, every expert upcycled from one dense MLP."""
     from mgmoe_ds.moe.token_layer import BatchedRoutedExperts, TokenMoE
 
     torch.manual_seed(11)
     dense = nn.Sequential(nn.Linear(WIDTH, 2 * WIDTH), nn.Linear(2 * WIDTH, WIDTH))
     torch.manual_seed(12)  # the router's init, whatever P is
-    routed = BatchedRoutedExperts(EXPERTS, (WIDTH, 2 * WIDTH, WIDTH), router_dim=WIDTH, top_k=2,
+    routed = BatchedRoutedExperts(num_experts, (WIDTH, 2 * WIDTH, WIDTH), router_dim=WIDTH, top_k=2,
                                   expert_parallel_size=ep_size, expert_parallel_rank=ep_rank, **options)
     routed.local_experts.upcycle([(dense[0].weight, dense[0].bias), (dense[1].weight, dense[1].bias)], noise=0.5,
                                  seeds=[100 + g for g in routed.global_expert_ids])
@@ -52,7 +52,9 @@ def _equivalence_worker(rank: int, world_size: int) -> None:
 
     from mgmoe_ds.moe.deepspeed_compat import bind_expert_parallel_group
 
-    for images, options in (((3, 1), dict(dropless=True)), ((2, 2), dict(capacity_factor=0.75, min_capacity=1))):
+    cases = (((3, 1), dict(dropless=True)), ((2, 2), dict(capacity_factor=0.75, min_capacity=1)),
+             ((4, 4), dict(num_experts=64, capacity_factor=1.25, min_capacity=1)))  # many experts, few rows each
+    for images, options in cases:
         g = torch.Generator().manual_seed(5)
         x = torch.randn(sum(images), WIDTH, 3, 3, generator=g)
         upstream = torch.randn(sum(images), WIDTH, 3, 3, generator=g)

@@ -63,11 +63,10 @@ def hard_constraint_allowed(share: Tensor, threshold: float, min_allowed: int) -
     ``min_allowed`` experts, only the most used are masked, so ``min_allowed`` always remain.
     """
     over = share > threshold  # (E,)
-    max_masked = share.numel() - min_allowed
-    if int(over.sum()) > max_masked:
-        most_used = torch.argsort(share, descending=True, stable=True)[:max_masked]  # (max_masked,)
-        over = torch.zeros_like(over).index_fill_(0, most_used, True) if max_masked > 0 else torch.zeros_like(over)
-    return ~over
+    # Rank 0 = the most used. Experts over the threshold are the most used ones, so keeping the
+    # mask to ranks below E - min_allowed masks the most used of them (no host sync).
+    rank = torch.argsort(torch.argsort(share, descending=True, stable=True))  # (E,)
+    return ~(over & (rank < share.numel() - min_allowed))
 
 
 @dataclass
@@ -219,9 +218,9 @@ class TokenMoE(nn.Module):
         """EMA of each expert's mean gate probability over the expert-parallel group's tokens."""
         totals = torch.cat([probs.sum(dim=0), probs.new_tensor([probs.shape[0]])])  # (E + 1,)
         totals = self.routed.comm.sum(totals)
-        if float(totals[-1]) > 0:
-            mean = totals[:-1] / totals[-1]  # (E,)
-            self.gate_share.mul_(self.hard_momentum).add_(mean.to(self.gate_share.dtype), alpha=1 - self.hard_momentum)
+        mean = (totals[:-1] / totals[-1].clamp_min(1)).to(self.gate_share.dtype)  # (E,)
+        updated = self.hard_momentum * self.gate_share + (1 - self.hard_momentum) * mean  # (E,)
+        self.gate_share.copy_(torch.where(totals[-1] > 0, updated, self.gate_share))  # no tokens anywhere: unchanged
 
 
 def token_moe_layers(model: nn.Module) -> dict[str, TokenMoE]:
