@@ -72,6 +72,23 @@ def test_batched_experts_equal_a_loop_of_separate_experts_outputs_and_gradients(
     assert float(batched.weights[0].grad[idle].abs().sum()) == 0.0  # an idle expert: a zero gradient, not None
 
 
+def test_the_padded_mlp_keeps_one_hidden_sized_tensor_for_backward_not_two():
+    torch.manual_seed(5)
+    batched = BatchedExperts(4, (6, 40, 6), backend="padded")
+    counts = [3, 5, 0, 2]
+    saved = []
+
+    def keep(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = batched(torch.randn(10, 6, requires_grad=True), counts)
+    hidden_sized = [shape for shape in saved if shape == (4, 5, 40)]  # (L, M, H): M = the busiest expert's rows
+    assert hidden_sized == [(4, 5, 40)], saved  # the pre-activation; the activation's output is recomputed
+    out.sum().backward()
+
+
 def test_state_dict_holds_each_expert_as_linear_layers_and_loads_back():
     torch.manual_seed(1)
     batched = BatchedExperts(3, (4, 8, 5))
@@ -98,7 +115,15 @@ def test_grouped_and_padded_backends_agree_on_a_gpu():
     grouped.backend = "grouped"
     counts = [5, 0, 17, 3, 9, 0, 1, 29]
     rows = torch.randn(sum(counts), 64, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(grouped(rows, counts).float(), padded(rows, counts).float(), atol=3e-2, rtol=3e-2)
+    upstream = torch.randn(sum(counts), 64, device="cuda", dtype=torch.bfloat16)
+    x1, x2 = rows.clone().requires_grad_(True), rows.clone().requires_grad_(True)
+    out_grouped, out_padded = grouped(x1, counts), padded(x2, counts)
+    torch.testing.assert_close(out_grouped.float(), out_padded.float(), atol=3e-2, rtol=3e-2)
+    (out_grouped.float() * upstream).sum().backward()
+    (out_padded.float() * upstream).sum().backward()
+    torch.testing.assert_close(x1.grad.float(), x2.grad.float(), atol=5e-2, rtol=5e-2)
+    for a, b in zip(grouped.parameters(), padded.parameters()):
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), atol=1e-1, rtol=5e-2)
 
 
 def test_importance_loss_by_hand():

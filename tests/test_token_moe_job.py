@@ -47,6 +47,7 @@ def test_backbone_moe_job_at_p2_equals_p1_and_saves_each_expert_once(backbone_mo
         exports[ep] = load_file(str(export_model(run["run"], tmp_path / f"p{ep}.safetensors")))
         metrics = (run["run"] / "metrics.jsonl").read_text()
         assert '"blocks.3.importance"' in metrics and '"blocks.1.load"' in metrics
+        assert '"backbone_moe": {"blocks.1": {"expert_load": [' in metrics  # each block's load, per window
     assert exports[1].keys() == exports[2].keys()
     backbone_experts = [k for k in exports[2] if ".routed.experts." in k]
     assert len(backbone_experts) == 2 * 4 * 4  # blocks x experts x (fc1, fc2) x (weight, bias)

@@ -13,13 +13,43 @@ experts loads the same files. No ``torch.distributed`` here.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 MatmulBackend = Literal["auto", "padded", "grouped"]
+
+
+class _PaddedMLP(torch.autograd.Function):
+    """``baddbmm -> activation -> baddbmm`` on padded (L, M, in) rows that keeps only the input and
+    the hidden pre-activation for backward: the activation's output, as large as the hidden layer,
+    is recomputed there (one elementwise pass) instead of being held from forward to backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            hidden = torch.baddbmm(b1.unsqueeze(1), x, w1)  # (L, M, H)
+            out = torch.baddbmm(b2.unsqueeze(1), activation(hidden), w2)  # (L, M, out)
+        ctx.activation = activation
+        ctx.save_for_backward(x, hidden, w1, w2)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor):
+        x, hidden, w1, w2 = ctx.saved_tensors
+        grad_out = grad_out.to(hidden.dtype)
+        with torch.enable_grad():
+            hidden_leaf = hidden.detach().requires_grad_(True)
+            activated = ctx.activation(hidden_leaf)  # (L, M, H), recomputed
+        grad_w2 = torch.bmm(activated.detach().transpose(1, 2), grad_out)  # (L, H, out)
+        grad_activated = torch.bmm(grad_out, w2.transpose(1, 2))  # (L, M, H)
+        (grad_hidden,) = torch.autograd.grad(activated, hidden_leaf, grad_activated)  # (L, M, H)
+        del activated, grad_activated
+        grad_x = torch.bmm(grad_hidden, w1.transpose(1, 2))  # (L, M, in)
+        grad_w1 = torch.bmm(x.transpose(1, 2), grad_hidden)  # (L, in, H)
+        return grad_x, grad_w1, grad_hidden.sum(1), grad_w2, grad_out.sum(1), None
 
 
 def _grouped_mm_available(x: Tensor) -> bool:
@@ -101,10 +131,14 @@ class BatchedExperts(nn.Module):
         destination = expert_of_row * longest + slot  # (R,) row of the padded buffer
         x = rows.new_zeros((self.num_experts * longest, rows.shape[1])).index_copy(0, destination, rows)  # (L*M, in)
         x = x.view(self.num_experts, longest, rows.shape[1])  # (L, M, in)
-        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            x = torch.baddbmm(bias.to(x.dtype).unsqueeze(1), x, weight.to(x.dtype))  # (L, M, out_i)
-            if i < self.num_layers - 1:
-                x = self.activation(x)
+        weights, biases = [w.to(x.dtype) for w in self.weights], [b.to(x.dtype) for b in self.biases]
+        if self.num_layers == 2:
+            x = _PaddedMLP.apply(x, weights[0], biases[0], weights[1], biases[1], self.activation)  # (L, M, out)
+        else:
+            for i, (weight, bias) in enumerate(zip(weights, biases)):
+                x = torch.baddbmm(bias.unsqueeze(1), x, weight)  # (L, M, out_i)
+                if i < self.num_layers - 1:
+                    x = self.activation(x)
         return x.reshape(self.num_experts * longest, -1).index_select(0, destination)  # (R, out)
 
     def _grouped(self, rows: Tensor, counts: Sequence[int]) -> Tensor:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from mgmoe_ds.metrics import MetricsLogger
+from mgmoe_ds.model import HEAD_LAYER
 
 LOG = logging.getLogger("mgmoe")
 LOAD_IMBALANCE_WARNING = 2.0  # warn when the busiest expert gets this many times the mean load
@@ -36,6 +37,7 @@ class Window:
         self.seconds = 0.0
         self.load = torch.zeros(self.num_experts)
         self.dropped = torch.zeros(self.num_experts)
+        self.block_load: dict[str, torch.Tensor] = {}  # backbone MoE block -> (2, E) load, dropped
 
     def add(self, result: Any) -> None:
         for name, value in result.losses.items():
@@ -45,6 +47,10 @@ class Window:
         self.seconds += result.seconds
         self.load += result.out.route.load_per_expert.float().cpu()
         self.dropped += result.out.route.dropped_per_expert.float().cpu()
+        for name, route in result.out.routes.items():
+            if name != HEAD_LAYER:
+                counts = torch.stack([route.load_per_expert, route.dropped_per_expert]).float().cpu()  # (2, E)
+                self.block_load[name] = self.block_load[name] + counts if name in self.block_load else counts
 
 
 def _minutes(seconds: float) -> str:
@@ -163,6 +169,11 @@ class Telemetry:
         losses = dict(zip(names, (sums / (self.comm.world_size * max(1, window.steps))).tolist()))
         load, dropped = self.comm.sum(window.load), self.comm.sum(window.dropped)
         images = self.comm.reduce_int(window.images, "sum")
+        blocks = {}
+        for name in sorted(window.block_load):  # the same blocks on every rank: each ran every step
+            block_load, block_dropped = self.comm.sum(window.block_load[name])  # (E,), (E,)
+            blocks[name] = {"expert_load": (block_load / block_load.sum().clamp_min(1)).tolist(),
+                            "dropped_fraction": float(block_dropped.sum() / block_load.sum().clamp_min(1))}
         self.logger.log({
             "event": "train", "stage": stage_name, "epoch": epoch, "step": step, "losses": losses,
             "lr": {g.get("mgmoe_group", g.get("name")): g["lr"] for g in lr_groups},
@@ -170,6 +181,7 @@ class Telemetry:
             "expert_load": (load / load.sum().clamp_min(1)).tolist(),
             "dropped": int(dropped.sum()), "dropped_per_expert": dropped.long().tolist(),
             "dropped_fraction": float(dropped.sum() / load.sum().clamp_min(1)),
+            **({"backbone_moe": blocks} if blocks else {}),
         })
         mean = load.sum() / max(1, load.numel())
         if warn_imbalance and mean > 0 and float(load.max() / mean) > LOAD_IMBALANCE_WARNING and self.is_main:
