@@ -52,6 +52,47 @@ class _PaddedMLP(torch.autograd.Function):
         return grad_x, grad_w1, grad_hidden.sum(1), grad_w2, grad_out.sum(1), None
 
 
+def _segment_sums(rows: Tensor, expert_of_row: Tensor, num_experts: int, dtype: torch.dtype) -> Tensor:
+    """(R, F) -> (L, F): the sum of each expert's rows (a bias gradient), accumulated in fp32."""
+    sums = torch.zeros(num_experts, rows.shape[1], dtype=torch.float32, device=rows.device)  # (L, F)
+    return sums.index_add_(0, expert_of_row, rows.float()).to(dtype)
+
+
+class _GroupedMLP(torch.autograd.Function):
+    """``grouped_mm -> activation -> grouped_mm`` on rows grouped by expert, with no padding; like
+    ``_PaddedMLP`` it keeps the input and the hidden pre-activation, not the activation's output,
+    and adds each expert's bias in place (no gathered (R, H) bias kept for backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, offsets: Tensor,
+                expert_of_row: Tensor, activation) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            hidden = torch._grouped_mm(x, w1, offs=offsets)  # (R, H)
+            hidden.add_(b1.index_select(0, expert_of_row))
+            out = torch._grouped_mm(activation(hidden), w2, offs=offsets)  # (R, out)
+            out.add_(b2.index_select(0, expert_of_row))
+        ctx.activation = activation
+        ctx.save_for_backward(x, hidden, w1, w2, offsets, expert_of_row)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor):
+        x, hidden, w1, w2, offsets, expert_of_row = ctx.saved_tensors
+        grad_out = grad_out.to(hidden.dtype).contiguous()  # grouped_mm takes no expanded strides
+        num_experts = w1.shape[0]
+        with torch.enable_grad():
+            hidden_leaf = hidden.detach().requires_grad_(True)
+            activated = ctx.activation(hidden_leaf)  # (R, H), recomputed
+        grad_w2 = torch._grouped_mm(activated.detach().t(), grad_out, offs=offsets)  # (L, H, out)
+        grad_activated = torch._grouped_mm(grad_out, w2.transpose(1, 2), offs=offsets)  # (R, H)
+        (grad_hidden,) = torch.autograd.grad(activated, hidden_leaf, grad_activated)  # (R, H)
+        del activated, grad_activated
+        grad_w1 = torch._grouped_mm(x.t(), grad_hidden, offs=offsets)  # (L, in, H)
+        grad_x = torch._grouped_mm(grad_hidden, w1.transpose(1, 2), offs=offsets)  # (R, in)
+        return (grad_x, grad_w1, _segment_sums(grad_hidden, expert_of_row, num_experts, w1.dtype), grad_w2,
+                _segment_sums(grad_out, expert_of_row, num_experts, w2.dtype), None, None, None)
+
+
 def _grouped_mm_available(x: Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
@@ -142,13 +183,18 @@ class BatchedExperts(nn.Module):
         return x.reshape(self.num_experts * longest, -1).index_select(0, destination)  # (R, out)
 
     def _grouped(self, rows: Tensor, counts: Sequence[int]) -> Tensor:
-        """``torch._grouped_mm`` per layer: no padding; the bias is gathered per row."""
+        """``torch._grouped_mm`` per layer: no padding."""
         count_t = torch.as_tensor(counts, device=rows.device)  # (L,)
         offsets = torch.cumsum(count_t, 0).to(torch.int32)  # (L,) end row of each expert
         expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=rows.device), count_t)  # (R,)
+        weights, biases = [w.to(rows.dtype) for w in self.weights], [b.to(rows.dtype) for b in self.biases]
+        if self.num_layers == 2:
+            return _GroupedMLP.apply(rows, weights[0], biases[0], weights[1], biases[1], offsets, expert_of_row,
+                                     self.activation)  # (R, out)
         x = rows
-        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
-            x = torch._grouped_mm(x, weight.to(x.dtype), offs=offsets) + bias.to(x.dtype)[expert_of_row]  # (R, out_i)
+        for i, (weight, bias) in enumerate(zip(weights, biases)):
+            # index_select, not [expert_of_row]: its backward is an index_add, not a sorting index_put
+            x = torch._grouped_mm(x, weight, offs=offsets) + bias.index_select(0, expert_of_row)  # (R, out_i)
             if i < self.num_layers - 1:
                 x = self.activation(x)
         return x
