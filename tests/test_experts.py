@@ -189,6 +189,18 @@ def test_segment_reductions_on_a_hand_made_case():
         segment_mean(values, [2, 3])
 
 
+def test_contrastive_loss_runs_in_fp32_under_bf16_autocast():
+    # The main job on a GPU (bf16 autocast) crashed here: CUDA's autocast returns the row sums in
+    # fp32 while the per-segment buffer was bf16. The loss is now computed in fp32 throughout.
+    features = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]).bfloat16()  # exact in bf16
+    targets = torch.tensor([0, 0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = contrastive_loss(features, targets, 0.4, [2, 1])
+    assert loss.dtype == torch.float32
+    # one segment of two same-class rows: 1 - cos(45 degrees), counted for both orders, over 2 pairs
+    assert float(loss) == pytest.approx(1.0 - 0.5 ** 0.5, abs=1e-6)
+
+
 def test_contrastive_loss_pairs_rows_only_within_a_source():
     # Rows 0, 1 from one rank, row 2 from another. Unit features: cos(0, 1) = 0, row 2 alone.
     features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])

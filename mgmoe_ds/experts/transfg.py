@@ -70,6 +70,14 @@ def contrastive_loss(features: Tensor, targets: Tensor, margin: float, segments:
     n = features.shape[0]
     if n < 2:
         return zero_loss(features)
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        # In fp32 whatever the autocast: under CUDA's bf16 autocast the row sums below would come
+        # back in fp32 and the per-segment buffer in bf16 (index_add refuses the mix).
+        return _contrastive_fp32(features.float(), targets, margin, segments)
+
+
+def _contrastive_fp32(features: Tensor, targets: Tensor, margin: float, segments: Segments) -> Tensor:
+    n = features.shape[0]
     unit = F.normalize(features, dim=-1)
     cosine = unit @ unit.T  # (n, n)
     same = targets[:, None] == targets[None, :]  # (n, n)
