@@ -22,75 +22,54 @@ from torch import Tensor, nn
 MatmulBackend = Literal["auto", "padded", "grouped"]
 
 
-class _PaddedMLP(torch.autograd.Function):
-    """``baddbmm -> activation -> baddbmm`` on padded (L, M, in) rows that keeps only the input and
-    the hidden pre-activation for backward: the activation's output, as large as the hidden layer,
-    is recomputed there (one elementwise pass) instead of being held from forward to backward."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation) -> Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            hidden = torch.baddbmm(b1.unsqueeze(1), x, w1)  # (L, M, H)
-            out = torch.baddbmm(b2.unsqueeze(1), activation(hidden), w2)  # (L, M, out)
-        ctx.activation = activation
-        ctx.save_for_backward(x, hidden, w1, w2)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor):
-        x, hidden, w1, w2 = ctx.saved_tensors
-        grad_out = grad_out.to(hidden.dtype)
-        with torch.enable_grad():
-            hidden_leaf = hidden.detach().requires_grad_(True)
-            activated = ctx.activation(hidden_leaf)  # (L, M, H), recomputed
-        grad_w2 = torch.bmm(activated.detach().transpose(1, 2), grad_out)  # (L, H, out)
-        grad_activated = torch.bmm(grad_out, w2.transpose(1, 2))  # (L, M, H)
-        (grad_hidden,) = torch.autograd.grad(activated, hidden_leaf, grad_activated)  # (L, M, H)
-        del activated, grad_activated
-        grad_x = torch.bmm(grad_hidden, w1.transpose(1, 2))  # (L, M, in)
-        grad_w1 = torch.bmm(x.transpose(1, 2), grad_hidden)  # (L, in, H)
-        return grad_x, grad_w1, grad_hidden.sum(1), grad_w2, grad_out.sum(1), None
-
-
 def _segment_sums(rows: Tensor, expert_of_row: Tensor, num_experts: int, dtype: torch.dtype) -> Tensor:
     """(R, F) -> (L, F): the sum of each expert's rows (a bias gradient), accumulated in fp32."""
     sums = torch.zeros(num_experts, rows.shape[1], dtype=torch.float32, device=rows.device)  # (L, F)
     return sums.index_add_(0, expert_of_row, rows.float()).to(dtype)
 
 
-class _GroupedMLP(torch.autograd.Function):
-    """``grouped_mm -> activation -> grouped_mm`` on rows grouped by expert, with no padding; like
-    ``_PaddedMLP`` it keeps the input and the hidden pre-activation, not the activation's output,
-    and adds each expert's bias in place (no gathered (R, H) bias kept for backward)."""
+class _ActivatedLinear(torch.autograd.Function):
+    """``activation(hidden) @ W_e + b_e`` per expert, keeping only ``hidden`` for backward: the
+    activation's output, as large as the hidden layer, is recomputed there (one elementwise pass)
+    instead of being held from forward to backward. The second layer of an expert MLP.
+
+    Padded: ``hidden`` is (L, M, H) and the product a ``baddbmm``. Grouped: ``hidden`` is (R, H)
+    rows grouped by expert, ``offsets`` their end rows, and the product ``torch._grouped_mm``.
+    (The first layer is left to autograd, so its weight gradient is accumulated after this
+    layer's: one layer's (L, in, out) gradient exists at a time, not two.)
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, offsets: Tensor,
-                expert_of_row: Tensor, activation) -> Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            hidden = torch._grouped_mm(x, w1, offs=offsets)  # (R, H)
-            hidden.add_(b1.index_select(0, expert_of_row))
-            out = torch._grouped_mm(activation(hidden), w2, offs=offsets)  # (R, out)
-            out.add_(b2.index_select(0, expert_of_row))
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor, activation, offsets: Optional[Tensor],
+                expert_of_row: Optional[Tensor]) -> Tensor:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            if offsets is None:
+                out = torch.baddbmm(bias.unsqueeze(1), activation(hidden), weight)  # (L, M, out)
+            else:
+                out = torch._grouped_mm(activation(hidden), weight, offs=offsets)  # (R, out)
+                out.add_(bias.index_select(0, expert_of_row))
         ctx.activation = activation
-        ctx.save_for_backward(x, hidden, w1, w2, offsets, expert_of_row)
+        ctx.grouped = offsets is not None
+        ctx.save_for_backward(hidden, weight, offsets, expert_of_row)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor):
-        x, hidden, w1, w2, offsets, expert_of_row = ctx.saved_tensors
+        hidden, weight, offsets, expert_of_row = ctx.saved_tensors
         grad_out = grad_out.to(hidden.dtype).contiguous()  # grouped_mm takes no expanded strides
-        num_experts = w1.shape[0]
         with torch.enable_grad():
             hidden_leaf = hidden.detach().requires_grad_(True)
-            activated = ctx.activation(hidden_leaf)  # (R, H), recomputed
-        grad_w2 = torch._grouped_mm(activated.detach().t(), grad_out, offs=offsets)  # (L, H, out)
-        grad_activated = torch._grouped_mm(grad_out, w2.transpose(1, 2), offs=offsets)  # (R, H)
-        (grad_hidden,) = torch.autograd.grad(activated, hidden_leaf, grad_activated)  # (R, H)
-        del activated, grad_activated
-        grad_w1 = torch._grouped_mm(x.t(), grad_hidden, offs=offsets)  # (L, in, H)
-        grad_x = torch._grouped_mm(grad_hidden, w1.transpose(1, 2), offs=offsets)  # (R, in)
-        return (grad_x, grad_w1, _segment_sums(grad_hidden, expert_of_row, num_experts, w1.dtype), grad_w2,
-                _segment_sums(grad_out, expert_of_row, num_experts, w2.dtype), None, None, None)
+            activated = ctx.activation(hidden_leaf)  # recomputed
+        if ctx.grouped:
+            grad_weight = torch._grouped_mm(activated.detach().t(), grad_out, offs=offsets)  # (L, H, out)
+            grad_activated = torch._grouped_mm(grad_out, weight.transpose(1, 2), offs=offsets)  # (R, H)
+            grad_bias = _segment_sums(grad_out, expert_of_row, weight.shape[0], weight.dtype)  # (L, out)
+        else:
+            grad_weight = torch.bmm(activated.detach().transpose(1, 2), grad_out)  # (L, H, out)
+            grad_activated = torch.bmm(grad_out, weight.transpose(1, 2))  # (L, M, H)
+            grad_bias = grad_out.sum(1)  # (L, out)
+        (grad_hidden,) = torch.autograd.grad(activated, hidden_leaf, grad_activated)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def _grouped_mm_available(x: Tensor) -> bool:
@@ -172,14 +151,7 @@ class BatchedExperts(nn.Module):
         destination = expert_of_row * longest + slot  # (R,) row of the padded buffer
         x = rows.new_zeros((self.num_experts * longest, rows.shape[1])).index_copy(0, destination, rows)  # (L*M, in)
         x = x.view(self.num_experts, longest, rows.shape[1])  # (L, M, in)
-        weights, biases = [w.to(x.dtype) for w in self.weights], [b.to(x.dtype) for b in self.biases]
-        if self.num_layers == 2:
-            x = _PaddedMLP.apply(x, weights[0], biases[0], weights[1], biases[1], self.activation)  # (L, M, out)
-        else:
-            for i, (weight, bias) in enumerate(zip(weights, biases)):
-                x = torch.baddbmm(bias.unsqueeze(1), x, weight)  # (L, M, out_i)
-                if i < self.num_layers - 1:
-                    x = self.activation(x)
+        x = self._layers(x, None, None)  # (L, M, out)
         return x.reshape(self.num_experts * longest, -1).index_select(0, destination)  # (R, out)
 
     def _grouped(self, rows: Tensor, counts: Sequence[int]) -> Tensor:
@@ -187,16 +159,19 @@ class BatchedExperts(nn.Module):
         count_t = torch.as_tensor(counts, device=rows.device)  # (L,)
         offsets = torch.cumsum(count_t, 0).to(torch.int32)  # (L,) end row of each expert
         expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=rows.device), count_t)  # (R,)
-        weights, biases = [w.to(rows.dtype) for w in self.weights], [b.to(rows.dtype) for b in self.biases]
-        if self.num_layers == 2:
-            return _GroupedMLP.apply(rows, weights[0], biases[0], weights[1], biases[1], offsets, expert_of_row,
-                                     self.activation)  # (R, out)
-        x = rows
-        for i, (weight, bias) in enumerate(zip(weights, biases)):
+        return self._layers(rows, offsets, expert_of_row)  # (R, out)
+
+    def _layers(self, x: Tensor, offsets: Optional[Tensor], expert_of_row: Optional[Tensor]) -> Tensor:
+        """The layers on padded (L, M, in) rows (``offsets`` None) or grouped (R, in) rows. Every layer
+        after the first takes its input before the activation (``_ActivatedLinear``)."""
+        weights, biases = [w.to(x.dtype) for w in self.weights], [b.to(x.dtype) for b in self.biases]
+        if offsets is None:
+            x = torch.baddbmm(biases[0].unsqueeze(1), x, weights[0])  # (L, M, out_0)
+        else:
             # index_select, not [expert_of_row]: its backward is an index_add, not a sorting index_put
-            x = torch._grouped_mm(x, weight, offs=offsets) + bias.index_select(0, expert_of_row)  # (R, out_i)
-            if i < self.num_layers - 1:
-                x = self.activation(x)
+            x = torch._grouped_mm(x, weights[0], offs=offsets) + biases[0].index_select(0, expert_of_row)  # (R, out_0)
+        for weight, bias in zip(weights[1:], biases[1:]):
+            x = _ActivatedLinear.apply(x, weight, bias, self.activation, offsets, expert_of_row)
         return x
 
     # -- initialisation ---------------------------------------------------------------------------
