@@ -66,7 +66,7 @@ class BackboneMoEConfig:
     min_capacity: int = 4  # lower bound on each expert's slots
     constraint: ConstraintConfig = field(default_factory=ConstraintConfig)  # soft and/or hard
     upcycle_noise: float = 0.01  # every expert starts as the block's dense layer plus noise of this relative std
-    backend: Literal["auto", "padded", "grouped"] = "auto"  # batched expert matmul (grouped: CUDA bf16)
+    backend: Literal["auto", "padded", "grouped"] = "auto"  # batched expert matmul: grouped_mm where torch runs it, else padded bmm
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from conftest import TINY_MGMOE
 from mgmoe_ds.backbone_moe import install_token_moe, supported_blocks
 from mgmoe_ds.backbone_weights import BackboneError
 from mgmoe_ds.config import BackboneMoEConfig, ConstraintConfig, HardConstraintConfig, config_from_dict
-from mgmoe_ds.moe.batched import BatchedExperts
+from mgmoe_ds.moe.batched import BatchedExperts, grouped_mm_runs
 from mgmoe_ds.moe.routing import RoutingRequest
 from mgmoe_ds.moe.token_layer import (
     BatchedRoutedExperts,
@@ -48,11 +48,14 @@ def _run_loop(loop: nn.ModuleList, rows: torch.Tensor, counts: list[int]) -> tor
     return torch.cat(outputs)
 
 
-@pytest.mark.parametrize("widths,counts", [((6, 10, 6), [3, 0, 7, 1]), ((10, 4), [3, 0, 7, 1]),
-                                           ((6, 10, 6), [(e * 7) % 5 for e in range(64)])])
-def test_batched_experts_equal_a_loop_of_separate_experts_outputs_and_gradients(widths, counts):
+@pytest.mark.parametrize("backend", ["padded", "grouped"])
+@pytest.mark.parametrize("widths,counts", [((8, 16, 8), [3, 0, 7, 1]), ((16, 8), [3, 0, 7, 1]),
+                                           ((8, 16, 8), [(e * 7) % 5 for e in range(64)])])
+def test_batched_experts_equal_a_loop_of_separate_experts_outputs_and_gradients(widths, counts, backend):
+    if backend == "grouped" and not grouped_mm_runs("cpu", torch.float32):
+        pytest.skip("torch._grouped_mm does not run on this CPU build")
     torch.manual_seed(0)
-    batched = BatchedExperts(len(counts), widths, backend="padded")
+    batched = BatchedExperts(len(counts), widths, backend=backend)
     loop = _loop_experts(batched)
     # idle experts and uneven loads (64 experts: the most the issue asks for)
     rows = torch.randn(sum(counts), widths[0])
@@ -107,23 +110,10 @@ def test_state_dict_holds_each_expert_as_linear_layers_and_loads_back():
         fresh.load_state_dict({k: v for k, v in batched.state_dict().items() if k != "1.fc2.bias"})
 
 
-def _grouped_mm_runs(device: str) -> bool:
-    """torch._grouped_mm runs on CUDA GPUs, and on the CPU in recent torch."""
-    if device == "cuda" and not torch.cuda.is_available():
-        return False
-    try:
-        x = torch.ones(8, 16, dtype=torch.bfloat16, device=device, requires_grad=True)
-        torch._grouped_mm(x, torch.ones(2, 16, 8, dtype=torch.bfloat16, device=device),
-                          offs=torch.tensor([4, 8], dtype=torch.int32, device=device)).square().sum().backward()
-        return True
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return False
-
-
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("widths", [(64, 128, 64), (128, 64)])
 def test_grouped_and_padded_backends_agree(device, widths):
-    if not _grouped_mm_runs(device):
+    if not grouped_mm_runs(device, torch.bfloat16):
         pytest.skip(f"torch._grouped_mm does not run on {device} here")
     torch.manual_seed(2)
     padded = BatchedExperts(8, widths, backend="padded").to(device).bfloat16()

@@ -3,7 +3,8 @@
 ``BatchedExperts`` holds the L local experts of a token-level routed layer, each a small MLP
 (``Linear -> act -> Linear``) or a single ``Linear``, as stacked weights, and runs all of them on
 rows grouped by expert in a few kernels (Tutel's batched experts): a padded ``baddbmm`` (every
-device), or ``torch._grouped_mm`` on a CUDA GPU in bf16, with no padding. Its state dict shows
+device), or ``torch._grouped_mm``, with no padding, wherever torch runs it (a CUDA GPU in bf16; the
+CPU in recent torch). Its state dict shows
 each expert as the ``nn.Linear`` state dict a loop of separate experts would have
 (``<i>.fc1.weight`` as (out, in), ``<i>.fc1.bias``, ...), so DeepSpeed writes one checkpoint
 file per expert and reshards them across expert-parallel sizes, and a loop of ``nn.Linear``
@@ -12,6 +13,7 @@ experts loads the same files. No ``torch.distributed`` here.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal, Optional, Sequence
 
@@ -57,23 +59,53 @@ class _ActivatedLinear(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor):
         hidden, weight, offsets, expert_of_row = ctx.saved_tensors
         grad_out = grad_out.to(hidden.dtype).contiguous()  # grouped_mm takes no expanded strides
+        derivative = _known_derivative(ctx.activation)
         with torch.enable_grad():
-            hidden_leaf = hidden.detach().requires_grad_(True)
+            hidden_leaf = hidden.detach().requires_grad_(derivative is None)
             activated = ctx.activation(hidden_leaf)  # recomputed
         if ctx.grouped:
             grad_weight = torch._grouped_mm(activated.detach().t(), grad_out, offs=offsets)  # (L, H, out)
+        else:
+            grad_weight = torch.bmm(activated.detach().transpose(1, 2), grad_out)  # (L, H, out)
+        if derivative is not None:
+            del activated  # freed before the two hidden-sized gradients below exist
+        if ctx.grouped:
             grad_activated = torch._grouped_mm(grad_out, weight.transpose(1, 2), offs=offsets)  # (R, H)
             grad_bias = _segment_sums(grad_out, expert_of_row, weight.shape[0], weight.dtype)  # (L, out)
         else:
-            grad_weight = torch.bmm(activated.detach().transpose(1, 2), grad_out)  # (L, H, out)
             grad_activated = torch.bmm(grad_out, weight.transpose(1, 2))  # (L, M, H)
             grad_bias = grad_out.sum(1)  # (L, out)
-        (grad_hidden,) = torch.autograd.grad(activated, hidden_leaf, grad_activated)
+        if derivative is not None:
+            grad_hidden = derivative(grad_activated, hidden)
+        else:
+            (grad_hidden,) = torch.autograd.grad(activated, hidden_leaf, grad_activated)
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def _grouped_mm_available(x: Tensor) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+def _known_derivative(activation):
+    """``(grad, input) -> grad * activation'(input)`` for GELU (the experts' activation), else None."""
+    if activation is F.gelu:
+        return torch.ops.aten.gelu_backward.default
+    if isinstance(activation, nn.GELU):
+        return functools.partial(torch.ops.aten.gelu_backward.default, approximate=activation.approximate)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs forward and backward here (CUDA in bf16; the CPU in
+    recent torch): probed once per device type and dtype."""
+    if not hasattr(torch, "_grouped_mm") or (device_type == "cuda" and not torch.cuda.is_available()):
+        return False
+    try:
+        x = torch.ones(8, 16, dtype=dtype, device=device_type, requires_grad=True)
+        w = torch.ones(2, 16, 8, dtype=dtype, device=device_type, requires_grad=True)
+        offsets = torch.tensor([4, 8], dtype=torch.int32, device=device_type)
+        torch._grouped_mm(x, w, offs=offsets).square().sum().backward()
+        torch._grouped_mm(x.detach().t(), x.detach()[:, :8], offs=offsets)  # the weight-gradient form
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 class BatchedExperts(nn.Module):
@@ -85,7 +117,7 @@ class BatchedExperts(nn.Module):
         activation: applied between linear layers (not after the last); a ``torch.nn.functional``
             callable such as ``F.gelu``.
         backend: "padded" (``baddbmm`` on rows padded to the busiest expert), "grouped"
-            (``torch._grouped_mm``: CUDA, bf16) or "auto" (grouped where it runs, else padded).
+            (``torch._grouped_mm``) or "auto" (grouped where it runs, ``grouped_mm_runs``, else padded).
     """
 
     def __init__(self, num_experts: int, widths: Sequence[int], activation=F.gelu,
@@ -137,7 +169,13 @@ class BatchedExperts(nn.Module):
             raise ValueError(f"counts {list(counts)} do not split {rows.shape[0]} rows over {self.num_experts} experts")
         if rows.shape[0] == 0:
             return rows.new_zeros((0, self.widths[-1]))
-        grouped = self.backend == "grouped" or (self.backend == "auto" and _grouped_mm_available(rows))
+        # grouped_mm needs every row stride a multiple of 16 bytes
+        aligned = all(width * rows.element_size() % 16 == 0 for width in self.widths)
+        if self.backend == "grouped" and not aligned:
+            raise ValueError(f"backend 'grouped': widths {self.widths} in {rows.dtype} are not multiples of 16 bytes; "
+                             f"use 'auto' or 'padded'")
+        grouped = self.backend == "grouped" or (self.backend == "auto" and aligned
+                                                and grouped_mm_runs(rows.device.type, rows.dtype))
         return self._grouped(rows, counts) if grouped else self._padded(rows, counts)
 
     def _padded(self, rows: Tensor, counts: Sequence[int]) -> Tensor:
