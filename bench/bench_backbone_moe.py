@@ -21,7 +21,7 @@ mutual information than hard) and "hard scores higher" (top-1 above soft by more
 
 Usage::
 
-    PYTHONPATH=. python bench/bench_backbone_moe.py --train-per-class 15   # ~15 min on 2 cores
+    PYTHONPATH=. python bench/bench_backbone_moe.py --train-per-class 15   # ~30 min on 2 cores
     PYTHONPATH=. python bench/bench_backbone_moe.py                        # full flowers12
 
 Writes ``bench/results/backbone_moe[_<N>pc].json`` and prints a markdown table.
@@ -87,8 +87,9 @@ def render(results: dict) -> str:
                 lines.append(f"{head} - | - | - | - | - | {r['seconds'] / 60:.1f} |")
                 continue
             ratio = "inf" if b["max_over_min"] is None else f"{b['max_over_min']:.2f}"
+            minutes = f"{r['seconds'] / 60:.1f}" if i == 0 else ""
             lines.append(f"{head} {name} | {ratio} | {b['utilisation_cv']:.2f} | {b['entropy']:.3f} | "
-                         f"{b['mutual_information']:.3f} | {r['seconds'] / 60 if i == 0 else 0:.1f} |")
+                         f"{b['mutual_information']:.3f} | {minutes} |")
     return "\n".join(lines)
 
 
