@@ -382,11 +382,12 @@ def check_equivalence(tokens: int = 2048, device: str = "cpu", dtype: str = "fp3
 # Driver
 
 
-def _run_child(args: list[str]) -> dict:
+def _run_child(args: list[str], script: str = __file__) -> dict:
+    """Runs ``script`` (this file, or a benchmark built on it) as a worker; returns its RESULT line."""
     env = dict(os.environ)
     env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     for line in reversed(proc.stdout.splitlines()):

@@ -83,6 +83,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench_moe_layer import _run_child as run_worker
 from bench_moe_layer import (
     DTYPES,
     _sync,
@@ -358,16 +359,7 @@ def profile(experts: int, tokens: int, hidden: int, factor: float, shift: float,
 
 
 def _run_child(args: list[str]) -> dict:
-    env = dict(os.environ)
-    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"worker {args} printed no result:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return run_worker(args, script=__file__)
 
 
 def _code_version() -> dict:
