@@ -27,6 +27,7 @@ from mgmoe_ds.evaluation import (
     router_flops,
     run_passes,
 )
+from mgmoe_ds.evaluation.specialisation import binomial_standard_error
 from mgmoe_ds.moe.routing import RoutingRequest
 
 
@@ -105,7 +106,7 @@ def oracle_top1(rows: list[tuple[dict[str, Any], RoutingRequest]], outputs) -> d
 
 def compare(name: str, top1: float, other_name: str, other: float, images: int) -> str:
     """One sentence: ``name`` against ``other_name``, the gap in points and against one binomial standard error."""
-    se = (other * (1 - other) / max(1, images)) ** 0.5
+    se = binomial_standard_error(other, images)
     gap = top1 - other
     if abs(gap) <= se:
         return f"{name} ({100 * top1:.2f}%) ties {other_name} ({100 * other:.2f}%): within one standard error ({100 * se:.2f})"

@@ -137,7 +137,7 @@ def install_token_moe(model: nn.Module, config: Any, *, seed: int, expert_parall
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 7919 * index)  # the router's init, whatever P is
             routed = BatchedRoutedExperts(
-                config.num_experts, widths, activation=site.activation or _identity, backend=config.backend,
+                config.num_experts, widths, activation=site.activation, backend=config.backend,
                 router_dim=widths[0], top_k=config.top_k, capacity_factor=config.capacity_factor,
                 eval_capacity_factor=config.eval_capacity_factor, min_capacity=config.min_capacity,
                 dropless=dropless, expert_parallel_size=expert_parallel_size,
@@ -156,6 +156,3 @@ def install_token_moe(model: nn.Module, config: Any, *, seed: int, expert_parall
         layers[name] = layer
     return layers
 
-
-def _identity(x: Tensor) -> Tensor:
-    return x

@@ -115,7 +115,7 @@ class BatchedExperts(nn.Module):
         num_experts: L, the experts this rank holds.
         widths: layer widths, e.g. ``(C, H, C)`` for an MLP expert, ``(H, C)`` for one linear map.
         activation: applied between linear layers (not after the last); a ``torch.nn.functional``
-            callable such as ``F.gelu``.
+            callable such as ``F.gelu``, or a module (``nn.GELU``); None for a single linear layer.
         backend: "padded" (``baddbmm`` on rows padded to the busiest expert), "grouped"
             (``torch._grouped_mm``) or "auto" (grouped where it runs, ``grouped_mm_runs``, else padded).
     """
@@ -125,6 +125,8 @@ class BatchedExperts(nn.Module):
         super().__init__()
         if len(widths) < 2:
             raise ValueError(f"widths = {tuple(widths)}: expected at least (in, out)")
+        if activation is None and len(widths) > 2:
+            raise ValueError(f"widths = {tuple(widths)}: several layers need an activation between them")
         if backend not in ("auto", "padded", "grouped"):
             raise ValueError(f"backend = {backend!r}: expected 'auto', 'padded' or 'grouped'")
         self.num_experts = num_experts

@@ -43,15 +43,13 @@ class DeepSpeedRoutedExperts(RoutedExperts, MoE):
         bind_expert_parallel_group(self, use_data_before_expert_parallel_)
 
 
-_ADOPTED: dict[type, type] = {}
+_ADOPTED: dict[type, type] = {RoutedExperts: DeepSpeedRoutedExperts}  # one DeepSpeed class per layer class
 
 
 def _deepspeed_class(cls: type) -> type:
     """``cls`` (a ``RoutedExperts`` subclass) that also is a DeepSpeed ``MoE``: one class per subclass."""
     if issubclass(cls, MoE):
         return cls
-    if cls is RoutedExperts:
-        return DeepSpeedRoutedExperts
     if cls not in _ADOPTED:
         _ADOPTED[cls] = type(f"DeepSpeed{cls.__name__}", (cls, DeepSpeedRoutedExperts), {})
     return _ADOPTED[cls]
