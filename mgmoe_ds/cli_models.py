@@ -22,6 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--tail-max", type=float, default=None,
                           help="training images per class up to which a class is 'tail' (default: lower tertile)")
     evaluate.add_argument("--max-points", type=int, default=2000, help="images in the t-SNE figure")
+    evaluate.add_argument("--compare", type=Path, default=None, metavar="RUN",
+                          help="another run folder or export of the same classes (e.g. trained without the box "
+                               "task): top-1 of both on the same images, with the paired standard error")
     evaluate.set_defaults(func=run_eval)
 
     ablate = subparsers.add_parser("ablate", help="accuracy and FLOPs for K = 1..E and every subset of experts")
@@ -39,10 +42,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     export.set_defaults(func=run_export)
 
-    predict = subparsers.add_parser("predict", help="top-5 species and routed experts, one JSON line per image")
+    predict = subparsers.add_parser("predict", help="top-5 species, routed experts and the box, one JSON line per image")
     predict.add_argument("--model", required=True, type=Path, help="an exported .safetensors file (or a run folder)")
     predict.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
     predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--crops", type=Path, default=None, metavar="DIR",
+                         help="write each image cropped to its predicted box here (models with a box tower)")
     predict.set_defaults(func=run_predict)
 
 
@@ -62,9 +67,19 @@ def run_eval(args: argparse.Namespace) -> int:
     report = evaluate_model(EvalArgs(checkpoint=args.checkpoint, data=args.data, out=args.out, split=args.split,
                                      batch_size=args.batch_size, num_workers=args.num_workers,
                                      head_min=args.head_min, tail_max=args.tail_max, max_points=args.max_points,
+                                     compare=args.compare,
                                      progress=not args.no_progress, device=args.device))
     print(f"top-1 {report['accuracy']['top1']:.4f}, top-5 {report['accuracy']['top5']:.4f} on "
           f"{report['images']} images", file=sys.stderr)
+    if report.get("boxes"):
+        boxes = report["boxes"]
+        print(f"boxes: mean IoU {boxes['mean_iou']:.3f}, IoU>=0.5 {boxes['iou50']:.3f} on "
+              f"{boxes['images_with_box']} images (mean-box baseline {boxes['mean_box_baseline']['mean_iou']:.3f})",
+              file=sys.stderr)
+    if report.get("compare"):
+        from mgmoe_ds.evaluation.boxes import comparison_sentence
+
+        print(comparison_sentence(report["compare"]), file=sys.stderr)
     return 0
 
 
@@ -94,7 +109,12 @@ def run_predict(args: argparse.Namespace) -> int:
 
     model, meta = load_trained(args.model)
     failed = 0
-    for record in predict_files(model, meta, expand_inputs(args.inputs), batch_size=args.batch_size):
+    if args.crops is not None and model.box_tower is None:
+        print(f"error: --crops {args.crops}: the model {args.model} has no box tower (train it with "
+              f"mgmoe.model.tasks.bbox)", file=sys.stderr)
+        return 2
+    for record in predict_files(model, meta, expand_inputs(args.inputs), batch_size=args.batch_size,
+                                crops_dir=args.crops):
         failed += "error" in record
         print(json.dumps(record), flush=True)
     return 1 if failed else 0

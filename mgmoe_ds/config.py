@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from mgmoe_ds.config_checks import check_backbone_moe, check_box_task, check_pretrained
 from mgmoe_ds.typed_json import CHECKS, SHORT_FORMS, ConfigError, build_dataclass, fail, options_from_dict
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
@@ -21,7 +22,9 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "ds_configs" / "z
 # (``MGMoE.group_matcher`` says which parameter belongs to which.)
 # "backbone_top": the backbone's blocks above the cache's cut (cache.depth); "backbone": the rest of it.
 # "backbone_moe": the routers and experts of the token-level MoE layers inside the backbone.
-PARAMETER_GROUPS = ("backbone", "backbone_top", "backbone_moe", "router", "fallback", "experts", "expert_heads")
+# "box_tower": the box task's tower (model.tasks.bbox).
+PARAMETER_GROUPS = ("backbone", "backbone_top", "backbone_moe", "router", "fallback", "experts", "expert_heads",
+                    "box_tower")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,21 @@ class BackboneMoEConfig:
 
 
 @dataclass(frozen=True)
+class BoxTaskConfig:
+    loss_weight: float = 1.0  # weight of the "bbox" loss (complete-IoU); a stage's loss_weights may override it
+    channels: int = 64  # channels the tower projects each backbone token to
+    grid: int = 7  # the projected token map is pooled to grid x grid before the MLP
+    hidden: int = 256  # width of the tower's MLP
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    # A box tower on the shared backbone tokens, trained with complete-IoU beside the classes
+    # (samples without a box are masked out of its loss); null: classes only.
+    bbox: Optional[BoxTaskConfig] = None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "vit_tiny_patch16_224"  # any timm model name
     pretrained: Optional[str] = None  # local weights file, "efficientnet-lite0/1/2" (offline packages), or None
@@ -78,6 +96,7 @@ class ModelConfig:
     experts: list[ExpertSpec] = field(default_factory=_default_experts)  # one entry per expert
     backbone_options: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     backbone_moe: Optional[BackboneMoEConfig] = None  # token-level MoE blocks inside the backbone, or null
+    tasks: TasksConfig = field(default_factory=TasksConfig)  # tasks beside the classes (the box)
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,8 @@ class TrainConfig:
     log_every: int = 10  # steps between metrics.jsonl lines
     checkpoint_every: int = 0  # steps between checkpoints; 0: only at stage ends
     max_bad_steps: int = 5  # consecutive NaN/inf losses before the run stops
+    init_from: Optional[str] = None  # a run folder or exported .safetensors whose weights the run starts from
+    freeze: list[str] = field(default_factory=list)  # parameter groups no stage trains, e.g. ["backbone", "experts"]
 
 
 @dataclass(frozen=True)
@@ -181,6 +202,7 @@ def _check_expert(spec: ExpertSpec, key: str, source: str) -> None:
 
 SHORT_FORMS[ExpertSpec] = lambda value: {"name": value} if isinstance(value, str) else value  # "mpsa" = {"name": "mpsa"}
 CHECKS[ExpertSpec] = _check_expert
+SHORT_FORMS[BoxTaskConfig] = lambda value: {} if value is True else value  # "bbox": true = the defaults
 
 
 def _validate(config: RunConfig, source: str) -> None:
@@ -208,8 +230,11 @@ def _validate(config: RunConfig, source: str) -> None:
     check(m.expert_loss_weight >= 0, "moe.expert_loss_weight", m.expert_loss_weight, "a number >= 0")
     check(config.model.img_size >= 16, "model.img_size", config.model.img_size, "an integer >= 16")
     if config.model.backbone_moe is not None:
-        _check_backbone_moe(config.model.backbone_moe, m.expert_parallel_size, check)
-    _check_pretrained(config.model, check)
+        check_backbone_moe(config.model.backbone_moe, m.expert_parallel_size, check)
+    check_pretrained(config.model, check)
+    box = config.model.tasks.bbox
+    if box is not None:
+        check_box_task(box, check)
     if config.model.num_classes is not None:
         check(config.model.num_classes >= 2, "model.num_classes", config.model.num_classes, "an integer >= 2")
     check(config.data.num_workers >= 0, "data.num_workers", config.data.num_workers, "an integer >= 0")
@@ -217,6 +242,9 @@ def _validate(config: RunConfig, source: str) -> None:
           "a split other than test: the routing teacher and cluster routing are fitted on it, so test labels would "
           "tune the model; `mgmoe shards build` carves a validation split from train (--val-fraction)")
     check(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", config.data.shuffle_buffer, "an integer >= 0")
+    frozen = set(config.train.freeze)
+    check(frozen <= set(PARAMETER_GROUPS), "train.freeze", config.train.freeze,
+          f"a list of parameter groups: {', '.join(PARAMETER_GROUPS)}")
     cur = config.curriculum
     check(len(cur.stages) >= 1, "curriculum.stages", [], "at least one stage")
     from mgmoe_ds.curriculum import list_stages, stage_class  # the stage registry (no timm, no DeepSpeed)
@@ -241,11 +269,14 @@ def _validate(config: RunConfig, source: str) -> None:
             check(lr >= 0, f"{key}.lr.{group}", lr, "a learning rate >= 0")
         check(config.model.backbone_moe is not None or stage.lr.get("backbone_moe", 0) == 0, f"{key}.lr.backbone_moe",
               stage.lr.get("backbone_moe"), "0 or absent while mgmoe.model.backbone_moe is null")
+        check(box is not None or stage.lr.get("box_tower", 0) == 0, f"{key}.lr.box_tower", stage.lr.get("box_tower"),
+              "0 or absent while mgmoe.model.tasks.bbox is null")
         check(config.cache.depth is not None or stage.lr.get("backbone_top", 0) == 0, f"{key}.lr.backbone_top",
               stage.lr.get("backbone_top"), "0 or absent while mgmoe.cache.depth is null (the backbone's top "
               "starts after the cache's cut; set cache.depth, e.g. 4)")
         trained = stage.lr or stage_class(stage.name).default_lr
-        check(any(lr > 0 for lr in trained.values()), f"{key}.lr", stage.lr, "at least one parameter group with lr > 0")
+        check(any(lr > 0 for group, lr in trained.items() if group not in frozen), f"{key}.lr", stage.lr,
+              "at least one parameter group with lr > 0" + (" outside mgmoe.train.freeze" if frozen else ""))
     check(cur.num_clusters >= 1, "curriculum.num_clusters", cur.num_clusters, "an integer >= 1")
     check(cur.teacher_temperature > 0, "curriculum.teacher_temperature", cur.teacher_temperature, "a number > 0")
     check(cur.kl_weight >= 0, "curriculum.kl_weight", cur.kl_weight, "a number >= 0")
@@ -257,47 +288,6 @@ def _validate(config: RunConfig, source: str) -> None:
     check(config.cache.memory_limit_gb >= 0, "cache.memory_limit_gb", config.cache.memory_limit_gb, "a number >= 0")
     check(config.cache.depth is None or config.cache.depth >= 0, "cache.depth", config.cache.depth,
           "a backbone block index >= 0, or null")
-
-
-def _check_backbone_moe(b: BackboneMoEConfig, expert_parallel_size: int, check) -> None:
-    key = "model.backbone_moe"
-    check(len(b.blocks) >= 1, f"{key}.blocks", b.blocks, "at least one block index or name")
-    check(len(set(map(str, b.blocks))) == len(b.blocks), f"{key}.blocks", b.blocks, "each block once")
-    check(all(not isinstance(i, int) or i >= 0 for i in b.blocks), f"{key}.blocks", b.blocks,
-          "block indices >= 0 or timm module paths")
-    check(b.num_experts >= 2, f"{key}.num_experts", b.num_experts, "an integer >= 2")
-    check(1 <= b.top_k <= b.num_experts, f"{key}.top_k", b.top_k, f"an integer from 1 to num_experts ({b.num_experts})")
-    check(b.num_experts % expert_parallel_size == 0, f"{key}.num_experts", b.num_experts,
-          f"a multiple of moe.expert_parallel_size ({expert_parallel_size}): every rank holds the same number")
-    check(b.capacity_factor > 0, f"{key}.capacity_factor", b.capacity_factor, "a number > 0")
-    check(b.eval_capacity_factor > 0, f"{key}.eval_capacity_factor", b.eval_capacity_factor, "a number > 0")
-    check(b.min_capacity >= 1, f"{key}.min_capacity", b.min_capacity, "an integer >= 1")
-    check(b.upcycle_noise >= 0, f"{key}.upcycle_noise", b.upcycle_noise, "a number >= 0")
-    soft, hard = b.constraint.soft, b.constraint.hard
-    if soft is not None:
-        for name in ("importance_weight", "load_weight"):
-            value = getattr(soft, name)
-            check(value >= 0, f"{key}.constraint.soft.{name}", value, "a number >= 0")
-    if hard is not None:
-        # A threshold at or below the uniform share 1/E would mask experts of a perfectly balanced gate.
-        check(1.0 / b.num_experts < hard.threshold <= 1, f"{key}.constraint.hard.threshold", hard.threshold,
-              f"a share in (1/num_experts, 1] = ({1 / b.num_experts:.4g}, 1]")
-        check(0 <= hard.momentum < 1, f"{key}.constraint.hard.momentum", hard.momentum, "a number in [0, 1)")
-
-
-def _check_pretrained(model: ModelConfig, check) -> None:
-    """An offline checkpoint name must exist and fit ``model.backbone``; a file path passes."""
-    from mgmoe_ds.offline_weights import OFFLINE_WEIGHTS, looks_like_offline_name
-
-    if model.pretrained is None:
-        return
-    weights = OFFLINE_WEIGHTS.get(model.pretrained)
-    if weights is None:
-        check(not looks_like_offline_name(model.pretrained), "model.pretrained", model.pretrained,
-              f"an offline checkpoint ({', '.join(json.dumps(n) for n in OFFLINE_WEIGHTS)}) or a weights file")
-    else:
-        check(model.backbone == weights.timm_arch, "model.backbone", model.backbone,
-              f"{json.dumps(weights.timm_arch)}, the architecture of model.pretrained = {json.dumps(weights.name)}")
 
 
 def config_from_dict(block: dict[str, Any], source: str = "<dict>") -> RunConfig:

@@ -176,7 +176,11 @@ def preprocessing_for(model) -> Preprocessing:
 
 
 def _run_class_names(run: dict[str, Any], num_classes: int) -> list[str]:
-    """Class names from the run's dataset when it is still readable, else "class_<i>"."""
+    """Class names as the run recorded them in config.json, else from its dataset when that is still
+    readable (runs of earlier versions), else "class_<i>"."""
+    recorded = run.get("class_names")
+    if isinstance(recorded, list) and len(recorded) == num_classes:
+        return [str(name) for name in recorded]
     dataset = run.get("dataset")
     if dataset:
         try:

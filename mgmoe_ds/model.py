@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from mgmoe_ds.backbone import CUT_KEY, Backbone
 from mgmoe_ds.backbone_moe import install_token_moe
+from mgmoe_ds.box_tower import BOX_FEATURE, BoxTower, box_loss
 from mgmoe_ds.config import PARAMETER_GROUPS, ExpertSpec, ModelConfig, MoEConfig
 from mgmoe_ds.experts import create_expert, expert_class
 from mgmoe_ds.flops import count_flops, count_parameters
@@ -53,7 +54,8 @@ class ModelOutput:
     logits: Tensor  # (B, classes) fused logits
     routes: dict[str, RouteOutput]  # per routed layer: weights, indices, capacity and drop counts
     pooled: Tensor  # (B, D) the head layer's router input (pooled backbone features)
-    losses: dict[str, Tensor] = field(default_factory=dict)  # raw losses: "task", "fallback", "<layer>.<name>"
+    losses: dict[str, Tensor] = field(default_factory=dict)  # raw losses: "task", "fallback", "bbox", "<layer>.<name>"
+    boxes: Optional[Tensor] = None  # (B, 4) the box tower's (x1, y1, x2, y2) in [0, 1] of the input; None without it
     layer_outputs: dict[str, MoEOutput] = field(default_factory=dict, repr=False)
 
     @property
@@ -67,16 +69,19 @@ class ModelOutput:
         return self.layer_outputs[HEAD_LAYER].expert_outputs
 
 
-def loss_weights(moe_config: MoEConfig, *overrides: dict[str, float], backbone_moe=None) -> dict[str, float]:
+def loss_weights(moe_config: MoEConfig, *overrides: dict[str, float], backbone_moe=None, tasks=None) -> dict[str, float]:
     """The weight of every loss, by name or glob pattern (``*.load_balance``): the defaults, then
     each of ``overrides`` in turn (a stage's own weights, then the user's ``loss_weights``).
-    ``backbone_moe`` (``config.BackboneMoEConfig``) adds its soft constraint's weights."""
+    ``backbone_moe`` (``config.BackboneMoEConfig``) adds its soft constraint's weights, ``tasks``
+    (``config.TasksConfig``) the box task's."""
     weights = dict(BASE_LOSS_WEIGHTS, **{"*.load_balance": moe_config.load_balance_weight,
                                          "*.z_loss": moe_config.z_loss_weight,
                                          "*.standalone": moe_config.expert_loss_weight})
     soft = backbone_moe.constraint.soft if backbone_moe is not None else None
     if soft is not None:
         weights.update({"*.importance": soft.importance_weight, "*.load": soft.load_weight})
+    if tasks is not None and tasks.bbox is not None:
+        weights["bbox"] = tasks.bbox.loss_weight
     for extra in overrides:
         weights.update(extra)
     return weights
@@ -143,7 +148,9 @@ class MGMoE(nn.Module):
         info = self.backbone.info
         self.expert_names = [spec.name for spec in model_config.experts]
         self.features = frozenset().union(*(expert_features(s, info) for s in model_config.experts))
-        self.backbone_outputs = self.features | {ROUTER_INPUT}  # what the backbone computes per image
+        box_task = model_config.tasks.bbox
+        # what the backbone computes per image (the box tower reads the final tokens)
+        self.backbone_outputs = self.features | {ROUTER_INPUT} | ({BOX_FEATURE} if box_task is not None else set())
         # One seed drawn here, at any P, and expert e initialised from seed + e: every expert starts
         # from the same weights whichever rank builds it, so a run at P = 2 starts where P = 1 does.
         expert_seed = int(torch.randint(0, 2**62, (1,)))
@@ -159,6 +166,12 @@ class MGMoE(nn.Module):
                               expert_parallel_size=moe_config.expert_parallel_size,
                               expert_parallel_rank=expert_parallel_rank, dropless=moe_config.dropless,
                               cut_after=cut_after)
+        self.box_tower: Optional[BoxTower] = None
+        if box_task is not None:
+            # Drawn last too: the box task leaves every other initial weight as it was.
+            self.box_tower = _seeded(int(torch.randint(0, 2**40, (1,))), partial(
+                BoxTower, info.token_dim, info.token_grid, channels=box_task.channels, grid=box_task.grid,
+                hidden=box_task.hidden))
 
     @property
     def num_experts(self) -> int:
@@ -233,7 +246,8 @@ class MGMoE(nn.Module):
         return {name: value[:0] for name, value in probe.items()}
 
     def forward_head(self, features: dict[str, Tensor], targets: Optional[Tensor] = None,
-                     routing: Routing = None) -> ModelOutput:
+                     routing: Routing = None, *, boxes: Optional[Tensor] = None, has_box: Optional[Tensor] = None,
+                     box_normaliser: Optional[float | Tensor] = None) -> ModelOutput:
         """Routes precomputed features (from ``forward_features`` or a feature cache).
 
         Args:
@@ -241,6 +255,10 @@ class MGMoE(nn.Module):
             targets: (B,) class indices, or None.
             routing: a ``RoutingRequest`` for every routed layer, or one per layer name; default
                 Top-K with the configured K.
+            boxes, has_box: (B, 4) true boxes ``(x1, y1, x2, y2)`` in [0, 1] and (B,) which images
+                have one: with a box tower, the "bbox" loss (complete-IoU over the images with a box).
+            box_normaliser: what the summed box loss is divided by (``box_tower.box_loss``);
+                default this batch's number of boxes.
         """
         pooled = features[ROUTER_INPUT]  # (B, D)
         payload = {name: features[name] for name in self.features}
@@ -250,11 +268,15 @@ class MGMoE(nn.Module):
             losses["task"] = F.cross_entropy(out.output.float(), targets)
             losses["fallback"] = F.cross_entropy(self.moe.fallback_head(pooled).float(), targets)
             losses.update(self._standalone_losses(out, targets))
+        predicted_boxes = self.box_tower(features[BOX_FEATURE]) if self.box_tower is not None else None  # (B, 4)
+        if predicted_boxes is not None and boxes is not None and has_box is not None:
+            losses["bbox"] = box_loss(predicted_boxes, boxes, has_box, box_normaliser)
         return ModelOutput(logits=out.output, routes={HEAD_LAYER: out.route}, pooled=pooled, losses=losses,
-                           layer_outputs={HEAD_LAYER: out})
+                           layer_outputs={HEAD_LAYER: out}, boxes=predicted_boxes)
 
     def forward(self, images: Optional[Tensor], targets: Optional[Tensor] = None, routing: Routing = None, *,
-                features: Optional[dict[str, Tensor]] = None) -> ModelOutput:
+                features: Optional[dict[str, Tensor]] = None, boxes: Optional[Tensor] = None,
+                has_box: Optional[Tensor] = None, box_normaliser: Optional[float | Tensor] = None) -> ModelOutput:
         """Full forward, or the head alone on precomputed features.
 
         Args:
@@ -264,9 +286,11 @@ class MGMoE(nn.Module):
             features: a feature cache's entries (``cache_features``): the backbone's outputs,
                 or its lower part's at a cut (its top then runs). Passing them here rather than
                 calling ``forward_head`` keeps the call inside a DeepSpeed engine's forward.
+            boxes, has_box, box_normaliser: the box task's targets; see ``forward_head``.
         """
         backbone_features, records = self.forward_backbone(images, cached=features, routing=routing)
-        out = self.forward_head(backbone_features, targets, routing)
+        out = self.forward_head(backbone_features, targets, routing, boxes=boxes, has_box=has_box,
+                                box_normaliser=box_normaliser)
         for name, record in records.items():
             out.routes[name] = record.output.route
             out.layer_outputs[name] = record.output
@@ -317,6 +341,7 @@ class MGMoE(nn.Module):
             "experts": re.compile(r"(^|\.)deepspeed_moe\.experts\.").search,
             "router": re.compile(r"(^|\.)router\.").search,
             "fallback": re.compile(r"(^|\.)fallback_head\.").search,
+            "box_tower": re.compile(r"^box_tower\.").search,
             "backbone": re.compile(r"^backbone\.").search,
         }
         assert tuple(sorted(matchers)) == tuple(sorted(PARAMETER_GROUPS)), "one matcher per parameter group"

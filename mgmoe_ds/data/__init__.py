@@ -1,5 +1,6 @@
 """Data: shards (build, verify, registry), the streaming pipeline, transforms and the demo birds."""
 
+from .boxes import check_box
 from .demo import build_demo
 from .formats import FORMATS, DataError, Item, Listing, read_listing
 from .pipeline import DataInfo, ShardLoader, make_loader
@@ -7,11 +8,12 @@ from .sources import DatasetSource, dataset_source, resolve_source
 from .stream import SkipCounter
 from .registry import DEFAULT_REGISTRY, load_registry, register_dataset
 from .shards import build_shards, load_manifest
-from .transforms import create_transform, decode_image
+from .transforms import ImageTransform, create_transform, decode_image, image_size
 from .verify import verify_dataset
 
 __all__ = [
-    "DEFAULT_REGISTRY", "FORMATS", "DataError", "DataInfo", "DatasetSource", "Item", "Listing", "ShardLoader",
-    "SkipCounter", "build_demo", "dataset_source", "build_shards", "create_transform", "decode_image", "load_manifest", "load_registry",
-    "make_loader", "read_listing", "register_dataset", "resolve_source", "verify_dataset",
+    "DEFAULT_REGISTRY", "FORMATS", "DataError", "DataInfo", "DatasetSource", "ImageTransform", "Item", "Listing",
+    "ShardLoader", "SkipCounter", "build_demo", "build_shards", "check_box", "create_transform", "dataset_source",
+    "decode_image", "image_size", "load_manifest", "load_registry", "make_loader", "read_listing", "register_dataset",
+    "resolve_source", "verify_dataset",
 ]

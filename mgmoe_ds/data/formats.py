@@ -5,6 +5,9 @@ Three layouts are read: ``imagefolder`` (``SRC/<class>/*`` or ``SRC/{train,val,t
 ``x,y,w,h`` columns). A reader only lists files; it never opens an image, so any mistake in the
 layout (a missing label file, an unknown class, an empty class) is reported, in one line, before
 a single shard is written. Files that are listed but are not images are returned as ``skipped``.
+A box is listed as its numbers are written, NaN and infinity included: whether it fits its image
+is checked when the shards are built (:func:`mgmoe_ds.data.shards.check_images`), which drops a
+box that is not finite, has no positive size or lies outside the image, and keeps the image.
 """
 
 from __future__ import annotations
@@ -225,6 +228,16 @@ def _read_cub_table(path: Path, columns: int) -> dict[str, list[str]]:
     return table
 
 
+def _box_numbers(fields: Sequence[str], where: str) -> tuple[float, float, float, float]:
+    """``[x, y, w, h]`` as written -> floats; "nan" and "inf" parse (the build drops such a box),
+    any other text is an error."""
+    try:
+        x, y, w, h = (float(v) for v in fields)
+    except ValueError:
+        raise DataError(f"{where}: bbox = {list(fields)}: expected numbers") from None
+    return x, y, w, h
+
+
 def cub_species_name(raw: str) -> str:
     """``"001.Black_footed_Albatross"`` -> ``"Black_footed_Albatross"``."""
     head, dot, tail = raw.partition(".")
@@ -260,7 +273,7 @@ def read_cub(src: Path) -> Listing:
             raise DataError(f"{src / 'image_class_labels.txt'}: image id {image_id}: unknown class id {labels[image_id][0]}")
         if image_id not in is_train:
             raise DataError(f"{src / 'train_test_split.txt'}: no split for image id {image_id}")
-        box = tuple(float(v) for v in boxes[image_id]) if image_id in boxes else None
+        box = _box_numbers(boxes[image_id], f"{boxes_path}: image id {image_id}") if image_id in boxes else None
         split = "train" if is_train[image_id][0] == "1" else "test"
         items.append(Item(src / relpath, relpath, index[labels[image_id][0]], split, box))
     _check_nonempty(classes, items, src / "image_class_labels.txt")
@@ -273,7 +286,9 @@ def read_csv(
     """List the rows of a CSV with columns ``path,label`` and optional ``split`` and ``x,y,w,h``.
 
     Paths are relative to the CSV's folder. Without a ``split`` column the split is stratified
-    and seeded, as for an imagefolder without split folders.
+    and seeded, as for an imagefolder without split folders. A row whose ``x,y,w,h`` are empty
+    has no box; non-numeric text there is an error, while NaN or infinity is listed and dropped
+    at build (the image is kept).
 
     Args:
         csv_path: the CSV file.
@@ -311,10 +326,7 @@ def read_csv(
             raise DataError(f"{csv_path}:{number}: split = {split!r}: expected one of {SPLIT_NAMES}")
         box = None
         if has_box and all((row[c] or "").strip() for c in ("x", "y", "w", "h")):
-            try:
-                box = tuple(float(row[c]) for c in ("x", "y", "w", "h"))
-            except ValueError:
-                raise DataError(f"{csv_path}:{number}: bbox = {[row[c] for c in 'xywh']}: expected numbers") from None
+            box = _box_numbers([row[c] for c in ("x", "y", "w", "h")], f"{csv_path}:{number}")
         relpath = Path(row["path"].strip()).as_posix()
         items.append(Item(root / relpath, relpath, index[label], split, box))
     items.sort(key=lambda it: it.relpath)

@@ -183,7 +183,11 @@ def make_loader(
 
     Returns:
         ``(loader, info)``: iterate ``loader`` for batches ``{"images": (B, 3, H, W) float,
-        "labels": (B,) long, "keys": list[str]}``; ``info`` describes the label space and counts.
+        "labels": (B,) long, "keys": list[str], "boxes": (B, 4) float32, "has_box": (B,) bool}``
+        (``boxes``: each sample's bounding box ``(x1, y1, x2, y2)`` normalised to [0, 1] on the
+        output image, moved with the image by every crop, resize and flip; zeros with ``has_box``
+        False where a sample has no box, the crop left none of it, or the transform cannot move
+        boxes: see :class:`.stream.ShardStream`); ``info`` describes the label space and counts.
     """
     if not 0 <= rank < world_size:
         raise DataError(f"rank = {rank}: expected 0 <= rank < world_size = {world_size}")

@@ -3,8 +3,14 @@
 A dataset ``NAME`` built into ``OUT`` is the folder ``OUT/NAME`` with ``NAME-{split}-NNNNNN.tar``
 shards and a ``manifest.json``. Each sample has ``__key__``, the original image bytes under their
 real extension (``jpg``, ``png``, ...), ``cls`` (the class index, as ASCII) and ``json`` (species,
-dataset, original relative path, split, bbox when known). A split fills the fewest shards of at
-most ``shard_size`` samples, all of (nearly) equal size. Shards are byte-for-byte reproducible:
+dataset, original relative path, split, and ``bbox``: ``[x, y, w, h]`` in pixels of the stored
+image, or null). A box is checked against its image when the shards are built: one that
+overhangs the image by at most a pixel is clipped to it, and one that is not finite, has no
+positive size or lies outside the image is dropped (the image is kept). The manifest's ``boxes``
+gives per split the samples stored ``with_box`` and ``without_box`` (a dropped box counts as
+without) and, for a build that checked them, the boxes ``clipped``, those ``dropped`` by reason
+and the first few dropped as ``examples``. A split fills the fewest shards of at most
+``shard_size`` samples, all of (nearly) equal size. Shards are byte-for-byte reproducible:
 items are sorted, then shuffled with a fixed seed (so that each shard mixes classes), and every
 tar entry has the same mtime, owner and mode. The mtime is a whole number of seconds, so each
 member is one plain ustar header (a float mtime makes ``tarfile`` add a PAX header, two more
@@ -19,7 +25,7 @@ import json
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -27,12 +33,14 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset import TarWriter
 
+from .boxes import BOX_DROP_REASONS, check_box
 from .formats import SPLIT_NAMES, DataError, Item, Listing, image_extension
-from .transforms import decode_image
+from .transforms import decode_image, image_size
 
 SHARD_MTIME = 946684800  # 2000-01-01T00:00:00Z on every tar entry, for reproducible shards
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
+BOX_EXAMPLES = 5  # dropped boxes named per split in the manifest (the counts are always exact)
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -72,29 +80,41 @@ def shard_sizes(count: int, shard_size: int) -> list[int]:
     return [count // shards + (index < count % shards) for index in range(shards)]
 
 
-def _resize_bytes(data: bytes, ext: str, max_side: int) -> tuple[bytes, str]:
+def _resize_bytes(data: bytes, ext: str, max_side: int) -> tuple[bytes, str, tuple[float, float]]:
+    """The image shrunk to a longer side of ``max_side`` (when larger), and the scale of each axis."""
     image = Image.open(io.BytesIO(data))
     if max(image.size) <= max_side:
-        return data, ext
+        return data, ext, (1.0, 1.0)
     image = decode_image(data, min_side=None)
     scale = max_side / max(image.size)
-    image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+    resized = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+    axis_scales = (resized.width / image.width, resized.height / image.height)  # the rounded sizes' exact ratios
     out = io.BytesIO()
     if ext in ("jpg", "jpeg"):
-        image.save(out, format="JPEG", quality=95)
-        return out.getvalue(), ext
-    image.save(out, format="PNG")
-    return out.getvalue(), "png"
+        resized.save(out, format="JPEG", quality=95)
+        return out.getvalue(), ext, axis_scales
+    resized.save(out, format="PNG")
+    return out.getvalue(), "png", axis_scales
 
 
-def load_image_bytes(item: Item, max_side: Optional[int] = None) -> tuple[bytes, str]:
-    """The bytes and extension to store for ``item``: the file as is, or resized to ``max_side``."""
+def load_image_bytes(item: Item, max_side: Optional[int] = None
+                     ) -> tuple[bytes, str, Optional[tuple[float, float, float, float]]]:
+    """The bytes, extension and box to store for ``item``: the file and box as they are, or the
+    image resized to ``max_side`` with its box scaled along."""
     data, ext = item.path.read_bytes(), image_extension(item.path)
-    return _resize_bytes(data, ext, max_side) if max_side is not None else (data, ext)
+    if max_side is None:
+        return data, ext, item.bbox
+    data, ext, (scale_x, scale_y) = _resize_bytes(data, ext, max_side)
+    if item.bbox is None:
+        return data, ext, None
+    x, y, w, h = item.bbox
+    return data, ext, (x * scale_x, y * scale_y, w * scale_x, h * scale_y)
 
 
-def check_images(listing: Listing, name: str, progress: bool = True) -> tuple[list[Item], list[dict]]:
-    """Read and decode every listed image once; bad files are skipped with a reason.
+def check_images(listing: Listing, name: str, progress: bool = True
+                 ) -> tuple[list[Item], list[dict], dict[str, str]]:
+    """Read and decode every listed image once; bad files are skipped with a reason, and each
+    box is checked against its image (:func:`mgmoe_ds.data.boxes.check_box`).
 
     Args:
         listing: the output of a reader in :mod:`mgmoe_ds.data.formats`.
@@ -102,21 +122,51 @@ def check_images(listing: Listing, name: str, progress: bool = True) -> tuple[li
         progress: show a tqdm bar of files done.
 
     Returns:
-        ``(good, skipped)``: the readable items, and ``{"path", "reason"}`` for the others.
+        ``(good, skipped, box_status)``: the readable items, with their boxes clipped to the image
+        or dropped (None); ``{"path", "reason"}`` for the other files; and, by relative path, the
+        status of each readable item's box: ``"ok"``, ``"clipped"`` or why it was dropped.
     """
-    good, skipped = [], []
+    good, skipped, box_status = [], [], {}
     for item in tqdm(listing.items, desc=f"{name}: reading", unit="file", disable=not progress):
         ext = image_extension(item.path)
         if ext is None:
             skipped.append({"path": item.relpath, "reason": "not an image file extension"})
             continue
         try:
-            decode_image(item.path.read_bytes(), min_side=64)  # a reduced-size decode still reads every byte
+            data = item.path.read_bytes()
+            decode_image(data, min_side=64)  # a reduced-size decode still reads every byte
+            size = image_size(data)  # (width, height) at full size
         except Exception as exn:  # any unreadable file is skipped, never fatal
             skipped.append({"path": item.relpath, "reason": f"{type(exn).__name__}: {exn}".splitlines()[0]})
             continue
+        if item.bbox is not None:
+            box, box_status[item.relpath] = check_box(item.bbox, size)
+            item = replace(item, bbox=box)
         good.append(item)
-    return good, skipped
+    return good, skipped, box_status
+
+
+def box_check_table(items: list[Item], box_status: dict[str, str], listed: dict[str, Any]) -> dict[str, Any]:
+    """Per split, the boxes :func:`check_images` clipped to their image, and those it dropped, by
+    reason, with the first few named (``"path: reason (bbox [x, y, w, h])"``).
+
+    Args:
+        items: the items written, after :func:`check_images`.
+        box_status: :func:`check_images`'s status of each box, by relative path.
+        listed: each item's box as listed (before the check), by relative path.
+    """
+    table: dict[str, Any] = {}
+    for item in items:
+        split = table.setdefault(item.split, {"clipped": 0, "dropped": dict.fromkeys(BOX_DROP_REASONS, 0),
+                                              "examples": []})
+        status = box_status.get(item.relpath)
+        if status == "clipped":
+            split["clipped"] += 1
+        elif status in BOX_DROP_REASONS:
+            split["dropped"][status] += 1
+            if len(split["examples"]) < BOX_EXAMPLES:
+                split["examples"].append(f"{item.relpath}: {status} (bbox {list(listed[item.relpath])})")
+    return {split: table[split] for split in SPLIT_NAMES if split in table}
 
 
 def write_shards(
@@ -126,7 +176,7 @@ def write_shards(
     split: str,
     shard_size: int,
     count: Optional[int] = None,
-) -> tuple[list[dict[str, Any]], list[int]]:
+) -> tuple[list[dict[str, Any]], list[int], int]:
     """Write the samples of one split as ``out_dir/NAME-{split}-NNNNNN.tar``.
 
     Args:
@@ -142,12 +192,13 @@ def write_shards(
         One ``{"path", "split", "count", "sha256", "per_class"}`` entry per shard, with ``path``
         relative to ``out_dir`` and ``per_class`` the samples of each label present, keyed by the
         label index as a string (what re-balancing needs to know a pass's length in advance);
-        and the label of every sample written.
+        the label of every sample written; and how many of them have a box.
     """
     planned = shard_sizes(count, shard_size) if count is not None else []
     counts: dict[str, int] = {}  # shard file -> samples, in write order
     class_counts: dict[str, dict[int, int]] = {}  # shard file -> label -> samples
     labels: list[int] = []
+    with_box = 0
     writer, path, capacity = None, "", 0
     for sample in samples:
         if writer is None or counts[path] == capacity:
@@ -167,12 +218,13 @@ def write_shards(
         counts[path] += 1
         class_counts[path][sample.label] = class_counts[path].get(sample.label, 0) + 1
         labels.append(sample.label)
+        with_box += sample.meta.get("bbox") is not None
     if writer is not None:
         writer.close()
     shards = [{"path": Path(fname).name, "split": split, "count": shard_count, "sha256": sha256_file(Path(fname)),
                "per_class": {str(label): n for label, n in sorted(class_counts[fname].items())}}
               for fname, shard_count in counts.items()]
-    return shards, labels
+    return shards, labels, with_box
 
 
 def count_table(classes: list[str], labels_by_split: dict[str, list[int]]) -> dict[str, Any]:
@@ -197,6 +249,7 @@ def write_dataset(
     options: dict[str, Any],
     source: str,
     split_sizes: Optional[dict[str, int]] = None,
+    boxes: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write every split's shards and the manifest into ``out/NAME``; old shards are removed.
 
@@ -210,6 +263,8 @@ def write_dataset(
         options: the command's options, recorded in the manifest.
         source: where the data came from (recorded in the manifest).
         split_sizes: samples per split, when known, for equal shard sizes (see :func:`write_shards`).
+        boxes: per split, what checking the boxes found (:func:`box_check_table`), when they were
+            checked; the manifest's ``boxes`` adds it to the samples written with and without a box.
 
     Returns:
         The dataset folder ``out/NAME``.
@@ -218,14 +273,16 @@ def write_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob(f"{name}-*.tar"):
         old.unlink()
-    shards, labels = [], {}
+    shards, labels, box_counts = [], {}, {}
     for split in SPLIT_NAMES:
         if split in samples_by_split:
-            split_shards, split_labels = write_shards(samples_by_split[split], out_dir, name, split, shard_size,
-                                                      (split_sizes or {}).get(split))
+            split_shards, split_labels, with_box = write_shards(samples_by_split[split], out_dir, name, split,
+                                                                shard_size, (split_sizes or {}).get(split))
             shards += split_shards
             if split_labels:
                 labels[split] = split_labels
+                box_counts[split] = dict({"with_box": with_box, "without_box": len(split_labels) - with_box},
+                                         **(boxes or {}).get(split, {}))
     manifest = {
         "version": MANIFEST_VERSION,
         "name": name,
@@ -233,6 +290,7 @@ def write_dataset(
         "classes": classes,
         "counts": count_table(classes, labels),
         "shards": shards,
+        "boxes": box_counts,
         "skipped": skipped,
         "options": options,
     }
@@ -260,7 +318,7 @@ def build_shards(
         name: the dataset name.
         source: the source path, recorded in the manifest and in each sample's json.
         shard_size: the most samples per shard.
-        max_side: resize (and re-encode) images whose longer side exceeds this.
+        max_side: resize (and re-encode) images whose longer side exceeds this; boxes scale along.
         seed: the seed of the within-split order (fixed, so shards are reproducible).
         options: the command's options for the manifest.
         progress: show a tqdm progress bar.
@@ -269,7 +327,7 @@ def build_shards(
         The dataset folder ``out/NAME``.
     """
     check_dataset_name(name)
-    good, skipped = check_images(listing, name, progress)
+    good, skipped, box_status = check_images(listing, name, progress)
     present = {item.label for item in good}
     for label, class_name in enumerate(listing.classes):
         if label not in present:
@@ -281,7 +339,7 @@ def build_shards(
 
     def split_samples(split: str, items: list[Item]) -> Iterable[Sample]:
         for index, item in enumerate(items):
-            data, ext = load_image_bytes(item, max_side)
+            data, ext, box = load_image_bytes(item, max_side)
             bar.update(1)
             yield Sample(
                 key=f"{name}_{split}_{index:07d}",
@@ -289,7 +347,7 @@ def build_shards(
                 ext=ext,
                 label=item.label,
                 meta={"species": listing.classes[item.label], "dataset": name, "path": item.relpath,
-                      "split": split, "bbox": list(item.bbox) if item.bbox is not None else None},
+                      "split": split, "bbox": list(box) if box is not None else None},
             )
 
     samples_by_split = {}
@@ -298,7 +356,8 @@ def build_shards(
         samples_by_split[split] = split_samples(split, items)
     out_dir = write_dataset(samples_by_split, listing.classes, out, name, shard_size=shard_size,
                             skipped=listing.skipped + skipped, options=options or {}, source=source,
-                            split_sizes={split: len(items) for split, items in by_split.items()})
+                            split_sizes={split: len(items) for split, items in by_split.items()},
+                            boxes=box_check_table(good, box_status, {item.relpath: item.bbox for item in listing.items}))
     bar.close()
     return out_dir
 

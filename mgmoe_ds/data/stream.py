@@ -2,15 +2,16 @@
 
 Inside each DataLoader worker the pipeline is a webdataset ``DataPipeline`` of small stages: this
 worker's shard list, tar reading (:mod:`.tar_reader`), optional class re-balancing, a shuffle
-buffer, decode + per-image transform (uint8 tensors), batching with the conversion to normalised
-floats done once per batch, written straight into shared memory so that handing the batch to the
-main process copies nothing. Errors are a parameter (``handler``): by default a bad shard or
+buffer, decode + per-image transform (uint8 tensors, each sample's bounding box moved along with
+its image), batching with the conversion to normalised floats done once per batch, written
+straight into shared memory so that handing the batch to the main process copies nothing. Errors are a parameter (``handler``): by default a bad shard or
 sample is skipped and counted, and the count travels with the batches.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import random
 from typing import Callable, Iterator, Optional
 
@@ -20,10 +21,11 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .balance import balance_offsets, pass_length, stable_seed, systematic_copies
+from .boxes import box_from_json, decoded_scale, scale_box
 from .formats import IMAGE_EXTENSIONS
 from .sources import ShardSpec
 from .tar_reader import tar_samples
-from .transforms import ImageTransform, decode_image_tensor
+from .transforms import ImageTransform, decode_image_tensor, image_size
 
 MAX_REASONS = 20  # skip reasons kept per epoch (the count is always exact)
 
@@ -55,8 +57,13 @@ class ShardStream(IterableDataset):
     """The per-worker pipeline as an IterableDataset of ready batches (dicts).
 
     Each batch is ``{"images": (B, 3, H, W) float, "labels": (B,) long, "keys": list[str],
-    "skipped": int, "skip_reasons": list[str]}``; a batch without ``"images"`` carries only
-    skip counts left at the end of a worker's stream.
+    "boxes": (B, 4) float32, "has_box": (B,) bool, "skipped": int, "skip_reasons": list[str]}``;
+    a batch without ``"images"`` carries only skip counts left at the end of a worker's stream.
+    ``boxes`` holds each sample's bounding box ``(x1, y1, x2, y2)`` normalised to [0, 1] on the
+    output image, moved by every crop, resize and flip of the transform; its row is zeros and
+    ``has_box`` False for a sample without a box (``json`` bbox null or absent), one whose box
+    the crop left nothing of, and every sample under a transform that cannot move boxes
+    (``ImageTransform.moves_boxes`` False).
     """
 
     def __init__(
@@ -170,15 +177,33 @@ class ShardStream(IterableDataset):
                     yield sample
         return stage
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, int, str]:
+    def _decoded_box(self, sample: dict, data: bytes, image: torch.Tensor) -> Optional[torch.Tensor]:
+        """The sample's ``json`` bbox (pixels of the stored image at full size) as a (4,) xyxy box
+        in pixels of ``image``, its decode (maybe at a reduced scale); None without one."""
+        if "json" not in sample or not self.transform.moves_boxes:
+            return None
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError:  # the box is optional: an unreadable json entry costs the box, not the sample
+            return None
+        box = box_from_json(meta.get("bbox") if isinstance(meta, dict) else None)  # (4,) or None
+        if box is None:
+            return None
+        return scale_box(box, *decoded_scale(image_size(data), (image.shape[-1], image.shape[-2])))  # (4,)
+
+    def _decode(self, sample: dict) -> tuple[torch.Tensor, int, str, Optional[torch.Tensor]]:
         image_keys = [k for k in sample if k in IMAGE_EXTENSIONS]
         if len(image_keys) != 1:
             raise ValueError(f"{sample.get('__url__')}: {sample.get('__key__')}: expected one image, got {sorted(sample)}")
-        image = decode_image_tensor(sample[image_keys[0]], self.min_side)  # (3, H, W) uint8
-        return self.transform.augment(image), self._label(sample), sample["__key__"]  # (3, H', W')
+        data = sample[image_keys[0]]
+        image = decode_image_tensor(data, self.min_side)  # (3, H, W) uint8
+        image, box = self.transform.augment_with_box(image, self._decoded_box(sample, data, image))  # (3, H', W')
+        if box is not None:
+            box = scale_box(box, 1 / image.shape[-1], 1 / image.shape[-2])  # (4,) normalised to the output image
+        return image, self._label(sample), sample["__key__"], box
 
     def _batches(self, counter: SkipCounter, quota: Optional[int]) -> Callable[[Iterator], Iterator[dict]]:
-        def stage(samples: Iterator[tuple[torch.Tensor, int, str]]) -> Iterator[dict]:
+        def stage(samples: Iterator[tuple[torch.Tensor, int, str, Optional[torch.Tensor]]]) -> Iterator[dict]:
             made, buffer = 0, []
             for sample in samples:
                 if quota is not None and made >= quota:
@@ -197,7 +222,12 @@ class ShardStream(IterableDataset):
         return stage
 
     def _collate(self, buffer: list, counter: SkipCounter) -> dict:
-        images, labels, keys = zip(*buffer)
+        images, labels, keys, boxes = zip(*buffer)
+        has_box = torch.tensor([box is not None for box in boxes], dtype=torch.bool)  # (B,)
+        box_rows = torch.zeros((len(boxes), 4), dtype=torch.float32)  # (B, 4) zeros where there is no box
+        for row, box in zip(box_rows, boxes):
+            if box is not None:
+                row.copy_(box)
         out = torch.empty((len(images), *images[0].shape), dtype=torch.float32)  # (B, 3, H, W)
         if get_worker_info() is not None:  # the batch goes to the main process: build it in shared memory
             out.share_memory_()
@@ -206,6 +236,8 @@ class ShardStream(IterableDataset):
             "images": self.transform.collate(list(images), out),  # (B, 3, H, W)
             "labels": torch.tensor(labels, dtype=torch.long),  # (B,)
             "keys": list(keys),
+            "boxes": box_rows,  # (B, 4) xyxy in [0, 1]
+            "has_box": has_box,  # (B,)
             "skipped": count,
             "skip_reasons": reasons,
         }

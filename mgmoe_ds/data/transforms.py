@@ -5,9 +5,10 @@ and random distributions. :class:`ImageTransform` runs those same steps, drawing
 numbers, on uint8 tensors with torchvision's v2 kernels (antialiased resize, as PIL's resize is)
 and torchvision's colour-jitter arithmetic, 2-3 times faster than on PIL images, and splits them
 in two: ``augment`` is the per-image part (crop, resize, flip, colour jitter), ``collate`` stacks
-images and converts them to normalised floats once per batch. A timm step without a tensor
-counterpart here (auto-augment, random erasing, ...) makes the whole transform run as timm's
-PIL transform instead.
+images and converts them to normalised floats once per batch. Every geometric step also moves a
+bounding box with the image (:mod:`.boxes`). A timm step without a tensor counterpart here
+(auto-augment, random erasing, ...) makes the whole transform run as timm's PIL transform
+instead, which cannot move boxes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as tv_transforms
 from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2.functional._geometry import _compute_resized_output_size  # Resize's output size
+
+from .boxes import box_area, crop_box, flip_box_horizontal, flip_box_vertical, scale_box
 
 JPEG_MAGIC = b"\xff\xd8"  # start-of-image marker
 DEFAULT_CROP_PCT = 0.875  # timm's default eval crop: resize to img_size / 0.875, centre-crop
@@ -58,6 +62,17 @@ def decode_image(data: bytes, min_side: Optional[int] = None) -> Image.Image:
         image.draft("RGB", (min_side, min_side))
     image.load()
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """``(width, height)`` of encoded image bytes at full size, from the header alone."""
+    if data[:2] == JPEG_MAGIC:
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            return width, height
+        except ValueError:  # simplejpeg refuses it: PIL reads the header or reports the damage
+            pass
+    return Image.open(io.BytesIO(data)).size
 
 
 def image_to_tensor(image: ImageLike) -> torch.Tensor:
@@ -99,30 +114,54 @@ def decode_image_tensor(data: bytes, min_side: Optional[int] = None) -> torch.Te
     return image_to_tensor(decode_image(data, min_side))
 
 
-def _random_resized_crop(step: Any, image: torch.Tensor) -> torch.Tensor:
+def _random_resized_crop(step: Any, image: torch.Tensor, box: Optional[torch.Tensor]
+                         ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """timm's ``RandomResizedCropAndInterpolation``: its own parameter sampling, a tensor resize."""
     top, left, height, width = step.get_params(image, step.scale, step.ratio)
     interpolation = step.interpolation
     if isinstance(interpolation, (list, tuple)):  # timm's "random": one of several, per image
         interpolation = random.choice(interpolation)
-    return F.resized_crop_image(image, top, left, height, width, list(step.size), interpolation, antialias=True)
+    out_height, out_width = step.size
+    image = F.resized_crop_image(image, top, left, height, width, [out_height, out_width], interpolation,
+                                 antialias=True)
+    if box is not None:
+        box = scale_box(crop_box(box, left, top, width, height), out_width / width, out_height / height)
+    return image, box
 
 
-def _resize(step: tv_transforms.Resize, image: torch.Tensor) -> torch.Tensor:
+def _resize(step: tv_transforms.Resize, image: torch.Tensor, box: Optional[torch.Tensor]
+            ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     size = [step.size] if isinstance(step.size, int) else list(step.size)
-    return F.resize_image(image, size, step.interpolation, step.max_size, antialias=True)
+    resized = F.resize_image(image, size, step.interpolation, step.max_size, antialias=True)
+    if box is not None:
+        box = scale_box(box, resized.shape[-1] / image.shape[-1], resized.shape[-2] / image.shape[-2])
+    return resized, box
 
 
-def _center_crop(step: tv_transforms.CenterCrop, image: torch.Tensor) -> torch.Tensor:
-    return F.center_crop_image(image, list(step.size))
+def _center_crop_offset(image_side: int, crop_side: int) -> int:
+    """Where torchvision's centre crop starts along one side: a crop larger than the image pads
+    it, ``(crop - image) // 2`` before, so the crop starts that far before the image."""
+    if crop_side > image_side:
+        return -((crop_side - image_side) // 2)
+    return int(round((image_side - crop_side) / 2.0))
+
+
+def _center_crop(step: tv_transforms.CenterCrop, image: torch.Tensor, box: Optional[torch.Tensor]
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    crop_height, crop_width = step.size
+    if box is not None:
+        top, left = _center_crop_offset(image.shape[-2], crop_height), _center_crop_offset(image.shape[-1], crop_width)
+        box = crop_box(box, left, top, crop_width, crop_height)
+    return F.center_crop_image(image, [crop_height, crop_width]), box
 
 
 def _flip(step: tv_transforms.RandomHorizontalFlip | tv_transforms.RandomVerticalFlip,
-          image: torch.Tensor) -> torch.Tensor:
+          image: torch.Tensor, box: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     if torch.rand(1) >= step.p:  # as torchvision's forward draws it
-        return image
-    horizontal = isinstance(step, tv_transforms.RandomHorizontalFlip)
-    return F.horizontal_flip_image(image) if horizontal else F.vertical_flip_image(image)
+        return image, box
+    if isinstance(step, tv_transforms.RandomHorizontalFlip):
+        return F.horizontal_flip_image(image), None if box is None else flip_box_horizontal(box, image.shape[-1])
+    return F.vertical_flip_image(image), None if box is None else flip_box_vertical(box, image.shape[-2])
 
 
 def _blend_(image: torch.Tensor, other: torch.Tensor, factor: float) -> torch.Tensor:
@@ -149,9 +188,17 @@ def _color_jitter(step: tv_transforms.ColorJitter, image: torch.Tensor) -> torch
     return image
 
 
-def _tensor_steps(timm_transform: Any) -> Optional[list[Callable[[torch.Tensor], torch.Tensor]]]:
-    """``timm_transform``'s pixel steps as tensor functions, or None when it is not
-    ``Compose([pixel steps..., ToTensor, Normalize])`` of steps known here."""
+def _colour_step(step: tv_transforms.ColorJitter, image: torch.Tensor, box: Optional[torch.Tensor]
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    return _color_jitter(step, image), box  # colours move no pixel
+
+
+BoxStep = Callable[[torch.Tensor, Optional[torch.Tensor]], tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def _tensor_steps(timm_transform: Any) -> Optional[list[BoxStep]]:
+    """``timm_transform``'s pixel steps as tensor functions ``(image, box) -> (image, box)``, or
+    None when it is not ``Compose([pixel steps..., ToTensor, Normalize])`` of steps known here."""
     from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
 
     kernels = {
@@ -160,7 +207,7 @@ def _tensor_steps(timm_transform: Any) -> Optional[list[Callable[[torch.Tensor],
         tv_transforms.CenterCrop: _center_crop,
         tv_transforms.RandomHorizontalFlip: _flip,
         tv_transforms.RandomVerticalFlip: _flip,
-        tv_transforms.ColorJitter: _color_jitter,
+        tv_transforms.ColorJitter: _colour_step,
     }
     steps = list(getattr(timm_transform, "transforms", []))
     if len(steps) < 2 or type(steps[-1]) is not tv_transforms.Normalize:
@@ -176,9 +223,11 @@ class ImageTransform:
     """timm's train or eval transform, as a per-image part and a per-batch part.
 
     ``augment`` maps a PIL image or a (3, H, W) uint8 tensor to a (3, H', W') tensor: uint8, or
-    float in [0, 255] once a colour step ran (timm's PIL fallback: already normalised).
-    ``collate`` stacks such images into a normalised (B, 3, H', W') float batch. Calling the
-    transform does both for one image: a PIL image -> a (3, H', W') normalised float tensor.
+    float in [0, 255] once a colour step ran (timm's PIL fallback: already normalised);
+    ``augment_with_box`` also moves a bounding box with the image (not under the PIL fallback:
+    see ``moves_boxes``). ``collate`` stacks such images into a normalised (B, 3, H', W') float
+    batch. Calling the transform does both for one image: a PIL image -> a (3, H', W') normalised
+    float tensor. ``box_to_source`` maps a box on the eval transform's output back to its input.
     """
 
     def __init__(self, timm_transform: Any) -> None:
@@ -191,16 +240,86 @@ class ImageTransform:
             self.scale = 1.0 / (255.0 * std)  # pixels p = 255 x: (x - mean) / std = p * scale - shift
             self.shift = mean / std
 
+    @property
+    def moves_boxes(self) -> bool:
+        """Whether ``augment_with_box`` moves boxes: True on the tensor steps; timm's PIL fallback
+        (a step without a tensor kernel, e.g. auto-augment) drops every box."""
+        return self.steps is not None
+
     def augment(self, image: ImageLike) -> torch.Tensor:
         """The per-image steps: an image -> (3, H', W') (see the class docstring)."""
+        return self.augment_with_box(image, None)[0]
+
+    def augment_with_box(self, image: ImageLike, box: Optional[torch.Tensor]
+                         ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The per-image steps, moving a box with the image: crops shift and clip it, resizes
+        scale it, flips mirror it. The random draws are those of ``augment``: the same image.
+
+        Args:
+            image: a PIL image or a (3, H, W) uint8 tensor.
+            box: (4,) ``(x1, y1, x2, y2)`` in the image's continuous pixel coordinates (pixel
+                edges: the whole image is ``(0, 0, W, H)``), or None.
+
+        Returns:
+            ``(image, box)``: the (3, H', W') image and the (4,) float32 box in its pixel
+            coordinates; None without a box, when the crop left none of it, or under the PIL
+            fallback.
+        """
         if self.steps is None:
             if isinstance(image, torch.Tensor):
                 image = Image.fromarray(image.permute(1, 2, 0).numpy())  # (H, W, 3)
-            return self.timm_transform(image)
+            return self.timm_transform(image), None
         image = image_to_tensor(image)
+        if box is not None:
+            box = torch.as_tensor(box, dtype=torch.float32)  # (4,)
         for step in self.steps:
-            image = step(image)
-        return image
+            image, box = step(image, box)
+        return image, box if box is not None and box_area(box) > 0 else None
+
+    def box_to_source(self, boxes: torch.Tensor, source_size: tuple[int, int]) -> torch.Tensor:
+        """Boxes on the eval transform's output -> in pixels of the image the transform was given.
+
+        Args:
+            boxes: (N, 4) ``(x1, y1, x2, y2)`` normalised to the output image ([0, 1]).
+            source_size: ``(width, height)`` of the image given to the transform.
+
+        Returns:
+            (N, 4) boxes in the source image's pixels, clipped to it (float, of ``boxes``' dtype).
+
+        Raises:
+            ValueError: the transform has a step other than Resize and CenterCrop (a random or
+                PIL-only one), so no fixed mapping exists.
+        """
+        steps = list(self.timm_transform.transforms[:-2]) if self.steps is not None else []
+        if self.steps is None or any(type(step) not in (tv_transforms.Resize, tv_transforms.CenterCrop)
+                                     for step in steps):
+            names = [type(step).__name__ for step in getattr(self.timm_transform, "transforms", [self.timm_transform])]
+            raise ValueError(f"box_to_source: transform steps {names}: expected Resize and CenterCrop only "
+                             f"(the eval transform)")
+        source_width, source_height = source_size
+        width, height = source_width, source_height
+        # output pixel = source pixel * scale - offset, per axis, composed over the steps
+        scale_x = scale_y = 1.0
+        offset_x = offset_y = 0.0
+        for step in steps:
+            if isinstance(step, tv_transforms.Resize):
+                size = [step.size] if isinstance(step.size, int) else list(step.size)
+                new_height, new_width = _compute_resized_output_size((height, width), size, step.max_size)
+                resize_x, resize_y = new_width / width, new_height / height
+                scale_x, scale_y = scale_x * resize_x, scale_y * resize_y
+                offset_x, offset_y = offset_x * resize_x, offset_y * resize_y
+                width, height = new_width, new_height
+            else:
+                crop_height, crop_width = step.size
+                offset_x += _center_crop_offset(width, crop_width)
+                offset_y += _center_crop_offset(height, crop_height)
+                width, height = crop_width, crop_height
+        boxes = torch.as_tensor(boxes)
+        dtype = boxes.dtype if boxes.is_floating_point() else torch.float32
+        boxes = boxes.to(torch.float64)  # (N, 4); float64 keeps the round trip exact to far below a pixel
+        output_pixels = scale_box(boxes, width, height)  # (N, 4)
+        source = scale_box(output_pixels + boxes.new_tensor([offset_x, offset_y] * 2), 1 / scale_x, 1 / scale_y)
+        return crop_box(source, 0, 0, source_width, source_height).to(dtype)  # (N, 4)
 
     def collate(self, images: list[torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Images from :meth:`augment` (all of one size) -> a (B, 3, H, W) normalised float batch.

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from mgmoe_ds.box_tower import BOX_FEATURE
 from mgmoe_ds.inference import InferenceMeta
 from mgmoe_ds.moe.routing import RoutingRequest
 
@@ -44,6 +45,8 @@ class SplitOutputs:
     extra: dict[str, Any] = field(default_factory=dict)
     # per backbone MoE layer: (N, E) share of each image's tokens' combine weight on each expert
     token_moe_mass: dict[str, Tensor] = field(default_factory=dict)
+    # the box tower's (N, 4) boxes, the true (N, 4) boxes and (N,) which images have one; None without a tower
+    boxes: Optional[tuple[Tensor, Tensor, Tensor]] = None
 
 
 def image_expert_mass(route, num_experts: int, num_images: int) -> Tensor:
@@ -85,6 +88,7 @@ def run_passes(model, loader, passes: dict[str, RoutingRequest], *, max_points: 
     used: dict[str, list[Tensor]] = {name: [] for name in passes}
     seconds = {name: 0.0 for name in passes}
     token_moe_mass: dict[str, list[Tensor]] = {}
+    boxes: list[tuple[Tensor, Tensor, Tensor]] = []  # per batch: predicted, true, has_box
     backbone_seconds = 0.0
     kept_points = 0
     device = device or torch.device("cpu")
@@ -111,6 +115,11 @@ def run_passes(model, loader, passes: dict[str, RoutingRequest], *, max_points: 
             per_expert_weights, per_expert_used = _per_expert(out.route, model.num_experts)
             weights[name].append(per_expert_weights)
             used[name].append(per_expert_used)
+        if model.box_tower is not None:  # not routed: one box per image whatever the variant
+            predicted = model.box_tower(features[BOX_FEATURE]).float().cpu()  # (B, 4)
+            true = batch.get("boxes", torch.zeros_like(predicted)).float().cpu()  # (B, 4)
+            has_box = batch.get("has_box", torch.zeros(predicted.shape[0], dtype=torch.bool)).cpu()  # (B,)
+            boxes.append((predicted, true, has_box))
         labels.append(batch["labels"].cpu())
         keys += list(batch["keys"])
         if kept_points < POOL_FACTOR * max_points:
@@ -124,7 +133,8 @@ def run_passes(model, loader, passes: dict[str, RoutingRequest], *, max_points: 
     results = {name: PassResult(torch.cat(logits[name]), torch.cat(weights[name]), torch.cat(used[name]), seconds[name])
                for name in passes}
     return SplitOutputs(torch.cat(labels), keys, results, pooled_all[sample_index], sample_index, backbone_seconds,
-                        token_moe_mass={name: torch.cat(mass) for name, mass in token_moe_mass.items()})
+                        token_moe_mass={name: torch.cat(mass) for name, mass in token_moe_mass.items()},
+                        boxes=tuple(torch.cat(part) for part in zip(*boxes)) if boxes else None)
 
 
 def routing_passes(model, meta: InferenceMeta) -> dict[str, RoutingRequest]:

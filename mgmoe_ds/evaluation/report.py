@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from mgmoe_ds.evaluation.boxes import box_report, paired_comparison, render_boxes
 from mgmoe_ds.evaluation.backbone_moe import backbone_moe_report, plan_switch_off, render_backbone_moe, switch_off_top1
 from mgmoe_ds.evaluation.figures import plot_routing_share, plot_tsne, tsne_embedding
-from mgmoe_ds.evaluation.loading import EvaluationArgs, device_name, load_for_evaluation
+from mgmoe_ds.evaluation.loading import EvaluationArgs, device_name, eval_loader, load_for_evaluation
 from mgmoe_ds.evaluation.metrics import accuracy_summary, confused_pairs, long_tail_buckets, pass_flops, router_flops
 from mgmoe_ds.evaluation.passes import DENSE, MAX_TSNE_POINTS, ROUTED, routing_passes, run_passes
 from mgmoe_ds.evaluation.specialisation import class_expert_share, layer_specialisation
@@ -27,6 +29,7 @@ class EvalArgs(EvaluationArgs):
     head_min: Optional[float] = None  # long-tail bucket thresholds (training images per class)
     tail_max: Optional[float] = None
     max_points: int = MAX_TSNE_POINTS  # images in the t-SNE figure
+    compare: Optional[Path] = None  # another run folder or export: top-1 of both on the same images
 
 
 def evaluate_model(args: EvalArgs) -> dict[str, Any]:
@@ -97,6 +100,10 @@ def evaluate_model(args: EvalArgs) -> dict[str, Any]:
         "routed_beats": {"dense": variants[ROUTED]["top1"] > variants[DENSE]["top1"],
                          "best_single_expert": best_single is not None and variants[ROUTED]["top1"] > best_single},
     }
+    if outputs.boxes is not None:
+        report["boxes"] = box_report(*outputs.boxes)
+    if args.compare is not None:
+        report["compare"] = compare_with(args, meta, outputs, device, box_task=model.box_tower is not None)
     if outputs.token_moe_mass:
         switched_off = switch_off_top1(model, loader, meta.routing, plan_switch_off(outputs.token_moe_mass),
                                        device=device, progress=args.progress)
@@ -106,9 +113,11 @@ def evaluate_model(args: EvalArgs) -> dict[str, Any]:
     with open(out_dir / "predictions.jsonl", "w") as handle:
         top = torch.softmax(routed.logits, dim=-1).topk(min(5, meta.num_classes), dim=-1)  # (N, 5)
         for i, key in enumerate(outputs.keys):
-            handle.write(json.dumps({"key": key, "label": int(labels[i]), "predicted": int(top.indices[i, 0]),
-                                     "top5": top.indices[i].tolist(),
-                                     "top5_probabilities": [round(float(p), 6) for p in top.values[i]]}) + "\n")
+            record = {"key": key, "label": int(labels[i]), "predicted": int(top.indices[i, 0]),
+                      "top5": top.indices[i].tolist(), "top5_probabilities": [round(float(p), 6) for p in top.values[i]]}
+            if outputs.boxes is not None:  # (x1, y1, x2, y2) as fractions of the model's input image
+                record["box"] = [round(float(v), 5) for v in outputs.boxes[0][i]]
+            handle.write(json.dumps(record) + "\n")
     plot_routing_share(share.numpy(), names, expert_ids,
                        title="head router: share of each species' routing weight per expert",
                        path=out_dir / "routing_heatmap.png")
@@ -117,6 +126,26 @@ def evaluate_model(args: EvalArgs) -> dict[str, Any]:
               labels[sample].numpy(), out_dir / "tsne.png")
     (out_dir / "report.md").write_text(render_markdown(report))
     return report
+
+
+def compare_with(args: EvalArgs, meta: Any, outputs: Any, device: torch.device, box_task: bool) -> dict[str, Any]:
+    """Top-1 of ``args.compare``'s model against this one on the same images (matched by key)."""
+    from mgmoe_ds.inference import load_trained
+
+    other, other_meta = load_trained(args.compare)
+    if other_meta.class_names != meta.class_names:
+        raise ValueError(f"--compare {args.compare}: its {other_meta.num_classes} classes are not this model's "
+                         f"{meta.num_classes} in the same order; compare models of one label space")
+    other.to(device)
+    loader, _, _ = eval_loader(other_meta, args.data or meta.dataset, args.split, args.batch_size, args.num_workers)
+    theirs = run_passes(other, loader, {ROUTED: other_meta.routing}, max_points=0, progress=args.progress,
+                        desc=f"eval {args.split} ({args.compare})", device=device)
+    row = {key: i for i, key in enumerate(theirs.keys)}
+    order = torch.tensor([row[key] for key in outputs.keys])  # (N,) their row of each of our images
+    this_correct = outputs.passes[ROUTED].logits.argmax(1) == outputs.labels  # (N,)
+    other_correct = theirs.passes[ROUTED].logits.argmax(1)[order] == theirs.labels[order]  # (N,)
+    return {"checkpoint": str(args.compare), "box_task": {"this": box_task, "other": other.box_tower is not None},
+            **paired_comparison(this_correct, other_correct)}
 
 
 def _pct(value: Optional[float]) -> str:
@@ -181,6 +210,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"{specialisation['max_mutual_information']:.3f} nats):", ""]
         lines += [f"- {sentence}" for sentence in specialisation["summary"]]
     lines += ["", "![routing heatmap](routing_heatmap.png)", "", "![t-SNE](tsne.png)"]
+    lines += render_boxes(report)
     lines += render_backbone_moe(report.get("backbone_moe", {}))
     lines += ["", "## Per-class accuracy", "",
               "| species | train images | bucket | top-1 % |", "|---|---:|---|---:|"]

@@ -56,9 +56,25 @@ class RunData:
                             f"are fitted on it; rebuild the dataset with `mgmoe shards build` (it carves a validation "
                             f"split from train, --val-fraction 0.1) or set mgmoe.data.val_split")
         self.val_loader, self.val_info = self.loader(self.val_split, train=False)
+        if config.model.tasks.bbox is not None:
+            self._check_boxes(dataset_source(dataset))
         # Loaders of the eval transform by split (the final test adds "test").
         self.eval_loaders = {"train": self.train_features_loader, self.val_split: self.val_loader}
         self._augmented_loader = None  # train-transform loader without shuffling, for cache.views > 1
+
+    def _check_boxes(self, source: Any) -> None:
+        """The box task needs boxes in the training split and a training transform that moves them."""
+        from mgmoe_ds.data import DataError
+
+        if not self.train_loader.stream.transform.moves_boxes:
+            steps = [type(step).__name__ for step in self.train_loader.stream.transform.timm_transform.transforms]
+            raise DataError(f"mgmoe.model.tasks.bbox: the training transform's steps {steps} run on PIL images, "
+                            f"which cannot move boxes; drop the step without a tensor kernel or the box task")
+        counts = [part.manifest.get("boxes", {}).get("train", {}).get("with_box") for part in source.parts]
+        if all(count == 0 for count in counts):  # a manifest written before box counts says None: not refused
+            raise DataError(f"{self.dataset}: mgmoe.model.tasks.bbox is set but no training image has a box "
+                            f"(manifest boxes.train.with_box = 0); build the shards from a source with boxes "
+                            f"(CUB's bounding_boxes.txt, CSV x,y,w,h columns) or drop the box task")
 
     def loader(self, split: str, train: bool, shuffle: Optional[bool] = None):
         """``(ShardLoader, DataInfo)`` of ``split`` for this rank."""

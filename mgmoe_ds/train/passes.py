@@ -13,6 +13,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from mgmoe_ds.box_tower import box_statistics
 from mgmoe_ds.config import RunConfig
 from mgmoe_ds.curriculum import ClusterState
 from mgmoe_ds.curriculum.clustering import assign_clusters, kmeans
@@ -77,6 +78,7 @@ class TrainingPasses:
         self.model.eval()
         routing = routing.without_drops()
         totals = torch.zeros(4, dtype=torch.float64)  # images, top1, top5, loss sum
+        box_totals = torch.zeros(3, dtype=torch.float64)  # images with a box, IoU sum, IoU >= 0.5
         by_class = torch.zeros(2, self.model.num_classes, dtype=torch.float64, device=self.device)  # images, correct
         for batch in self.batches(split, stage):
             labels = batch["labels"].to(self.device)
@@ -89,10 +91,17 @@ class TrainingPasses:
                     correct = (out.logits.argmax(-1) == labels).double()  # (B,)
                     by_class[0].index_add_(0, labels, torch.ones_like(correct))
                     by_class[1].index_add_(0, labels, correct)
+            if out.boxes is not None and "has_box" in batch:
+                box_totals += box_statistics(out.boxes, batch["boxes"], batch["has_box"])
         totals = self.comm.sum(totals)
         n = max(1.0, float(totals[0]))
         result: dict[str, Any] = {"images": int(totals[0]), "top1": float(totals[1]) / n,
                                   "top5": float(totals[2]) / n, "loss": float(totals[3]) / n}
+        if self.model.box_tower is not None:  # every rank has the tower, or none: the same collectives
+            box_totals = self.comm.sum(box_totals)
+            boxed = max(1.0, float(box_totals[0]))
+            result.update({"box_images": int(box_totals[0]), "mean_iou": float(box_totals[1]) / boxed,
+                           "iou50": float(box_totals[2]) / boxed})
         if class_counts is not None:
             from mgmoe_ds.evaluation.metrics import bucket_top1, long_tail_buckets
 

@@ -57,6 +57,8 @@ class StageFeatures:
         if self._cache_exchanges_experts():
             return ("the backbone's MoE layers are expert-parallel and below the cache's output: computing its "
                     "features needs every rank in step (set cache.depth below the MoE blocks to cache under them)")
+        if "box_tower" in stage.group_lr:
+            return "it trains the box tower, whose boxes move with each augmented image (the cache stores none)"
         if self.config.data.resampled or self.config.data.balance is not None:
             return "data.resampled / data.balance draw samples the cache's epochs do not reproduce"
         raw = [spec.name for spec in self.config.model.experts if expert_class(spec.name).needs_raw_images]

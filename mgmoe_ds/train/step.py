@@ -52,14 +52,16 @@ class TrainStep:
     moe_config: Any
     reorder: Optional[Callable[..., Tensor]] = None
     backbone_moe: Any = None  # the run's model.backbone_moe (its soft constraint's loss weights)
+    tasks: Any = None  # the run's model.tasks (the box task's loss weight; with it, batches' boxes are targets)
 
     def __call__(self, engine: Any, batch: dict, clusters: Any) -> StepResult:
         started = time.perf_counter()
         labels = batch["labels"].to(self.device, non_blocking=True)
-        out = engine(targets=labels, routing=self.routing, **model_inputs(batch, self.device, self.input_dtype))
+        out = engine(targets=labels, routing=self.routing, **model_inputs(batch, self.device, self.input_dtype),
+                     **self.box_targets(batch))
         losses = {**out.losses, **self.stage.extra_losses(out, clusters)}
         total = weighted_loss(losses, loss_weights(self.moe_config, self.stage.loss_weights(),
-                                                      backbone_moe=self.backbone_moe))
+                                                      backbone_moe=self.backbone_moe, tasks=self.tasks))
         # One vote: a non-finite loss on any rank skips the update on every rank.
         finite = bool(self.comm.reduce_int(int(bool(torch.isfinite(total))), "min"))
         detached = {name: value.detach() for name, value in losses.items()}
@@ -70,6 +72,20 @@ class TrainStep:
             engine.backward(total)
             engine.step()
         return StepResult(finite, detached, out, int(labels.shape[0]), time.perf_counter() - started)
+
+    def box_targets(self, batch: dict) -> dict[str, Any]:
+        """The box task's model arguments for ``batch`` (none without the task or the batch's boxes).
+
+        Each rank divides its summed box loss by the mean number of boxes per rank over all ranks
+        (one all-reduce): the ranks' averaged gradients are then those of the mean over every box
+        of the global batch, however unevenly the boxes fall on the ranks.
+        """
+        if self.tasks is None or self.tasks.bbox is None or "has_box" not in batch:
+            return {}
+        has_box = batch["has_box"].to(self.device, non_blocking=True)  # (B,) bool
+        boxes_in_world = self.comm.reduce_int(int(has_box.sum()), "sum")
+        return {"boxes": batch["boxes"].to(self.device, non_blocking=True), "has_box": has_box,
+                "box_normaliser": max(1, boxes_in_world) / self.comm.world_size}
 
 
 def trained_groups(model: Any, stage: Any) -> list[dict[str, Any]]:

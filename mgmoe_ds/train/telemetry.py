@@ -224,10 +224,12 @@ class Telemetry:
             self.clock.validation_starts()
 
     def log_validation(self, stage_name: str, epoch: int, step: int, val: dict[str, float]) -> None:
+        boxes = {f"val_{k}": val[k] for k in ("mean_iou", "iou50") if k in val}  # with a box tower
         self.logger.log({"event": "validation", "stage": stage_name, "epoch": epoch, "step": step,
-                         "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]})
+                         "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"], **boxes})
         if self.clock is not None and self.is_main:
-            LOG.info("%s; val top-1 %.3f", self.clock.epoch_ends(epoch), val["top1"])
+            box_words = f", box mean IoU {val['mean_iou']:.3f}" if "mean_iou" in val and val.get("box_images") else ""
+            LOG.info("%s; val top-1 %.3f%s", self.clock.epoch_ends(epoch), val["top1"], box_words)
         if self.bar is not None:
             self.bar.set_postfix(val_top1=f"{val['top1']:.3f}")
 

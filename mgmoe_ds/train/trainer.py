@@ -96,6 +96,12 @@ class Trainer:
         self.model = MGMoE(self.config.model, moe, self.num_classes,
                            expert_parallel_rank=expert_parallel_rank(moe.expert_parallel_size),
                            cut_after=self.config.cache.depth)
+        if self.config.train.init_from is not None and args.resume is None:  # transfer: a trained model's weights
+            from mgmoe_ds.train.transfer import load_initial_weights, write_record
+
+            record = load_initial_weights(self.model, self.config.train.init_from, classes, self.config)
+            if self.is_main:
+                LOG.info(write_record(record, self.run_dir / "init_from.json"))
         adopt_moe_layers(self.model)
         self.model.to(self.dist.device)
         self.data = RunData(self.config, self.dataset, rank=self.dist.rank, world_size=self.dist.world_size,
@@ -118,7 +124,8 @@ class Trainer:
             LOG.info("model: backbone %s, experts [%s], top-%d, expert_parallel_size %d", self.config.model.backbone,
                      names, moe.top_k, moe.expert_parallel_size)
             resolved = {"mgmoe": config_to_dict(self.config), "deepspeed": self.ds_config, "dataset": self.dataset,
-                        "world_size": self.dist.world_size, "num_classes": self.num_classes}
+                        "world_size": self.dist.world_size, "num_classes": self.num_classes,
+                        "class_names": list(classes)}
             (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
 
     # -- the stage hooks' view of the run (curriculum.StageHooks) --------------------------------
@@ -272,7 +279,7 @@ class Trainer:
             experts = [p for layer in self.model.moe_layers().values() for p in layer.expert_parameters()]
             reorder = fixed_order(engine, gradient_order(self.model, experts))
         step = TrainStep(stage, stage.routing(self.clusters), self.comm, self.dist.device, self.input_dtype,
-                         self.config.moe, reorder, self.config.model.backbone_moe)
+                         self.config.moe, reorder, self.config.model.backbone_moe, self.config.model.tasks)
         return engine, step
 
     def _mask_heads(self, frozen: set[int]) -> None:

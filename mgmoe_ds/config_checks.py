@@ -1,0 +1,58 @@
+"""Range checks of the config's larger sections, each failure one line through the caller's ``check``.
+
+``check(ok, key, value, accepted)`` is ``config._validate``'s: it raises a ``ConfigError`` naming
+the file, ``mgmoe.<key>``, the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def check_backbone_moe(b: Any, expert_parallel_size: int, check) -> None:
+    key = "model.backbone_moe"
+    check(len(b.blocks) >= 1, f"{key}.blocks", b.blocks, "at least one block index or name")
+    check(len(set(map(str, b.blocks))) == len(b.blocks), f"{key}.blocks", b.blocks, "each block once")
+    check(all(not isinstance(i, int) or i >= 0 for i in b.blocks), f"{key}.blocks", b.blocks,
+          "block indices >= 0 or timm module paths")
+    check(b.num_experts >= 2, f"{key}.num_experts", b.num_experts, "an integer >= 2")
+    check(1 <= b.top_k <= b.num_experts, f"{key}.top_k", b.top_k, f"an integer from 1 to num_experts ({b.num_experts})")
+    check(b.num_experts % expert_parallel_size == 0, f"{key}.num_experts", b.num_experts,
+          f"a multiple of moe.expert_parallel_size ({expert_parallel_size}): every rank holds the same number")
+    check(b.capacity_factor > 0, f"{key}.capacity_factor", b.capacity_factor, "a number > 0")
+    check(b.eval_capacity_factor > 0, f"{key}.eval_capacity_factor", b.eval_capacity_factor, "a number > 0")
+    check(b.min_capacity >= 1, f"{key}.min_capacity", b.min_capacity, "an integer >= 1")
+    check(b.upcycle_noise >= 0, f"{key}.upcycle_noise", b.upcycle_noise, "a number >= 0")
+    soft, hard = b.constraint.soft, b.constraint.hard
+    if soft is not None:
+        for name in ("importance_weight", "load_weight"):
+            value = getattr(soft, name)
+            check(value >= 0, f"{key}.constraint.soft.{name}", value, "a number >= 0")
+    if hard is not None:
+        # A threshold at or below the uniform share 1/E would mask experts of a perfectly balanced gate.
+        check(1.0 / b.num_experts < hard.threshold <= 1, f"{key}.constraint.hard.threshold", hard.threshold,
+              f"a share in (1/num_experts, 1] = ({1 / b.num_experts:.4g}, 1]")
+        check(0 <= hard.momentum < 1, f"{key}.constraint.hard.momentum", hard.momentum, "a number in [0, 1)")
+
+
+def check_pretrained(model: Any, check) -> None:
+    """An offline checkpoint name must exist and fit ``model.backbone``; a file path passes."""
+    from mgmoe_ds.offline_weights import OFFLINE_WEIGHTS, looks_like_offline_name
+
+    if model.pretrained is None:
+        return
+    weights = OFFLINE_WEIGHTS.get(model.pretrained)
+    if weights is None:
+        check(not looks_like_offline_name(model.pretrained), "model.pretrained", model.pretrained,
+              f"an offline checkpoint ({', '.join(json.dumps(n) for n in OFFLINE_WEIGHTS)}) or a weights file")
+    else:
+        check(model.backbone == weights.timm_arch, "model.backbone", model.backbone,
+              f"{json.dumps(weights.timm_arch)}, the architecture of model.pretrained = {json.dumps(weights.name)}")
+
+
+def check_box_task(box: Any, check) -> None:
+    """``model.tasks.bbox`` (``config.BoxTaskConfig``)."""
+    check(box.loss_weight >= 0, "model.tasks.bbox.loss_weight", box.loss_weight, "a number >= 0")
+    for name in ("channels", "grid", "hidden"):
+        check(getattr(box, name) >= 1, f"model.tasks.bbox.{name}", getattr(box, name), "an integer >= 1")
