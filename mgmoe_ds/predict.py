@@ -48,11 +48,12 @@ def _load_image(path: Path, transform: Any, min_side: int) -> LoadedImage:
 
 def box_in_file_pixels(box: torch.Tensor, image: LoadedImage, transform: Any) -> list[float]:
     """A (4,) box on the model's input (fractions) -> ``[x1, y1, x2, y2]`` in the file's pixels."""
+    from mgmoe_ds.data.boxes import decoded_scale
+
     decoded = transform.box_to_source(box[None], image.decoded_size)[0]  # (4,) pixels of the decoded image
-    scale_x = image.full_size[0] / image.decoded_size[0]
-    scale_y = image.full_size[1] / image.decoded_size[1]
-    return [float(decoded[0]) * scale_x, float(decoded[1]) * scale_y, float(decoded[2]) * scale_x,
-            float(decoded[3]) * scale_y]
+    scale_x, scale_y = decoded_scale(image.full_size, image.decoded_size)  # file pixels -> decoded pixels
+    return [float(decoded[0]) / scale_x, float(decoded[1]) / scale_y, float(decoded[2]) / scale_x,
+            float(decoded[3]) / scale_y]
 
 
 def write_crop(path: Path, corners: list[float], crops_dir: Path, taken: set[str]) -> Path:

@@ -160,6 +160,9 @@ def test_the_tower_trains_with_the_backbone_unless_a_stage_says_otherwise():
     assert "backbone" not in residual.group_lr and "box_tower" not in residual.group_lr
     custom = create_stage(StageConfig("residual", steps=1, lr={"expert_heads": 0.1, "box_tower": 0.05}), config, 0.1)
     assert custom.group_lr == {"expert_heads": 0.1, "box_tower": 0.05}
+    frozen_backbone = config_from_dict({**with_boxes(), "train": {"freeze": ["backbone"]}})
+    warmup = create_stage(StageConfig("warmup", steps=1), frozen_backbone, base_lr=0.1)
+    assert "backbone" not in warmup.group_lr and "box_tower" not in warmup.group_lr  # it follows its features
 
 
 def test_box_task_config_short_form_ranges_and_lr_without_the_task():
@@ -190,3 +193,42 @@ def test_step_hands_boxes_and_the_world_normaliser_to_the_model(world_of_one):
     assert step.box_targets({k: v for k, v in batch.items() if k not in ("boxes", "has_box")}) == {}
     plain = TrainStep(stage, stage.routing(None), step.comm, torch.device("cpu"), torch.float32, config.moe)
     assert plain.box_targets(batch) == {}
+
+
+def _data_parallel_box_worker(rank: int, world_size: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from mgmoe_ds.train.distributed import Collectives
+
+    tower, tokens, true, has_box = _two_rank_case()
+    rows = slice(3 * rank, 3 * rank + 3)
+    config = config_from_dict(with_boxes())
+    stage = create_stage(StageConfig("warmup", steps=1), config, base_lr=0.1)
+    step = TrainStep(stage, stage.routing(None), Collectives(torch.device("cpu")), torch.device("cpu"), torch.float32,
+                     config.moe, tasks=config.model.tasks)
+    targets = step.box_targets({"boxes": true[rows], "has_box": has_box[rows]})
+    box_loss(tower(tokens[rows]), targets["boxes"], targets["has_box"], targets["box_normaliser"]).backward()
+    grads = torch.cat([p.grad.flatten() for p in tower.parameters()])
+    dist.all_reduce(grads)  # what DeepSpeed does with a data-parallel gradient: the mean over ranks
+    if rank == 0:
+        torch.save(grads / world_size, out)
+
+
+def _two_rank_case():
+    torch.manual_seed(0)
+    tower = BoxTower(8, (4, 4), channels=4, grid=2, hidden=8)
+    tokens = torch.randn(6, 16, 8)
+    true = torch.tensor([[0.1, 0.1, 0.5, 0.6]] * 6) + torch.linspace(0, 0.3, 6)[:, None]
+    has_box = torch.tensor([True, True, True, False, False, True])  # 3 boxes on rank 0, 1 on rank 1
+    return tower, tokens, true, has_box
+
+
+@pytest.mark.slow
+def test_two_ranks_with_uneven_boxes_get_the_one_process_gradient(tmp_path):
+    from dist_utils import run_ranks
+
+    run_ranks(_data_parallel_box_worker, 2, str(tmp_path / "grads.pt"), timeout=180)
+    tower, tokens, true, has_box = _two_rank_case()
+    box_loss(tower(tokens), true, has_box).backward()  # the mean over all 4 boxes in one process
+    expected = torch.cat([p.grad.flatten() for p in tower.parameters()])
+    torch.testing.assert_close(torch.load(tmp_path / "grads.pt"), expected, atol=1e-7, rtol=1e-5)

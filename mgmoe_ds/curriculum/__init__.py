@@ -56,12 +56,13 @@ class Stage:
         around = "backbone_top" if run.cache.depth is not None else "backbone"
         if run.model.backbone_moe is not None and around in table and "backbone_moe" not in table:
             table = {**table, "backbone_moe": table[around]}
-        # The box tower trains while the features it reads do (its task shapes them), unless set.
-        if run.model.tasks.bbox is not None and around in table and "box_tower" not in table:
-            table = {**table, "box_tower": table[around]}
         # lr 0 freezes a group; so does ``train.freeze``, in every stage, exactly the groups it names
-        # (the backbone's top, its MoE layers and the box tower still train with it unless named too)
+        # (the backbone's top and its MoE layers still train with it unless named too)
         self.group_lr = {group: lr for group, lr in table.items() if lr > 0 and group not in run.train.freeze}
+        # The box tower trains while the features it reads do (its task shapes them), unless set.
+        if (run.model.tasks.bbox is not None and around in self.group_lr and "box_tower" not in table
+                and "box_tower" not in run.train.freeze):
+            self.group_lr["box_tower"] = self.group_lr[around]
 
     # -- what it trains and freezes ------------------------------------------------------------
 
