@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from mgmoe_ds.config_checks import check_backbone_moe, check_box_task, check_pretrained
+from mgmoe_ds.config_checks import check_backbone_moe, check_box_task, check_mixing, check_pretrained
 from mgmoe_ds.typed_json import CHECKS, SHORT_FORMS, ConfigError, build_dataclass, fail, options_from_dict
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
@@ -113,6 +113,7 @@ class MoEConfig:
     load_balance_weight: float = 0.01  # weight of the GShard load-balancing loss
     expert_loss_weight: float = 1.0  # weight of each expert's own CE on its own logits (<layer>.<expert>.standalone)
     z_loss_weight: float = 0.001  # weight of the router z-loss
+    diversity_weight: float = 0.0  # weight of <layer>.diversity: -sum_i KL(p_i || p) over the experts an image ran
     drop_fallback: Literal["shared_head"] = "shared_head"  # what a token that lost every expert gets
 
 
@@ -125,6 +126,9 @@ class DataConfig:
     resampled: bool = False  # endless resampling of shards instead of finite epochs
     balance: Optional[Literal["class", "sqrt"]] = None  # resampling for long-tailed data
     val_split: str = "val"  # split used for validation statistics
+    mixup: float = 0.0  # Mixup's alpha: lam ~ Beta(alpha, alpha) per training batch; 0: off
+    cutmix: float = 0.0  # CutMix's alpha; 0: off. Both on: CutMix for half the batches, Mixup for the rest
+    mix_off_last_epochs: int = 0  # no mixing in the curriculum's last N epochs (counted over its stages)
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,7 @@ def _validate(config: RunConfig, source: str) -> None:
     check(m.load_balance_weight >= 0, "moe.load_balance_weight", m.load_balance_weight, "a number >= 0")
     check(m.z_loss_weight >= 0, "moe.z_loss_weight", m.z_loss_weight, "a number >= 0")
     check(m.expert_loss_weight >= 0, "moe.expert_loss_weight", m.expert_loss_weight, "a number >= 0")
+    check(m.diversity_weight >= 0, "moe.diversity_weight", m.diversity_weight, "a number >= 0")
     check(config.model.img_size >= 16, "model.img_size", config.model.img_size, "an integer >= 16")
     if config.model.backbone_moe is not None:
         check_backbone_moe(config.model.backbone_moe, m.expert_parallel_size, check)
@@ -242,6 +247,7 @@ def _validate(config: RunConfig, source: str) -> None:
           "a split other than test: the routing teacher and cluster routing are fitted on it, so test labels would "
           "tune the model; `mgmoe shards build` carves a validation split from train (--val-fraction)")
     check(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", config.data.shuffle_buffer, "an integer >= 0")
+    check_mixing(config.data, config.curriculum.stages, check)
     frozen = set(config.train.freeze)
     check(frozen <= set(PARAMETER_GROUPS), "train.freeze", config.train.freeze,
           f"a list of parameter groups: {', '.join(PARAMETER_GROUPS)}")

@@ -56,3 +56,24 @@ def check_box_task(box: Any, check) -> None:
     check(box.loss_weight >= 0, "model.tasks.bbox.loss_weight", box.loss_weight, "a number >= 0")
     for name in ("channels", "grid", "hidden"):
         check(getattr(box, name) >= 1, f"model.tasks.bbox.{name}", getattr(box, name), "an integer >= 1")
+
+
+def check_mixing(data: Any, stages: list[Any], check) -> None:
+    """``data.mixup`` / ``data.cutmix`` / ``data.mix_off_last_epochs`` (``config.DataConfig``): the last
+    N epochs are counted back from the curriculum's end over stages measured in epochs."""
+    for name in ("mixup", "cutmix"):
+        check(getattr(data, name) >= 0, f"data.{name}", getattr(data, name), "a number >= 0 (Beta's alpha; 0: off)")
+    off = data.mix_off_last_epochs
+    check(off >= 0, "data.mix_off_last_epochs", off, "an integer >= 0")
+    if off == 0 or (data.mixup == 0 and data.cutmix == 0):
+        return
+    epochs = 0
+    for i in reversed(range(len(stages))):
+        if epochs >= off:
+            return
+        if stages[i].epochs is None:
+            check(False, "data.mix_off_last_epochs", off, f"at most {epochs}, the epochs after curriculum.stages[{i}], "
+                  f"which is measured in steps (give it epochs to count it)")
+        epochs += stages[i].epochs
+    check(epochs > off, "data.mix_off_last_epochs", off,
+          f"fewer than the curriculum's {epochs} epochs (at {off} no batch would be mixed)")

@@ -27,6 +27,7 @@ from mgmoe_ds.config import PARAMETER_GROUPS, ExpertSpec, ModelConfig, MoEConfig
 from mgmoe_ds.experts import create_expert, expert_class
 from mgmoe_ds.flops import count_flops, count_parameters
 from mgmoe_ds.moe.layer import MoEOutput, RouteOutput, RoutedExperts, layer_from_config
+from mgmoe_ds.moe.losses import diversity_loss
 from mgmoe_ds.moe.routing import RoutingRequest
 from mgmoe_ds.moe.token_layer import TokenMoE, TokenMoERecord, collect_token_moe, token_moe_layers
 
@@ -38,7 +39,7 @@ ROUTER_INPUT = "pooled"
 HEAD_LAYER = "moe"  # name of the per-image routed layer of heterogeneous experts (its module path)
 
 # Default loss weights, by name or glob pattern over the loss names (``weighted_loss``): the task
-# cross-entropy, the fallback head's, and each routed layer's router losses.
+# cross-entropy, the fallback head's, each routed layer's router losses and its experts' diversity.
 BASE_LOSS_WEIGHTS = {"task": 1.0, "fallback": 0.5}
 
 
@@ -76,7 +77,8 @@ def loss_weights(moe_config: MoEConfig, *overrides: dict[str, float], backbone_m
     (``config.TasksConfig``) the box task's."""
     weights = dict(BASE_LOSS_WEIGHTS, **{"*.load_balance": moe_config.load_balance_weight,
                                          "*.z_loss": moe_config.z_loss_weight,
-                                         "*.standalone": moe_config.expert_loss_weight})
+                                         "*.standalone": moe_config.expert_loss_weight,
+                                         "*.diversity": moe_config.diversity_weight})
     soft = backbone_moe.constraint.soft if backbone_moe is not None else None
     if soft is not None:
         weights.update({"*.importance": soft.importance_weight, "*.load": soft.load_weight})
@@ -252,7 +254,8 @@ class MGMoE(nn.Module):
 
         Args:
             features: ``forward_features`` output.
-            targets: (B,) class indices, or None.
+            targets: (B,) class indices, (B, classes) float32 class probabilities (Mixup/CutMix: the
+                experts' own losses get each row's argmax), or None.
             routing: a ``RoutingRequest`` for every routed layer, or one per layer name; default
                 Top-K with the configured K.
             boxes, has_box: (B, 4) true boxes ``(x1, y1, x2, y2)`` in [0, 1] and (B,) which images
@@ -262,12 +265,15 @@ class MGMoE(nn.Module):
         """
         pooled = features[ROUTER_INPUT]  # (B, D)
         payload = {name: features[name] for name in self.features}
-        out = self.moe(pooled, payload, targets, routing=_for_layer(routing, HEAD_LAYER))
+        labels = targets.argmax(dim=1) if targets is not None and targets.dim() == 2 else targets  # (B,) to experts
+        out = self.moe(pooled, payload, labels, routing=_for_layer(routing, HEAD_LAYER))
         losses = {f"{HEAD_LAYER}.{name}": value for name, value in out.aux_losses.items()}
         if targets is not None:
             losses["task"] = F.cross_entropy(out.output.float(), targets)
             losses["fallback"] = F.cross_entropy(self.moe.fallback_head(pooled).float(), targets)
             losses.update(self._standalone_losses(out, targets))
+            # logged at any weight; the experts each image ran: all of them in a dense stage, its K otherwise
+            losses[f"{HEAD_LAYER}.diversity"] = diversity_loss(out.expert_outputs, out.route.kept)
         predicted_boxes = self.box_tower(features[BOX_FEATURE]) if self.box_tower is not None else None  # (B, 4)
         if predicted_boxes is not None and boxes is not None and has_box is not None:
             losses["bbox"] = box_loss(predicted_boxes, boxes, has_box, box_normaliser)
@@ -281,7 +287,7 @@ class MGMoE(nn.Module):
 
         Args:
             images: (B, 3, H, W), or None when ``features`` is given.
-            targets: (B,) class indices, or None.
+            targets: (B,) class indices, (B, classes) class probabilities, or None; see ``forward_head``.
             routing: see ``forward_head``.
             features: a feature cache's entries (``cache_features``): the backbone's outputs,
                 or its lower part's at a cut (its top then runs). Passing them here rather than
@@ -314,7 +320,7 @@ class MGMoE(nn.Module):
         route = out.route
         num_tokens, top_k = route.expert_indices.shape
         per_choice = F.cross_entropy(out.expert_outputs.float().reshape(num_tokens * top_k, self.num_classes),
-                                     targets.repeat_interleave(top_k), reduction="none")  # (T*K,)
+                                     targets.repeat_interleave(top_k, dim=0), reduction="none")  # (T*K,)
         kept = route.kept.reshape(-1).float()  # (T*K,)
         experts = route.expert_indices.reshape(-1)  # (T*K,)
         sums = per_choice.new_zeros(self.num_experts).index_add(0, experts, per_choice * kept)  # (E,)

@@ -53,8 +53,8 @@ def test_an_option_pim_does_not_have_is_refused_at_load(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_run_config(path)
     assert str(err.value) == (f"{path}: unknown key mgmoe.model.experts[1].options.top_k; accepted keys: "
-                              "combiner_weight, dim, dropout, level_weight, num_nodes, num_selects, select_ratio, "
-                              "suppression_weight")
+                              "combiner_weight, dim, drop_path, dropout, level_weight, num_nodes, num_selects, "
+                              "select_ratio, suppression_weight")
 
 
 # Per expert: a wrong type, a wrong tuple length (or a wrong entry), an out-of-range value, an unknown key.
@@ -82,11 +82,12 @@ BAD_EXPERT_OPTIONS = [
     ("pim", {"suppression_weight": -5}, "options.suppression_weight = -5.0: expected a number >= 0"),
 ]
 UNKNOWN_OPTION_MESSAGES = {
-    "mlp": "dropout, hidden_dim",
-    "mpsa": "dim, dropout, label_smoothing, num_parts, part_drop, se_reduction",
-    "pmg": "concat_weight, granularities, hidden, level_weight, mid_channels, out_channels",
-    "transfg": "contrastive_weight, dim, dropout, margin, num_queries",
-    "pim": "combiner_weight, dim, dropout, level_weight, num_nodes, num_selects, select_ratio, suppression_weight",
+    "mlp": "drop_path, dropout, hidden_dim",
+    "mpsa": "dim, drop_path, dropout, label_smoothing, num_parts, part_drop, se_reduction",
+    "pmg": "concat_weight, drop_path, granularities, hidden, level_weight, mid_channels, out_channels",
+    "transfg": "contrastive_weight, dim, drop_path, dropout, margin, num_queries",
+    "pim": "combiner_weight, dim, drop_path, dropout, level_weight, num_nodes, num_selects, select_ratio, "
+           "suppression_weight",
 }
 
 

@@ -163,3 +163,39 @@ def test_every_expert_has_a_standalone_loss_on_the_images_routed_to_it(model):
         expected = (sum(F.cross_entropy(out.expert_logits[t, k][None], targets[t][None]) for t, k in rows) / len(rows)
                     if rows else torch.tensor(0.0))
         torch.testing.assert_close(out.losses[f"moe.{label}.standalone"], expected, msg=label)
+
+
+def test_diversity_is_logged_on_the_experts_each_image_ran_and_weighted_by_its_option(model):
+    from mgmoe_ds.config import ConfigError, MoEConfig
+    from mgmoe_ds.model import loss_weight, loss_weights, weighted_loss
+    from mgmoe_ds.moe.losses import diversity_loss
+
+    model.eval()  # deterministic experts
+    targets = torch.tensor([0, 1, 2, 3])
+    out = model(images(4, seed=5), targets)
+    assert out.losses["moe.diversity"] <= 0
+    torch.testing.assert_close(out.losses["moe.diversity"], diversity_loss(out.expert_logits, out.route.kept))
+    dense = model(images(4, seed=5), targets, routing=RoutingRequest.dense())
+    assert dense.expert_logits.shape[1] == model.num_experts  # a dense stage: all of them
+    torch.testing.assert_close(dense.losses["moe.diversity"], diversity_loss(dense.expert_logits, dense.route.kept))
+    assert "moe.diversity" not in model(images(4, seed=5)).losses  # no targets, no losses
+
+    assert loss_weight("moe.diversity", loss_weights(MoEConfig())) == 0.0  # off by default
+    assert loss_weight("moe.diversity", loss_weights(MoEConfig(diversity_weight=0.3))) == 0.3
+    assert loss_weight("moe.diversity", loss_weights(MoEConfig(diversity_weight=0.3), {"*.diversity": 0.1})) == 0.1
+    # at weight 0 the objective and its gradient are those without the loss
+    weights = loss_weights(MoEConfig())
+    without = {k: v for k, v in out.losses.items() if k != "moe.diversity"}
+    parameters = [p for p in model.moe.parameters() if p.requires_grad]
+    with_term = torch.autograd.grad(weighted_loss(out.losses, weights), parameters, retain_graph=True, allow_unused=True)
+    reference = torch.autograd.grad(weighted_loss(without, weights), parameters, retain_graph=True, allow_unused=True)
+    assert float(weighted_loss(out.losses, weights).detach()) == float(weighted_loss(without, weights).detach())
+    for a, b in zip(with_term, reference):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    weighted = weighted_loss(out.losses, loss_weights(MoEConfig(diversity_weight=0.3)))
+    torch.testing.assert_close(weighted, weighted_loss(without, weights) + 0.3 * out.losses["moe.diversity"])
+
+    with pytest.raises(ConfigError, match=r"mgmoe\.moe\.diversity_weight = -0\.1: expected a number >= 0"):
+        config_from_dict({"moe": {"diversity_weight": -0.1}})

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import torch
+from timm.layers import DropPath
 from torch import Tensor, nn
 
 from mgmoe_ds.typed_json import RangeError
@@ -55,7 +56,7 @@ class Bound:
 
 AT_LEAST_ONE = Bound("an integer >= 1", lambda v: v >= 1)  # widths, counts, grids
 NON_NEGATIVE = Bound("a number >= 0", lambda v: v >= 0)  # loss weights
-RATE = Bound("a number in [0, 1)", lambda v: 0 <= v < 1)  # dropout, part drop, label smoothing
+RATE = Bound("a number in [0, 1)", lambda v: 0 <= v < 1)  # dropout, part drop, label smoothing, drop path
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,13 @@ class Expert(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         """The classification head(s): what stage-2 residual fine-tuning unfreezes."""
         raise NotImplementedError
+
+
+def stochastic_depth(rate: float) -> nn.Module:
+    """Stochastic depth on one branch: timm's ``DropPath(rate)``, which zeroes the branch for a
+    random ``rate`` of the images (each kept one scaled by ``1 / (1 - rate)``) in training only;
+    an identity at rate 0, so that no random number is drawn."""
+    return DropPath(rate) if rate > 0 else nn.Identity()
 
 
 def map_to_tokens(feature_map: Tensor) -> Tensor:

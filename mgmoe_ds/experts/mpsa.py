@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from mgmoe_ds.backbone import LEVEL_KEYS, BackboneInfo
 from mgmoe_ds.experts import register_expert
 from mgmoe_ds.experts.base import (AT_LEAST_ONE, RATE, Expert, ExpertOptions, ExpertOutput, Segments, map_to_tokens,
-                                   segment_mean)
+                                   segment_mean, stochastic_depth)
 
 
 class PartAssignment(nn.Module):
@@ -89,10 +89,11 @@ class MPSAOptions(ExpertOptions):
     se_reduction: int = 2  # squeeze-excitation reduction over the parts
     dropout: float = 0.1  # dropout on the fused features (training only)
     label_smoothing: float = 0.0  # > 0 adds mpsa.label_smoothing (see MPSAExpert); 0: no own loss
+    drop_path: float = 0.0  # stochastic depth: chance that one level's branch is dropped for an image (training only)
 
     def validate(self) -> None:
         AT_LEAST_ONE.check(self, "num_parts", "dim", "se_reduction")
-        RATE.check(self, "part_drop", "dropout", "label_smoothing")
+        RATE.check(self, "part_drop", "dropout", "label_smoothing", "drop_path")
 
 
 @register_expert("mpsa")
@@ -102,6 +103,11 @@ class MPSAExpert(Expert):
     With ``label_smoothing`` > 0 it adds ``mpsa.label_smoothing`` = label-smoothed CE minus plain CE
     of this expert's logits, i.e. the part of MPSA's loss the model's fused CE lacks. At 0 (the
     default) it adds no auxiliary loss: the model's CE on fused logits already trains it.
+
+    Stochastic depth (``drop_path``): the head has no residual branch; its four levels are
+    parallel branches joined by concatenation, so each level's attended features are dropped
+    whole, per image and level independently, in training (drop-path at a join, as in
+    FractalNet); the pooling weights are kept.
 
     Args:
         info: the backbone's description.
@@ -113,7 +119,7 @@ class MPSAExpert(Expert):
     options_class = MPSAOptions
 
     def __init__(self, *, info: BackboneInfo, num_classes: int, num_parts: tuple[int, ...], dim: int,
-                 part_drop: float, se_reduction: int, dropout: float, label_smoothing: float):
+                 part_drop: float, se_reduction: int, dropout: float, label_smoothing: float, drop_path: float):
         super().__init__()
         self.label_smoothing = label_smoothing
         self.assignments = nn.ModuleList(
@@ -124,6 +130,7 @@ class MPSAExpert(Expert):
             PartSamplingAttention(query_dim, c, dim, p, part_drop, se_reduction)
             for c, p in zip(info.level_channels, num_parts)
         )
+        self.drop_path = stochastic_depth(drop_path)
         fused = dim * len(LEVEL_KEYS)
         self.act = nn.GELU()
         self.norm = nn.LayerNorm(fused)
@@ -139,7 +146,7 @@ class MPSAExpert(Expert):
         for key, assignment, attention in zip(LEVEL_KEYS, self.assignments, self.attentions):
             parts, _ = assignment(payload[key])  # (n, P_i, C_i)
             features, weights = attention(queries, parts)  # (n, S, D), (n, S)
-            stage_features.append(features)
+            stage_features.append(self.drop_path(features))  # a fresh draw per level
             stage_weights.append(weights)
         fused = self.drop(self.norm(self.act(torch.cat(stage_features, dim=-1))))  # (n, S, 4D)
         weights = torch.stack(stage_weights, dim=0).sum(dim=0)  # (n, S), positive

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from mgmoe_ds.backbone import LEVEL_KEYS, BackboneInfo
 from mgmoe_ds.experts import register_expert
 from mgmoe_ds.experts.base import (AT_LEAST_ONE, NON_NEGATIVE, RATE, Bound, Expert, ExpertOptions, ExpertOutput,
-                                   Segments, map_to_tokens, segment_mean, segment_ratio)
+                                   Segments, map_to_tokens, segment_mean, segment_ratio, stochastic_depth)
 
 
 def select_tokens(features: Tensor, token_logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -44,9 +44,12 @@ def select_tokens(features: Tensor, token_logits: Tensor, k: int) -> tuple[Tenso
 
 
 class GraphCombiner(nn.Module):
-    """Pools selected tokens to nodes, one graph convolution with learned + data-dependent adjacency, pools."""
+    """Pools selected tokens to nodes, one graph convolution with learned + data-dependent adjacency, pools.
 
-    def __init__(self, dim: int, num_nodes: int, num_classes: int, dropout: float):
+    The graph convolution is a residual branch; ``drop_path`` is its stochastic depth.
+    """
+
+    def __init__(self, dim: int, num_nodes: int, num_classes: int, dropout: float, drop_path: float = 0.0):
         super().__init__()
         self.node_queries = nn.Parameter(torch.randn(num_nodes, dim) * 0.02)  # (M, D)
         self.adjacency = nn.Parameter(torch.eye(num_nodes) / num_nodes)  # (M, M), static part
@@ -55,6 +58,7 @@ class GraphCombiner(nn.Module):
         self.node_key = nn.Linear(dim, hidden)
         self.alpha = nn.Parameter(torch.zeros(1))  # weight of the data-dependent adjacency, as in PIM
         self.update = nn.Linear(dim, dim)
+        self.drop_path = stochastic_depth(drop_path)
         self.norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(dim, num_classes)
@@ -67,7 +71,7 @@ class GraphCombiner(nn.Module):
         q, k = self.node_query(nodes), self.node_key(nodes)  # (n, M, h)
         dynamic = torch.tanh(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]))  # (n, M, M)
         adjacency = self.adjacency + self.alpha * dynamic  # (n, M, M)
-        nodes = self.norm(nodes + F.relu(self.update(adjacency @ nodes)))  # (n, M, D)
+        nodes = self.norm(nodes + self.drop_path(F.relu(self.update(adjacency @ nodes))))  # (n, M, D)
         return self.head(self.drop(nodes.mean(dim=1)))  # (n, classes)
 
 
@@ -83,17 +87,22 @@ class PIMOptions(ExpertOptions):
     # weight of CE(combiner logits) (pim.combiner), on top of the standalone CE every expert gets on its own
     # logits (moe.expert_loss_weight), which for PIM is the same loss: 0 by default, so it is not counted twice
     combiner_weight: float = 0.0
+    drop_path: float = 0.0  # stochastic depth of the FPN's top-down adds and the graph convolution (training only)
 
     def validate(self) -> None:
         AT_LEAST_ONE.check(self, "dim", "num_selects", "num_nodes")
         Bound("a number in (0, 1]", lambda ratio: 0 < ratio <= 1).check(self, "select_ratio")
-        RATE.check(self, "dropout")
+        RATE.check(self, "dropout", "drop_path")
         NON_NEGATIVE.check(self, "level_weight", "suppression_weight", "combiner_weight")
 
 
 @register_expert("pim")
 class PIMExpert(Expert):
     """PIM head over the four backbone levels.
+
+    Stochastic depth (``drop_path``) on its residual branches, per image, in training: each FPN
+    level's top-down add (the deeper map added to the level's own) and the combiner's graph
+    convolution (added to the nodes); the same rate on each, these heads being shallow.
 
     Args:
         info: the backbone's description.
@@ -106,7 +115,7 @@ class PIMExpert(Expert):
 
     def __init__(self, *, info: BackboneInfo, num_classes: int, dim: int, select_ratio: float,
                  num_selects: Optional[tuple[int, ...]], num_nodes: int, dropout: float, level_weight: float,
-                 suppression_weight: float, combiner_weight: float):
+                 suppression_weight: float, combiner_weight: float, drop_path: float):
         super().__init__()
         self.select_ratio, self.num_selects = select_ratio, num_selects
         self.level_weight, self.suppression_weight, self.combiner_weight = level_weight, suppression_weight, combiner_weight
@@ -114,7 +123,8 @@ class PIMExpert(Expert):
             nn.Sequential(nn.Linear(c, dim), nn.ReLU(), nn.Linear(dim, dim)) for c in info.level_channels
         )
         self.token_heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in LEVEL_KEYS)
-        self.combiner = GraphCombiner(dim, num_nodes, num_classes, dropout)
+        self.combiner = GraphCombiner(dim, num_nodes, num_classes, dropout, drop_path)
+        self.drop_path = stochastic_depth(drop_path)
 
     def selects_for(self, level: int, num_tokens: int) -> int:
         if self.num_selects is not None:
@@ -130,7 +140,7 @@ class PIMExpert(Expert):
             maps.append(projected.transpose(1, 2).reshape(feature_map.shape[0], -1, *feature_map.shape[2:]))
         for i in range(len(maps) - 2, -1, -1):
             deeper = F.interpolate(maps[i + 1], size=maps[i].shape[2:], mode="bilinear", align_corners=False)
-            maps[i] = maps[i] + deeper  # (n, D, H_i, W_i)
+            maps[i] = maps[i] + self.drop_path(deeper)  # (n, D, H_i, W_i)
         return [map_to_tokens(m) for m in maps]  # 4 x (n, S_i, D)
 
     def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor],

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from mgmoe_ds.backbone import BackboneInfo
 from mgmoe_ds.experts import register_expert
-from mgmoe_ds.experts.base import (AT_LEAST_ONE, NON_NEGATIVE, Expert, ExpertOptions, ExpertOutput, Segments,
-                                   segment_mean)
+from mgmoe_ds.experts.base import (AT_LEAST_ONE, NON_NEGATIVE, RATE, Expert, ExpertOptions, ExpertOutput, Segments,
+                                   segment_mean, stochastic_depth)
 
 PMG_LEVELS = ("level1", "level2", "level3")
 
@@ -82,15 +82,22 @@ class PMGOptions(ExpertOptions):
     granularities: tuple[int, int, int] = (4, 2, 1)  # jigsaw grid of level1..level3, reduced to divide the map
     level_weight: float = 1.0  # weight of each jigsawed level's CE (pmg.level1..pmg.level3)
     concat_weight: float = 1.0  # weight of the concat head's CE (pmg.concat)
+    drop_path: float = 0.0  # stochastic depth: chance a level is dropped from the concat head's input (training)
 
     def validate(self) -> None:
         AT_LEAST_ONE.check(self, "mid_channels", "out_channels", "hidden", "granularities")
         NON_NEGATIVE.check(self, "level_weight", "concat_weight")
+        RATE.check(self, "drop_path")
 
 
 @register_expert("pmg")
 class PMGExpert(Expert):
     """PMG head on ``level1``..``level3``.
+
+    Stochastic depth (``drop_path``): the head has no residual branch; its three level branches
+    join in the concat head, so there each level's pooled feature is dropped whole, per image and
+    level independently, in training (drop-path at a join, as in FractalNet). Each level's own
+    classifier still sees its level undropped.
 
     Args:
         info: the backbone's description.
@@ -104,7 +111,7 @@ class PMGExpert(Expert):
                             "uses uncached); no raw image needed")
 
     def __init__(self, *, info: BackboneInfo, num_classes: int, mid_channels: int, out_channels: int, hidden: int,
-                 granularities: tuple[int, ...], level_weight: float, concat_weight: float):
+                 granularities: tuple[int, ...], level_weight: float, concat_weight: float, drop_path: float):
         super().__init__()
         channels = info.level_channels[1:]
         self.granularities = tuple(granularities)
@@ -112,13 +119,14 @@ class PMGExpert(Expert):
         self.blocks = nn.ModuleList(LevelBlock(c, mid_channels, out_channels) for c in channels)
         self.level_heads = nn.ModuleList(_classifier(out_channels, hidden, num_classes) for _ in channels)
         self.concat_head = _classifier(out_channels * len(channels), hidden, num_classes)
+        self.drop_path = stochastic_depth(drop_path)
 
     def forward(self, payload: dict[str, Tensor], targets: Optional[Tensor],
                 segments: Segments = None) -> ExpertOutput:
         maps = [payload[k] for k in PMG_LEVELS]
         pooled = [block(m) for block, m in zip(self.blocks, maps)]  # 3 x (n, D')
         level_logits = [head(p) for head, p in zip(self.level_heads, pooled)]  # 3 x (n, classes)
-        concat_logits = self.concat_head(torch.cat(pooled, dim=1))  # (n, classes)
+        concat_logits = self.concat_head(torch.cat([self.drop_path(p) for p in pooled], dim=1))  # (n, classes)
         # The mean of the four heads (PMG sums them): one head's scale, like the other experts' logits,
         # so fusion weights and the cluster teacher compare like with like.
         logits = (torch.stack(level_logits, dim=0).sum(dim=0) + concat_logits) / (len(level_logits) + 1)

@@ -30,9 +30,9 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from mgmoe_ds.backbone import BackboneInfo
-from mgmoe_ds.experts import register_expert
+from mgmoe_ds.experts import ExpertError, register_expert
 from mgmoe_ds.experts.base import (AT_LEAST_ONE, NON_NEGATIVE, RATE, Bound, Expert, ExpertOptions, ExpertOutput,
-                                   Segments, segment_ids, zero_loss)
+                                   Segments, segment_ids, stochastic_depth, zero_loss)
 
 logger = logging.getLogger(__name__)
 _substitute_logged = False
@@ -89,6 +89,18 @@ def _contrastive_fp32(features: Tensor, targets: Tensor, margin: float, segments
     return (per_segment / (sizes * (sizes - 1)).clamp_min(1)).sum()
 
 
+def set_drop_path(block: nn.Module, rate: float) -> nn.Module:
+    """Sets the stochastic depth of a timm transformer block's residual branches (its ``drop_path*``
+    children: ``drop_path1``/``drop_path2`` on ``Block``) to ``rate``; returns the block."""
+    names = [name for name, _ in block.named_children() if name.startswith("drop_path")]
+    if not names and rate > 0:
+        raise ExpertError(f"expert 'transfg': drop_path = {rate}: the backbone's last block ({type(block).__name__}) "
+                          "has no drop_path branches; accepted: 0 on this backbone")
+    for name in names:
+        setattr(block, name, stochastic_depth(rate))
+    return block
+
+
 def _heads_for(dim: int) -> int:
     return next(h for h in (8, 4, 2, 1) if dim % h == 0)
 
@@ -100,12 +112,13 @@ class TransFGOptions(ExpertOptions):
     num_queries: int = 4  # learned queries of the substitute (ignored on a ViT with CLS)
     dim: int = 256  # substitute's part-block width, the final tokens projected to it (ignored on a ViT with CLS)
     dropout: float = 0.0  # dropout before the classifier (training only)
+    drop_path: float = 0.0  # stochastic depth of the part block's attention and MLP branches (training only)
 
     def validate(self) -> None:
         NON_NEGATIVE.check(self, "contrastive_weight")
         Bound("a number in [-1, 1]", lambda cosine: -1 <= cosine <= 1).check(self, "margin")
         AT_LEAST_ONE.check(self, "num_queries", "dim")
-        RATE.check(self, "dropout")
+        RATE.check(self, "dropout", "drop_path")
 
 
 @register_expert("transfg")
@@ -113,6 +126,10 @@ class TransFGExpert(Expert):
     """TransFG head: rollout part selection on a ViT with CLS; on Swin/CNNs, the declared substitute
     (learned queries attending over the final tokens, see the module docstring). On a ViT with CLS
     the part block is a copy of the backbone's last block, at the backbone's width.
+
+    Stochastic depth (``drop_path``) on the part block's two residual branches (attention, MLP),
+    per image, in training. On a ViT it replaces the rate the copied block had in the backbone
+    (``model.backbone_options.drop_path_rate``): the expert's own option decides, 0 by default.
 
     Args:
         info: the backbone's description.
@@ -128,13 +145,13 @@ class TransFGExpert(Expert):
         return cls.required_features if info.has_cls else frozenset({"tokens"})
 
     def __init__(self, *, info: BackboneInfo, num_classes: int, contrastive_weight: float, margin: float,
-                 num_queries: int, dim: int, dropout: float):
+                 num_queries: int, dim: int, dropout: float, drop_path: float):
         super().__init__()
         self.contrastive_weight, self.margin = contrastive_weight, margin
         self.uses_rollout = info.has_cls
         if self.uses_rollout:
             dim = info.token_dim
-            self.part_block = info.make_last_block()
+            self.part_block = set_drop_path(info.make_last_block(), drop_path)
         else:
             global _substitute_logged
             if not _substitute_logged:
@@ -147,7 +164,7 @@ class TransFGExpert(Expert):
             self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)  # (Q, C)
             self.key = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
             self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-            self.part_block = Block(dim, _heads_for(dim), qkv_bias=True)
+            self.part_block = Block(dim, _heads_for(dim), qkv_bias=True, drop_path=drop_path)
         self.norm = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(dim, num_classes)

@@ -1,4 +1,4 @@
-"""Router auxiliary losses as pure functions of the router's outputs (no module state)."""
+"""Auxiliary losses as pure functions of the router's and the experts' outputs (no module state)."""
 
 from __future__ import annotations
 
@@ -40,3 +40,41 @@ def router_z_loss(router_logits: Tensor) -> Tensor:
         return router_logits.sum() * 0.0
     finite = torch.where(torch.isfinite(router_logits), router_logits, torch.full_like(router_logits, -1e9))
     return torch.logsumexp(finite, dim=-1).square().mean()
+
+
+def diversity_loss(expert_logits: Tensor, kept: Tensor) -> Tensor:
+    """Diversity between the experts an image ran: ``-sum_i KL(p_i || p)``, averaged over images.
+
+    Per image, ``p_i`` is the softmax of kept expert i's logits and ``p`` the mean of the kept
+    ``p_i``; the value is ``-sum_i KL(p_i || p)`` over the kept experts (a generalised
+    Jensen-Shannon divergence, between ``-K log K`` and 0; 0 when they agree). Minimising it pushes
+    experts that see the same image, architecture shared or not, to disagree. An expert not kept
+    (dropped for capacity, or zero logits standing in for it) does not count, and an image with
+    fewer than 2 kept experts adds 0: there is no disagreement to measure.
+
+    The mean runs over all of this rank's B images (not only those with 2 kept experts), as the
+    task cross-entropy's does: a weight then means the same thing whatever capacity drops, top-1
+    routing gives exactly 0, and data parallelism's averaged gradient is that of the global mean.
+    Computed in fp32 whatever the autocast.
+
+    Args:
+        expert_logits: (B, K, C) each choice's expert logits (all E experts in a dense stage).
+        kept: (B, K) bool, which choices ran.
+
+    Returns:
+        A scalar; zero (in the graph) for an empty batch.
+    """
+    num_images = expert_logits.shape[0]
+    if num_images == 0:
+        return expert_logits.float().sum() * 0.0
+    with torch.autocast(device_type=expert_logits.device.type, enabled=False):
+        log_probs = torch.log_softmax(expert_logits.float(), dim=-1)  # (B, K, C)
+        counted = kept.sum(dim=1) >= 2  # (B,)
+        # An image that adds 0 averages over all its choices: every row has one, so nothing is -inf.
+        used = kept | ~counted[:, None]  # (B, K)
+        masked = log_probs.masked_fill(~used[:, :, None], float("-inf"))  # (B, K, C)
+        count = used.sum(dim=1).to(log_probs.dtype)  # (B,)
+        log_mean = torch.logsumexp(masked, dim=1) - count.log()[:, None]  # (B, C): log p
+        kl = (log_probs.exp() * (log_probs - log_mean[:, None, :])).sum(dim=-1)  # (B, K): KL(p_i || p)
+        per_image = -(kl * kept).sum(dim=1) * counted  # (B,)
+        return per_image.sum() / num_images

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from mgmoe_ds.config import RunConfig
+from mgmoe_ds.train.mixing import stage_mixes
 
 LOG = logging.getLogger("mgmoe")
 
@@ -61,6 +62,8 @@ class StageFeatures:
             return "it trains the box tower, whose boxes move with each augmented image (the cache stores none)"
         if self.config.data.resampled or self.config.data.balance is not None:
             return "data.resampled / data.balance draw samples the cache's epochs do not reproduce"
+        if stage_mixes(self.config, stage.config):
+            return "data.mixup / data.cutmix mix the training images of its epochs (the cache stores features)"
         raw = [spec.name for spec in self.config.model.experts if expert_class(spec.name).needs_raw_images]
         if raw:
             return f"expert(s) {', '.join(raw)} need the raw image in training"

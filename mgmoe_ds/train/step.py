@@ -15,6 +15,7 @@ from torch import Tensor
 
 from mgmoe_ds.model import ModelOutput, loss_weights, weighted_loss
 from mgmoe_ds.moe.routing import RoutingRequest
+from mgmoe_ds.train.mixing import Mixing
 from mgmoe_ds.train.passes import model_inputs
 
 
@@ -42,6 +43,11 @@ class TrainStep:
         reorder: when DeepSpeed reduces gradients in arrival order (ZeRO-2), turns the loss into
             one whose backward reaches the parameters in the same order on every rank
             (``train.distributed.fixed_order_loss``); None otherwise.
+        mixing: this epoch's Mixup/CutMix (``train.mixing.mixing_for_epoch``, set by the trainer at
+            each epoch); None: batches pass as they are. Only batches of images are mixed (a
+            feature cache is refused while a stage mixes), into soft targets; the box task gets no
+            box from a mixed batch (its boxes no longer describe the images). The passes that feed
+            the cluster teacher never come here, so no mixed image enters its statistics.
     """
 
     stage: Any
@@ -53,12 +59,18 @@ class TrainStep:
     reorder: Optional[Callable[..., Tensor]] = None
     backbone_moe: Any = None  # the run's model.backbone_moe (its soft constraint's loss weights)
     tasks: Any = None  # the run's model.tasks (the box task's loss weight; with it, batches' boxes are targets)
+    mixing: Optional[Mixing] = None  # this epoch's Mixup/CutMix; None: off
 
     def __call__(self, engine: Any, batch: dict, clusters: Any) -> StepResult:
         started = time.perf_counter()
         labels = batch["labels"].to(self.device, non_blocking=True)
-        out = engine(targets=labels, routing=self.routing, **model_inputs(batch, self.device, self.input_dtype),
-                     **self.box_targets(batch))
+        inputs, targets = model_inputs(batch, self.device, self.input_dtype), labels
+        mixing = self.mixing if inputs["images"] is not None else None
+        if mixing is not None:  # (B, classes) soft targets; the experts' own losses see each row's larger share
+            mixed = mixing(inputs["images"], labels)
+            inputs["images"], targets = mixed.images, mixed.targets
+        out = engine(targets=targets, routing=self.routing, **inputs,
+                     **self.box_targets(batch, mixed=mixing is not None))
         losses = {**out.losses, **self.stage.extra_losses(out, clusters)}
         total = weighted_loss(losses, loss_weights(self.moe_config, self.stage.loss_weights(),
                                                       backbone_moe=self.backbone_moe, tasks=self.tasks))
@@ -73,8 +85,9 @@ class TrainStep:
             engine.step()
         return StepResult(finite, detached, out, int(labels.shape[0]), time.perf_counter() - started)
 
-    def box_targets(self, batch: dict) -> dict[str, Any]:
-        """The box task's model arguments for ``batch`` (none without the task or the batch's boxes).
+    def box_targets(self, batch: dict, mixed: bool = False) -> dict[str, Any]:
+        """The box task's model arguments for ``batch`` (none without the task or the batch's boxes;
+        none of its boxes when ``mixed``: they no longer describe the images).
 
         Each rank divides its summed box loss by the mean number of boxes per rank over all ranks
         (one all-reduce): the ranks' averaged gradients are then those of the mean over every box
@@ -82,7 +95,7 @@ class TrainStep:
         """
         if self.tasks is None or self.tasks.bbox is None or "has_box" not in batch:
             return {}
-        has_box = batch["has_box"].to(self.device, non_blocking=True)  # (B,) bool
+        has_box = batch["has_box"].to(self.device, non_blocking=True) & (not mixed)  # (B,) bool; mixed: all False
         boxes_in_world = self.comm.reduce_int(int(has_box.sum()), "sum")
         return {"boxes": batch["boxes"].to(self.device, non_blocking=True), "has_box": has_box,
                 "box_normaliser": max(1, boxes_in_world) / self.comm.world_size}

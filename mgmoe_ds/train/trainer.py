@@ -22,6 +22,7 @@ from mgmoe_ds.config import config_to_dict, load_run_config
 from mgmoe_ds.curriculum import ClusterState, Stage, create_stage
 from mgmoe_ds.train.checkpoints import CheckpointStore
 from mgmoe_ds.train.data import RunData, resolve_dataset
+from mgmoe_ds.train.mixing import mixing_for_epoch
 from mgmoe_ds.train.distributed import (
     Collectives,
     adjust_precision,
@@ -199,6 +200,7 @@ class Trainer:
             if progress.step_in_epoch == 0:
                 stage.on_epoch_start(self)
             step.routing = stage.routing(self.clusters)
+            step.mixing = mixing_for_epoch(self.config, index, progress.epoch, self.num_classes)  # off: the last epochs
             batches, replay = self._epoch_batches(stage, cache, steps_per_epoch, total_steps)
             self._train_mode(stage)
             iterator = iter(batches)
