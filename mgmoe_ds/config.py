@@ -237,6 +237,9 @@ def _validate(config: RunConfig, source: str) -> None:
     if config.model.backbone_moe is not None:
         check_backbone_moe(config.model.backbone_moe, m.expert_parallel_size, check)
     check_pretrained(config.model, check)
+    rate = config.model.backbone_options.get("drop_path_rate", 0.0)
+    check(isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate < 1,
+          "model.backbone_options.drop_path_rate", rate, "a number in [0, 1) (stochastic depth at the last block)")
     box = config.model.tasks.bbox
     if box is not None:
         check_box_task(box, check)

@@ -1,3 +1,4 @@
+import copy
 import json
 import subprocess
 import sys
@@ -224,3 +225,15 @@ def test_fitting_the_teacher_on_the_test_split_is_refused_at_load():
     assert message.startswith("ds.json: mgmoe.data.val_split = 'test': expected a split other than test")
     assert "\n" not in message
     assert "--val-fraction" in message
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, "0.1"])
+def test_backbone_drop_path_rate_out_of_range_is_one_line(rate):
+    from conftest import TINY_MGMOE
+
+    block = copy.deepcopy(TINY_MGMOE)
+    block["model"]["backbone_options"] = dict(block["model"]["backbone_options"], drop_path_rate=rate)
+    with pytest.raises(ConfigError, match=r"mgmoe\.model\.backbone_options\.drop_path_rate"):
+        config_from_dict(block)
+    block["model"]["backbone_options"]["drop_path_rate"] = 0.1
+    assert config_from_dict(block).model.backbone_options["drop_path_rate"] == 0.1
