@@ -1,0 +1,273 @@
+"""Issue 18 benchmark (in part): regularisers for few images per class, same budget per row.
+
+flowers12 (``../shared/data/flowers12``: 12 species, ``train/`` 60 and ``test/`` 20 photos each):
+
+1. ``--val-per-class`` photos of each species' ``train/`` become a validation split (seeded, the
+   draw of ``bench_real_data.carve_validation``), then at most ``--train-per-class`` of the rest
+   (default 15; 0: all 50) are kept for training; ``test/`` (240 photos) is used for no choice.
+   ``mgmoe shards build --format imagefolder`` writes one dataset of all 12 species;
+2. five arms, each the README's job (``jobs/train.py --deepspeed ds_configs/zero2.json``:
+   EfficientNet-Lite0 ImageNet weights, 96 px, warm-up 4 + routing 2 + residual 2 epochs), same
+   seed (``train.seed``), epochs and data, differing only in ``--set`` overrides:
+   - ``baseline``: none;
+   - ``diversity``: ``moe.diversity_weight=0.1``;
+   - ``stochastic_depth``: ``model.backbone_options={"drop_path_rate": 0.1}`` and every expert's
+     ``drop_path`` 0.1 (``model.experts``: the config's list with ``options.drop_path`` merged in);
+   - ``mixup_cutmix``: ``data.mixup=0.8``, ``data.cutmix=1.0``, ``data.mix_off_last_epochs=2``;
+   - ``all``: all of the above together.
+   Distillation and the fusion stage of issue 18 are not implemented yet: no rows for them;
+3. per arm, ``mgmoe eval`` on the test split: top-1 with its binomial standard error, the paired
+   difference against the baseline on the same test images with its paired standard error
+   (``mgmoe_ds.evaluation.boxes.paired_comparison``), and the training job's wall time.
+
+Verdict per arm: "helps" / "hurts" when the paired difference is beyond one paired standard
+error, else "a tie". Markdown on stdout; ``bench/results/few_images_<N>pc[_seed<S>].json``.
+
+Usage::
+
+    PYTHONPATH=. python bench/bench_few_images.py                       # 15 per species, ~10 min on 2 free cores
+    PYTHONPATH=. python bench/bench_few_images.py --seed 1              # another seed (val draw, init, data order)
+    PYTHONPATH=. python bench/bench_few_images.py --train-per-class 0   # the full flowers12 (50 per species)
+    PYTHONPATH=. python bench/bench_few_images.py --reuse               # continue after a failure
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_real_data import binomial_se, carve_validation, job_parts
+from machine import cpu_name
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "ds_configs" / "zero2.json"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "flowers12"
+WORK_PARTS = ("images", "shards", "runs", "eval", "logs", "settings.json")
+DROP_PATH = 0.1
+
+
+def stochastic_depth_overrides() -> list[str]:
+    """The backbone's ``drop_path_rate`` and each expert of the config with ``options.drop_path``."""
+    experts = []
+    for spec in json.loads(CONFIG.read_text())["mgmoe"]["model"]["experts"]:
+        spec = {"name": spec} if isinstance(spec, str) else json.loads(json.dumps(spec))
+        spec["options"] = dict(spec.get("options", {}), drop_path=DROP_PATH)
+        experts.append(spec)
+    return [f"model.backbone_options={json.dumps({'drop_path_rate': DROP_PATH})}",
+            f"model.experts={json.dumps(experts)}"]
+
+
+DIVERSITY = ["moe.diversity_weight=0.1"]
+MIX = ["data.mixup=0.8", "data.cutmix=1.0", "data.mix_off_last_epochs=2"]
+ARMS = {
+    "baseline": [],
+    "diversity": DIVERSITY,
+    "stochastic_depth": stochastic_depth_overrides(),
+    "mixup_cutmix": MIX,
+    "all": [*DIVERSITY, *stochastic_depth_overrides(), *MIX],
+}
+LABELS = {"baseline": "baseline", "diversity": "+ diversity (0.1)",
+          "stochastic_depth": "+ stochastic depth (0.1)", "mixup_cutmix": "+ Mixup 0.8 / CutMix 1.0",
+          "all": "all together"}
+
+
+def run(command: list[str], log: Path) -> float:
+    """Runs ``command`` from the repository root, output to ``log``; returns its wall time in seconds."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"  {shlex.join(command)}  (log {log})", flush=True)
+    started = time.perf_counter()
+    with log.open("w") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT))).returncode
+    if code != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or [""]
+        sys.exit(f"failed (exit {code}): {shlex.join(command)}\n  {tail[0]}\n  see {log}")
+    return time.perf_counter() - started
+
+
+def mgmoe(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mgmoe_ds.cli", *args]
+
+
+def build_data(args, work: Path) -> tuple[dict, Path]:
+    """The image folders (val carved from train) and one shard dataset of all species."""
+    images = work / "images"
+    if not (images / "done.json").exists():
+        shutil.rmtree(images, ignore_errors=True)
+        sizes = carve_validation(args.data, images / "all", args.val_per_class, args.seed,
+                                 args.train_per_class or None)
+        (images / "done.json").write_text(json.dumps({"sizes": sizes}, indent=1))
+    data = json.loads((images / "done.json").read_text())
+    name = "flowers12"
+    if not (work / "shards" / name / "manifest.json").exists():
+        shutil.rmtree(work / "shards" / name, ignore_errors=True)
+        run(mgmoe("shards", "build", str(images / "all"), "--format", "imagefolder", "--name", name, "--out",
+                  str(work / "shards"), "--shard-size", "64", "--seed", str(args.seed), "--no-progress"),
+            work / "logs" / f"shards_{name}.log")
+    return data, work / "shards" / name
+
+
+def train(name: str, dataset: Path, overrides: list[str], args, work: Path) -> dict:
+    run_dir = work / "runs" / name
+    log = work / "logs" / f"train_{name}.log"
+    timing = work / "runs" / f"{name}.seconds.json"
+    if args.reuse and (run_dir / "final_metrics.json").exists() and timing.exists():
+        print(f"{name}: reused {run_dir}", flush=True)
+        return dict(json.loads(timing.read_text()), reused=True)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"{name} ...", flush=True)
+    sets = [f"train.seed={args.seed}", *overrides]
+    seconds = run([sys.executable, "jobs/train.py", "--deepspeed", str(CONFIG), "--data", str(dataset), "--output",
+                   str(run_dir), *[part for o in sets for part in ("--set", o)]], log)
+    record = {"seconds": seconds, "log": str(log), "parts": job_parts(log), "overrides": overrides}
+    timing.write_text(json.dumps(record))
+    print(f"  {seconds / 60:.1f} min", flush=True)
+    return dict(record, reused=False)
+
+
+def evaluate(name: str, work: Path, reuse: bool) -> dict:
+    out = work / "eval" / name
+    if not (reuse and (out / "report.json").exists()):
+        shutil.rmtree(out, ignore_errors=True)
+        run(mgmoe("eval", "--checkpoint", str(work / "runs" / name), "--split", "test", "--out", str(out),
+                  "--no-progress"), work / "logs" / f"eval_{name}.log")
+    report = json.loads((out / "report.json").read_text())
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    top1, n = report["accuracy"]["top1"], report["images"]
+    return {"test_top1": top1, "test_se": binomial_se(top1, n), "test_images": n,
+            "correct": {p["key"]: p["predicted"] == p["label"] for p in predictions}}
+
+
+def paired(this: dict, other: dict) -> dict:
+    import torch
+
+    from mgmoe_ds.evaluation.boxes import paired_comparison
+
+    keys = sorted(other["correct"])
+    if sorted(this["correct"]) != keys:
+        sys.exit("the evals did not score the same test images")
+    c = paired_comparison(torch.tensor([this["correct"][k] for k in keys]),
+                          torch.tensor([other["correct"][k] for k in keys]))
+    return c
+
+
+def verdict(c: dict) -> str:
+    if c["tie"]:
+        return "a tie"
+    return "helps" if c["difference"] > 0 else "hurts"
+
+
+def render(results: dict) -> str:
+    m, s = results["machine"], results["splits"]
+    per = f"{results['train_per_class']} per species" if results["train_per_class"] else "all of them"
+    lines = [f"Command: {results['command']}",
+             f"Machine: {m['cpu']} ({m['cores']} cores); torch {m['torch']}, Python {m['python']}; load average "
+             f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end; total wall "
+             f"{results['wall_s'] / 60:.1f} min"
+             + (f" (reused: {', '.join(results['reused'])})." if results["reused"] else "."),
+             f"Data: {results['data']}: train {s['train']} ({per}), val {s['val']} (carved from train, "
+             f"{results['val_per_class']} per species), test {s['test']} photos. Config {results['config']}, "
+             f"{' + '.join(f'{n} {e}' for n, e in results['stages'])} epochs per job; seed {results['seed']}. "
+             "Distillation and the fusion stage (issue 18) are not implemented yet: no rows.", "",
+             "| arm | test top-1 ± SE | vs baseline ± paired SE (points) | only this right / only baseline right "
+             "| verdict | train min |",
+             "|---|---:|---:|---:|---|---:|"]
+    for name, arm in results["arms"].items():
+        t = arm["test"]
+        if name == "baseline":
+            diff, counts, words = "—", "—", "—"
+        else:
+            c = arm["vs_baseline"]
+            diff = f"{100 * c['difference']:+.1f} ± {100 * c['standard_error']:.1f}"
+            counts = f"{c['only_this_right']} / {c['only_other_right']}"
+            words = arm["verdict"]
+        lines.append(f"| {LABELS[name]} | {t['test_top1']:.3f} ± {t['test_se']:.3f} | {diff} | {counts} | {words} "
+                     f"| {arm['seconds'] / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="image folder with train/ and test/")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="images, shards, runs, evals and logs (default /tmp/mgmoe_bench_few_images_<N>pc"
+                             "_seed<S>)")
+    parser.add_argument("--seed", type=int, default=0, help="validation draw, shard order and train.seed")
+    parser.add_argument("--val-per-class", type=int, default=10)
+    parser.add_argument("--train-per-class", type=int, default=15,
+                        help="training photos kept per species after the validation split (0: all)")
+    parser.add_argument("--only", nargs="+", choices=list(ARMS), default=list(ARMS),
+                        help="run only these arms (the baseline always runs)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the steps whose outputs exist in --work (continue after a failure)")
+    args = parser.parse_args()
+    if not (args.data / "train").is_dir() or not (args.data / "test").is_dir():
+        sys.exit(f"--data {args.data}: expected an image folder with train/ and test/")
+    import torch
+
+    started = time.time()
+    tag = f"{args.train_per_class}pc" if args.train_per_class else "full"
+    args.work = args.work or Path(f"/tmp/mgmoe_bench_few_images_{tag}_seed{args.seed}")
+    settings = {"data": str(args.data.resolve()), "seed": args.seed, "val_per_class": args.val_per_class,
+                "train_per_class": args.train_per_class}
+    settings_file = args.work / "settings.json"
+    if args.reuse and settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+        sys.exit(f"--reuse: {args.work} was made with {settings_file.read_text().strip()}; not with {settings}")
+    if not args.reuse:
+        for part in WORK_PARTS:
+            path = args.work / part
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings))
+
+    data, dataset = build_data(args, args.work)
+    stages = [(s["name"], s["epochs"]) for s in json.loads(CONFIG.read_text())["mgmoe"]["curriculum"]["stages"]]
+    results = {
+        "command": "PYTHONPATH=. python bench/bench_few_images.py" + "".join(f" {a}" for a in sys.argv[1:]),
+        "data": str(args.data), "config": str(CONFIG.relative_to(ROOT)), "stages": stages, "seed": args.seed,
+        "val_per_class": args.val_per_class, "train_per_class": args.train_per_class, "splits": data["sizes"],
+        "not_run": {"distillation": "not implemented yet", "fusion stage": "not implemented yet"},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__, "loadavg_start": os.getloadavg()},
+        "arms": {},
+    }
+    names = ["baseline", *(n for n in ARMS if n != "baseline" and n in args.only)]
+    for name in names:
+        results["arms"][name] = train(name, dataset, ARMS[name], args, args.work)
+    for name, arm in results["arms"].items():
+        print(f"eval {name} ...", flush=True)
+        arm["test"] = evaluate(name, args.work, arm["reused"])
+    base = results["arms"]["baseline"]["test"]
+    for name, arm in results["arms"].items():
+        if name != "baseline":
+            arm["vs_baseline"] = paired(arm["test"], base)
+            arm["verdict"] = verdict(arm["vs_baseline"])
+    results["reused"] = [n for n, r in results["arms"].items() if r["reused"]]
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    results["wall_s"] = time.time() - started
+
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = json.loads(json.dumps(results))
+    for arm in saved["arms"].values():  # per-image correctness stays in the work folder's predictions
+        arm["test"].pop("correct")
+    out = out_dir / (f"few_images_{tag}" + (f"_seed{args.seed}" if args.seed else "") + ".json")
+    out.write_text(json.dumps(saved, indent=1) + "\n")
+    print()
+    print(render(results))
+    print(f"\nraw results in {out}")
+
+
+if __name__ == "__main__":
+    main()
