@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 
 from bench_real_data import binomial_se, carve_validation, job_parts
+from bench_transfer import mgmoe, run
 from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,24 +78,6 @@ ARMS = {
 LABELS = {"baseline": "baseline", "diversity": "+ diversity (0.1)",
           "stochastic_depth": "+ stochastic depth (0.1)", "mixup_cutmix": "+ Mixup 0.8 / CutMix 1.0",
           "all": "all together"}
-
-
-def run(command: list[str], log: Path) -> float:
-    """Runs ``command`` from the repository root, output to ``log``; returns its wall time in seconds."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"  {shlex.join(command)}  (log {log})", flush=True)
-    started = time.perf_counter()
-    with log.open("w") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT))).returncode
-    if code != 0:
-        tail = log.read_text().strip().splitlines()[-1:] or [""]
-        sys.exit(f"failed (exit {code}): {shlex.join(command)}\n  {tail[0]}\n  see {log}")
-    return time.perf_counter() - started
-
-
-def mgmoe(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mgmoe_ds.cli", *args]
 
 
 def build_data(args, work: Path) -> tuple[dict, Path]:
