@@ -20,26 +20,14 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from bench_transfer import run
 from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "ds_configs" / "zero2.json"
-
-
-def run(command: list[str], log: Path) -> float:
-    """Runs ``command`` from the repository root, output to ``log``; returns its wall time in seconds."""
-    started = time.perf_counter()
-    with open(log, "w") as out:
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT))).returncode
-    if code != 0:
-        sys.exit(f"{' '.join(command)} failed ({code}); see {log}")
-    return time.perf_counter() - started
 
 
 def main() -> None:

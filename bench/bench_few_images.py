@@ -33,24 +33,20 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench_real_data import binomial_se, carve_validation, job_parts
-from bench_transfer import mgmoe, run
+from bench_transfer import flowers_parser, mgmoe, parse_flowers_args, prepare_work, run
 from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "ds_configs" / "zero2.json"
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "flowers12"
 WORK_PARTS = ("images", "shards", "runs", "eval", "logs", "settings.json")
 DROP_PATH = 0.1
 
@@ -178,22 +174,15 @@ def render(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="image folder with train/ and test/")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="images, shards, runs, evals and logs (default /tmp/mgmoe_bench_few_images_<N>pc"
-                             "_seed<S>)")
-    parser.add_argument("--seed", type=int, default=0, help="validation draw, shard order and train.seed")
-    parser.add_argument("--val-per-class", type=int, default=10)
+    parser = flowers_parser(__doc__, "images, shards, runs, evals and logs (default "
+                                     "/tmp/mgmoe_bench_few_images_<N>pc_seed<S>)")
     parser.add_argument("--train-per-class", type=int, default=15,
                         help="training photos kept per species after the validation split (0: all)")
     parser.add_argument("--only", nargs="+", choices=list(ARMS), default=list(ARMS),
                         help="run only these arms (the baseline always runs)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the steps whose outputs exist in --work (continue after a failure)")
-    args = parser.parse_args()
-    if not (args.data / "train").is_dir() or not (args.data / "test").is_dir():
-        sys.exit(f"--data {args.data}: expected an image folder with train/ and test/")
+    args = parse_flowers_args(parser)
     import torch
 
     started = time.time()
@@ -201,18 +190,7 @@ def main() -> None:
     args.work = args.work or Path(f"/tmp/mgmoe_bench_few_images_{tag}_seed{args.seed}")
     settings = {"data": str(args.data.resolve()), "seed": args.seed, "val_per_class": args.val_per_class,
                 "train_per_class": args.train_per_class}
-    settings_file = args.work / "settings.json"
-    if args.reuse and settings_file.exists() and json.loads(settings_file.read_text()) != settings:
-        sys.exit(f"--reuse: {args.work} was made with {settings_file.read_text().strip()}; not with {settings}")
-    if not args.reuse:
-        for part in WORK_PARTS:
-            path = args.work / part
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    args.work.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings))
+    prepare_work(args.work, settings, WORK_PARTS, args.reuse)
 
     data, dataset = build_data(args, args.work)
     stages = [(s["name"], s["epochs"]) for s in json.loads(CONFIG.read_text())["mgmoe"]["curriculum"]["stages"]]

@@ -80,6 +80,40 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - started
 
 
+def flowers_parser(description: str, work_help: str) -> argparse.ArgumentParser:
+    """The options every flowers12 benchmark takes: --data, --work, --seed, --val-per-class."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="image folder with train/ and test/")
+    parser.add_argument("--work", type=Path, default=None, help=work_help)
+    parser.add_argument("--seed", type=int, default=0, help="validation draw, shard order and train.seed")
+    parser.add_argument("--val-per-class", type=int, default=10)
+    return parser
+
+
+def parse_flowers_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if not (args.data / "train").is_dir() or not (args.data / "test").is_dir():
+        sys.exit(f"--data {args.data}: expected an image folder with train/ and test/")
+    return args
+
+
+def prepare_work(work: Path, settings: dict, parts: tuple[str, ...], reuse: bool) -> None:
+    """The work folder for a run with ``settings``: with ``reuse`` it must have been made with the
+    same settings (its finished steps are kept); without, the ``parts`` this script writes there go."""
+    settings_file = work / "settings.json"
+    if reuse and settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+        sys.exit(f"--reuse: {work} was made with {settings_file.read_text().strip()}; not with {settings}")
+    if not reuse:
+        for part in parts:  # only what the script writes there
+            path = work / part
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings))
+
+
 def mgmoe(*args: str) -> list[str]:
     return [sys.executable, "-m", "mgmoe_ds.cli", *args]
 
@@ -308,13 +342,8 @@ def render(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="image folder with train/ and test/")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="images, shards, registry, runs, evals and logs (default /tmp/mgmoe_bench_transfer"
-                             "[_quick])")
-    parser.add_argument("--seed", type=int, default=0, help="validation draw, shard order and train.seed")
-    parser.add_argument("--val-per-class", type=int, default=10)
+    parser = flowers_parser(__doc__, "images, shards, registry, runs, evals and logs (default "
+                                     "/tmp/mgmoe_bench_transfer[_quick])")
     parser.add_argument("--train-per-class", type=int, default=None,
                         help="keep at most this many training photos per species (default: all; --quick: 8)")
     parser.add_argument("--quick", action="store_true",
@@ -322,9 +351,7 @@ def main() -> None:
                              "transfer_quick*, never transfer.json")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the steps whose outputs exist in --work (continue after a failure)")
-    args = parser.parse_args()
-    if not (args.data / "train").is_dir() or not (args.data / "test").is_dir():
-        sys.exit(f"--data {args.data}: expected an image folder with train/ and test/")
+    args = parse_flowers_args(parser)
     import torch
 
     started = time.time()
@@ -334,18 +361,7 @@ def main() -> None:
     args.work = args.work or Path("/tmp/mgmoe_bench_transfer" + ("_quick" if args.quick else ""))
     settings = {"data": str(args.data.resolve()), "seed": args.seed, "val_per_class": args.val_per_class,
                 "train_per_class": args.train_per_class, "overrides": args.overrides}
-    settings_file = args.work / "settings.json"
-    if args.reuse and settings_file.exists() and json.loads(settings_file.read_text()) != settings:
-        sys.exit(f"--reuse: {args.work} was made with {settings_file.read_text().strip()}; not with {settings}")
-    if not args.reuse:
-        for part in WORK_PARTS:  # only what this script writes there
-            path = args.work / part
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-    args.work.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings))
+    prepare_work(args.work, settings, WORK_PARTS, args.reuse)
 
     data = build_data(args, args.work)
     stages = stage_epochs(args.overrides)

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_iou, complete_box_iou_loss
+from torchvision.ops import box_area, complete_box_iou_loss
 
 BOX_FEATURE = "tokens"  # the backbone feature the tower reads: (B, N, C) final tokens on their (H, W) grid
 
@@ -97,9 +97,12 @@ def box_loss(predicted: Tensor, boxes: Tensor, has_box: Tensor, normaliser: Opti
 @torch.no_grad()
 def box_iou_per_image(predicted: Tensor, boxes: Tensor) -> Tensor:
     """(B,) IoU of each predicted box with its true box (both (B, 4) corners)."""
-    if predicted.shape[0] == 0:
-        return predicted.new_zeros(0)
-    return box_iou(predicted.float(), boxes.float().to(predicted.device)).diagonal()  # (B,)
+    predicted, boxes = predicted.float(), boxes.float().to(predicted.device)
+    corners_min = torch.maximum(predicted[:, :2], boxes[:, :2])  # (B, 2)
+    corners_max = torch.minimum(predicted[:, 2:], boxes[:, 2:])  # (B, 2)
+    intersection = (corners_max - corners_min).clamp(min=0).prod(dim=1)  # (B,)
+    union = box_area(predicted) + box_area(boxes) - intersection  # (B,)
+    return intersection / union.clamp_min(1e-12)
 
 
 @torch.no_grad()
