@@ -1,4 +1,4 @@
-"""Issue 18 benchmark (in part): regularisers for few images per class, same budget per row.
+"""Issue 18 benchmark: learning from few images per class, same budget per row.
 
 flowers12 (``../shared/data/flowers12``: 12 species, ``train/`` 60 and ``test/`` 20 photos each):
 
@@ -6,7 +6,7 @@ flowers12 (``../shared/data/flowers12``: 12 species, ``train/`` 60 and ``test/``
    draw of ``bench_real_data.carve_validation``), then at most ``--train-per-class`` of the rest
    (default 15; 0: all 50) are kept for training; ``test/`` (240 photos) is used for no choice.
    ``mgmoe shards build --format imagefolder`` writes one dataset of all 12 species;
-2. five arms, each the README's job (``jobs/train.py --deepspeed ds_configs/zero2.json``:
+2. the arms, each the README's job (``jobs/train.py --deepspeed ds_configs/zero2.json``:
    EfficientNet-Lite0 ImageNet weights, 96 px, warm-up 4 + routing 2 + residual 2 epochs), same
    seed (``train.seed``), epochs and data, differing only in ``--set`` overrides:
    - ``baseline``: none;
@@ -14,8 +14,14 @@ flowers12 (``../shared/data/flowers12``: 12 species, ``train/`` 60 and ``test/``
    - ``stochastic_depth``: ``model.backbone_options={"drop_path_rate": 0.1}`` and every expert's
      ``drop_path`` 0.1 (``model.experts``: the config's list with ``options.drop_path`` merged in);
    - ``mixup_cutmix``: ``data.mixup=0.8``, ``data.cutmix=1.0``, ``data.mix_off_last_epochs=2``;
-   - ``all``: all of the above together.
-   Distillation and the fusion stage of issue 18 are not implemented yet: no rows for them;
+   - ``regularisers``: the three above together;
+   - ``distill``: ``distill.teacher`` = this work folder's ``baseline`` run (the product's own run
+     on the same data: self-distillation; its training is not counted in the row's minutes),
+     ``weight`` 0.5, ``label_smoothing`` 0.1, the cosine term on;
+   - ``fusion``: ``model.fusion=true`` and a ``fusion`` stage of ``FUSION_EPOCHS`` epochs after
+     the residual stage (every earlier parameter frozen, trained from the feature cache: seconds);
+   - ``all``: all five together (mixing off in the last 2 + ``FUSION_EPOCHS`` epochs, so the
+     residual stage trains on clean images as in ``regularisers``).
 3. per arm, ``mgmoe eval`` on the test split: top-1 with its binomial standard error, the paired
    difference against the baseline on the same test images with its paired standard error
    (``mgmoe_ds.evaluation.boxes.paired_comparison``), and the training job's wall time.
@@ -62,18 +68,45 @@ def stochastic_depth_overrides() -> list[str]:
             f"model.experts={json.dumps(experts)}"]
 
 
+FUSION_EPOCHS = 2
+
+
+def fusion_overrides() -> list[str]:
+    """The fusion module and the config's curriculum with a fusion stage at its end."""
+    stages = json.loads(CONFIG.read_text())["mgmoe"]["curriculum"]["stages"]
+    return ["model.fusion=true",
+            f"curriculum.stages={json.dumps([*stages, {'name': 'fusion', 'epochs': FUSION_EPOCHS}])}"]
+
+
 DIVERSITY = ["moe.diversity_weight=0.1"]
 MIX = ["data.mixup=0.8", "data.cutmix=1.0", "data.mix_off_last_epochs=2"]
-ARMS = {
-    "baseline": [],
-    "diversity": DIVERSITY,
-    "stochastic_depth": stochastic_depth_overrides(),
-    "mixup_cutmix": MIX,
-    "all": [*DIVERSITY, *stochastic_depth_overrides(), *MIX],
-}
+TEACHER_ARM = "baseline"  # the distillation arms' teacher: this run of the same work folder
+
+
+def distill_overrides(work: Path) -> list[str]:
+    return [f"distill={json.dumps({'teacher': str(work / 'runs' / TEACHER_ARM), 'weight': 0.5})}"]
+
+
+def arms(work: Path) -> dict[str, list[str]]:
+    """Each arm's ``--set`` overrides (the distillation arms name ``work``'s teacher run)."""
+    return {
+        "baseline": [],
+        "diversity": DIVERSITY,
+        "stochastic_depth": stochastic_depth_overrides(),
+        "mixup_cutmix": MIX,
+        "regularisers": [*DIVERSITY, *stochastic_depth_overrides(), *MIX],
+        "distill": distill_overrides(work),
+        "fusion": fusion_overrides(),
+        "all": [*DIVERSITY, *stochastic_depth_overrides(), *MIX[:2], f"data.mix_off_last_epochs={2 + FUSION_EPOCHS}",
+                *distill_overrides(work), *fusion_overrides()],
+    }
+
+
+ARM_NAMES = list(arms(Path(".")))
 LABELS = {"baseline": "baseline", "diversity": "+ diversity (0.1)",
           "stochastic_depth": "+ stochastic depth (0.1)", "mixup_cutmix": "+ Mixup 0.8 / CutMix 1.0",
-          "all": "all together"}
+          "regularisers": "+ the three above", "distill": "+ distillation (teacher: the baseline run)",
+          "fusion": f"+ fusion stage ({FUSION_EPOCHS} epochs)", "all": "all five together"}
 
 
 def build_data(args, work: Path) -> tuple[dict, Path]:
@@ -98,7 +131,8 @@ def train(name: str, dataset: Path, overrides: list[str], args, work: Path) -> d
     run_dir = work / "runs" / name
     log = work / "logs" / f"train_{name}.log"
     timing = work / "runs" / f"{name}.seconds.json"
-    if args.reuse and (run_dir / "final_metrics.json").exists() and timing.exists():
+    if (args.reuse and (run_dir / "final_metrics.json").exists() and timing.exists()
+            and json.loads(timing.read_text())["overrides"] == overrides):  # the same arm, not an old one's name
         print(f"{name}: reused {run_dir}", flush=True)
         return dict(json.loads(timing.read_text()), reused=True)
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -114,7 +148,8 @@ def train(name: str, dataset: Path, overrides: list[str], args, work: Path) -> d
 
 def evaluate(name: str, work: Path, reuse: bool) -> dict:
     out = work / "eval" / name
-    if not (reuse and (out / "report.json").exists()):
+    if not (reuse and (out / "report.json").exists() and (out / "report.json").stat().st_mtime
+            > (work / "runs" / name / "final_metrics.json").stat().st_mtime):  # evaluated after it was trained
         shutil.rmtree(out, ignore_errors=True)
         run(mgmoe("eval", "--checkpoint", str(work / "runs" / name), "--split", "test", "--out", str(out),
                   "--no-progress"), work / "logs" / f"eval_{name}.log")
@@ -154,8 +189,8 @@ def render(results: dict) -> str:
              + (f" (reused: {', '.join(results['reused'])})." if results["reused"] else "."),
              f"Data: {results['data']}: train {s['train']} ({per}), val {s['val']} (carved from train, "
              f"{results['val_per_class']} per species), test {s['test']} photos. Config {results['config']}, "
-             f"{' + '.join(f'{n} {e}' for n, e in results['stages'])} epochs per job; seed {results['seed']}. "
-             "Distillation and the fusion stage (issue 18) are not implemented yet: no rows.", "",
+             f"{' + '.join(f'{n} {e}' for n, e in results['stages'])} epochs per job (the fusion arms add "
+             f"{FUSION_EPOCHS} fusion epochs); seed {results['seed']}.", "",
              "| arm | test top-1 ± SE | vs baseline ± paired SE (points) | only this right / only baseline right "
              "| verdict | train min |",
              "|---|---:|---:|---:|---|---:|"]
@@ -178,7 +213,7 @@ def main() -> None:
                                      "/tmp/mgmoe_bench_few_images_<N>pc_seed<S>)")
     parser.add_argument("--train-per-class", type=int, default=15,
                         help="training photos kept per species after the validation split (0: all)")
-    parser.add_argument("--only", nargs="+", choices=list(ARMS), default=list(ARMS),
+    parser.add_argument("--only", nargs="+", choices=ARM_NAMES, default=ARM_NAMES,
                         help="run only these arms (the baseline always runs)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the steps whose outputs exist in --work (continue after a failure)")
@@ -198,14 +233,14 @@ def main() -> None:
         "command": "PYTHONPATH=. python bench/bench_few_images.py" + "".join(f" {a}" for a in sys.argv[1:]),
         "data": str(args.data), "config": str(CONFIG.relative_to(ROOT)), "stages": stages, "seed": args.seed,
         "val_per_class": args.val_per_class, "train_per_class": args.train_per_class, "splits": data["sizes"],
-        "not_run": {"distillation": "not implemented yet", "fusion stage": "not implemented yet"},
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "loadavg_start": os.getloadavg()},
         "arms": {},
     }
-    names = ["baseline", *(n for n in ARMS if n != "baseline" and n in args.only)]
-    for name in names:
-        results["arms"][name] = train(name, dataset, ARMS[name], args, args.work)
+    overrides = arms(args.work)
+    names = ["baseline", *(n for n in ARM_NAMES if n != "baseline" and n in args.only)]
+    for name in names:  # the baseline first: it is the distillation arms' teacher
+        results["arms"][name] = train(name, dataset, overrides[name], args, args.work)
     for name, arm in results["arms"].items():
         print(f"eval {name} ...", flush=True)
         arm["test"] = evaluate(name, args.work, arm["reused"])

@@ -54,12 +54,13 @@ def main(argv=None) -> int:
     from mgmoe_ds.experts import ExpertError
     from mgmoe_ds.train.distributed import WorldError
     from mgmoe_ds.train.transfer import TransferError
+    from mgmoe_ds.distillation import TeacherError
 
     try:
         train(TrainArgs(deepspeed_config=args.deepspeed, data=args.data, output=args.output, resume=args.resume,
                         overrides=args.overrides, max_steps=args.max_steps))
     except (ConfigError, WorldError, TrainingError, DataError, BackboneError, ExpertError,
-            TransferError) as err:
+            TransferError, TeacherError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

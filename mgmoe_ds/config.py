@@ -14,17 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from mgmoe_ds.config_checks import check_backbone_moe, check_box_task, check_mixing, check_pretrained
-from mgmoe_ds.typed_json import CHECKS, SHORT_FORMS, ConfigError, build_dataclass, fail, options_from_dict
+from mgmoe_ds.config_checks import (check_backbone_moe, check_box_task, check_distill, check_fusion, check_mixing,
+                                    check_pretrained)
+from mgmoe_ds.typed_json import (CHECKS, SHORT_FORMS, ConfigError, apply_overrides, build_dataclass, fail,  # noqa: F401
+                                 options_from_dict, parse_override)
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
 # The parameter groups every model has, by name: a stage trains some of them, each at its own lr.
 # (``MGMoE.group_matcher`` says which parameter belongs to which.)
 # "backbone_top": the backbone's blocks above the cache's cut (cache.depth); "backbone": the rest of it.
 # "backbone_moe": the routers and experts of the token-level MoE layers inside the backbone.
-# "box_tower": the box task's tower (model.tasks.bbox).
+# "box_tower": the box task's tower (model.tasks.bbox); "fusion": the fusion head (model.fusion).
 PARAMETER_GROUPS = ("backbone", "backbone_top", "backbone_moe", "router", "fallback", "experts", "expert_heads",
-                    "box_tower")
+                    "box_tower", "fusion")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,11 @@ class TasksConfig:
 
 
 @dataclass(frozen=True)
+class FusionConfig:
+    hidden: int = 64  # width of the fusion head's MLP, which corrects the router's weights per image
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "vit_tiny_patch16_224"  # any timm model name
     pretrained: Optional[str] = None  # local weights file, "efficientnet-lite0/1/2" (offline packages), or None
@@ -97,6 +104,8 @@ class ModelConfig:
     backbone_options: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     backbone_moe: Optional[BackboneMoEConfig] = None  # token-level MoE blocks inside the backbone, or null
     tasks: TasksConfig = field(default_factory=TasksConfig)  # tasks beside the classes (the box)
+    # A fusion head over the experts each image ran, trained by the "fusion" stage; null: none
+    fusion: Optional[FusionConfig] = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,17 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    teacher: str  # a run folder or `mgmoe export` file of this product, or (with timm_model) a local weights file
+    timm_model: Optional[str] = None  # a timm classifier whose weights are `teacher`, for exactly the dataset's classes
+    img_size: Optional[int] = None  # the timm teacher's input size; default model.img_size
+    weight: float = 0.5  # lambda: the smoothed label's share of the target; the teacher's is 1 - lambda
+    label_smoothing: float = 0.1  # smoothing of the label's one-hot
+    cosine: bool = True  # add the loss "distill.cosine" = 1 - cos(target, prediction) (weight 1 unless set)
+    temperature: float = 1.0  # softmax temperature of the teacher's logits
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -189,6 +209,7 @@ class RunConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    distill: Optional[DistillConfig] = None  # teacher soft labels for the task loss; null: the labels alone
 
     @property
     def num_experts(self) -> int:
@@ -207,6 +228,7 @@ def _check_expert(spec: ExpertSpec, key: str, source: str) -> None:
 SHORT_FORMS[ExpertSpec] = lambda value: {"name": value} if isinstance(value, str) else value  # "mpsa" = {"name": "mpsa"}
 CHECKS[ExpertSpec] = _check_expert
 SHORT_FORMS[BoxTaskConfig] = lambda value: {} if value is True else value  # "bbox": true = the defaults
+SHORT_FORMS[FusionConfig] = lambda value: {} if value is True else value  # "fusion": true = the defaults
 
 
 def _validate(config: RunConfig, source: str) -> None:
@@ -243,6 +265,7 @@ def _validate(config: RunConfig, source: str) -> None:
     box = config.model.tasks.bbox
     if box is not None:
         check_box_task(box, check)
+    check_fusion(config.model.fusion, config.curriculum.stages, check)
     if config.model.num_classes is not None:
         check(config.model.num_classes >= 2, "model.num_classes", config.model.num_classes, "an integer >= 2")
     check(config.data.num_workers >= 0, "data.num_workers", config.data.num_workers, "an integer >= 0")
@@ -251,6 +274,8 @@ def _validate(config: RunConfig, source: str) -> None:
           "tune the model; `mgmoe shards build` carves a validation split from train (--val-fraction)")
     check(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", config.data.shuffle_buffer, "an integer >= 0")
     check_mixing(config.data, config.curriculum.stages, check)
+    if config.distill is not None:
+        check_distill(config.distill, check)
     frozen = set(config.train.freeze)
     check(frozen <= set(PARAMETER_GROUPS), "train.freeze", config.train.freeze,
           f"a list of parameter groups: {', '.join(PARAMETER_GROUPS)}")
@@ -328,38 +353,6 @@ def _prefix_keys(error: ConfigError) -> ConfigError:
     elif not rest.startswith("mgmoe."):
         rest = "mgmoe." + rest
     return ConfigError(f"{source}: {rest}")
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parses ``key.path=value`` (value as JSON, else a plain string)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. moe.top_k=1")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip().removeprefix("mgmoe.").split("."), value
-
-
-def apply_overrides(block: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Returns a copy of ``block`` with ``--set key=value`` overrides applied.
-
-    Unknown keys are caught when the result is validated by ``config_from_dict``; the error then
-    names the key exactly as given.
-    """
-    result = json.loads(json.dumps(block))
-    for text in overrides:
-        path, value = parse_override(text)
-        node = result
-        for part in path[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node = child
-        node[path[-1]] = value
-    return result
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:

@@ -77,3 +77,33 @@ def check_mixing(data: Any, stages: list[Any], check) -> None:
         epochs += stages[i].epochs
     check(epochs > off, "data.mix_off_last_epochs", off,
           f"fewer than the curriculum's {epochs} epochs (at {off} no batch would be mixed)")
+
+
+def check_distill(distill: Any, check) -> None:
+    """The ``distill`` block (``config.DistillConfig``); the teacher's files are read when training starts."""
+    check(bool(distill.teacher), "distill.teacher", distill.teacher, "a run folder, an exported .safetensors file, "
+          "or with distill.timm_model a weights file")
+    check(0 <= distill.weight <= 1, "distill.weight", distill.weight, "a number in [0, 1] (the label's share)")
+    check(0 <= distill.label_smoothing < 1, "distill.label_smoothing", distill.label_smoothing, "a number in [0, 1)")
+    check(distill.temperature > 0, "distill.temperature", distill.temperature, "a number > 0")
+    check(distill.img_size is None or distill.img_size >= 16, "distill.img_size", distill.img_size,
+          "an integer >= 16, or null (model.img_size)")
+    check(distill.img_size is None or distill.timm_model is not None, "distill.img_size", distill.img_size,
+          "null unless distill.timm_model is set (a model of this product brings its own preprocessing)")
+
+
+def check_fusion(fusion: Any, stages: list[Any], check) -> None:
+    """``model.fusion`` (``config.FusionConfig``) and the stages that use it: a "fusion" stage needs
+    the head, and no stage trains it before the first "fusion" stage (it is used from there on)."""
+    if fusion is not None:
+        check(fusion.hidden >= 1, "model.fusion.hidden", fusion.hidden, "an integer >= 1")
+    first = next((i for i, stage in enumerate(stages) if stage.name == "fusion"), None)
+    if first is not None:
+        check(fusion is not None, "model.fusion", None, f"an object or true: curriculum.stages[{first}] is the "
+              f"fusion stage, which trains it (set mgmoe.model.fusion, e.g. true)")
+    for i, stage in enumerate(stages):
+        lr = stage.lr.get("fusion", 0)
+        check(fusion is not None or lr == 0, f"curriculum.stages[{i}].lr.fusion", lr,
+              "0 or absent while mgmoe.model.fusion is null")
+        check(lr == 0 or (first is not None and first <= i), f"curriculum.stages[{i}].lr.fusion", lr,
+              "0 or absent in a stage before the first \"fusion\" stage (the head is used from that stage on)")

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Union
 
@@ -38,6 +38,7 @@ CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 # NumPy has no bfloat16: its bits are stored as uint16 and viewed back on read.
 _NUMPY_STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
 INDEX_FILE = "index.json"
+KEYS_FILE = "keys.json"
 
 Array = Union[Tensor, np.ndarray]
 
@@ -100,7 +101,8 @@ class FeatureCache:
     """Cached features of one rank's samples.
 
     ``features[name]`` is ``(V, N, ...)`` (a tensor in memory, or a read-only NumPy memory map);
-    ``labels`` is ``(N,)``.
+    ``labels`` is ``(N,)`` and ``keys`` the N sample keys (what a teacher's stored predictions
+    are looked up by, ``train.distill``).
     """
 
     key: str
@@ -108,6 +110,7 @@ class FeatureCache:
     labels: Tensor  # (N,) long
     dtype: str  # storage dtype name, a key of CACHE_DTYPES
     folder: Optional[Path] = None  # the memory maps' folder; None in memory
+    keys: list[str] = field(default_factory=list)  # (N,) sample keys in row order
 
     @property
     def storage(self) -> str:
@@ -138,7 +141,15 @@ class FeatureCache:
 
     def batches(self, batch_size: int, num_batches: int, *, seed: int, epoch: int,
                 start: int = 0) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
-        """``num_batches`` batches of ``(features, labels)`` in an order drawn from ``(seed, epoch)``.
+        """``num_batches`` batches of ``(features, labels)`` in an order drawn from ``(seed, epoch)``;
+        :meth:`epoch_rows` says which rows and views, its arguments are these."""
+        for rows, views in self.epoch_rows(batch_size, num_batches, seed=seed, epoch=epoch, start=start):
+            yield self.gather(rows, views), self.labels[rows]
+
+    def epoch_rows(self, batch_size: int, num_batches: int, *, seed: int, epoch: int,
+                   start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """``num_batches`` batches of ``(rows, views)``, each (B,): the samples in an order drawn
+        from ``(seed, epoch)`` and the view each shows.
 
         Args:
             batch_size: samples per batch (the last batch of an epoch may be smaller).
@@ -158,7 +169,7 @@ class FeatureCache:
         positions = torch.arange(total) % n  # wraps only when the epoch has more slots than samples
         for b in range(start, num_batches):
             chosen = order[positions[b * batch_size:(b + 1) * batch_size]]  # (B,)
-            yield self.gather(chosen, views[chosen]), self.labels[chosen]
+            yield chosen, views[chosen]
 
 
 def _itemsize(dtype: str) -> int:
@@ -168,13 +179,14 @@ def _itemsize(dtype: str) -> int:
 def load_feature_cache(folder: Path) -> Optional[FeatureCache]:
     """The memory-mapped cache in ``folder``, or None when it is missing or unfinished."""
     index_path = folder / INDEX_FILE
-    if not index_path.is_file():
+    if not index_path.is_file() or not (folder / KEYS_FILE).is_file():  # no keys: written by an earlier version
         return None
     index = json.loads(index_path.read_text())
     n = index["num_samples"]
     features = {name: np.load(folder / f"{name}.npy", mmap_mode="r")[:, :n] for name in index["features"]}
     labels = torch.from_numpy(np.load(folder / "labels.npy")[:n].astype(np.int64))
-    return FeatureCache(index["key"], features, labels, index["dtype"], folder)
+    keys = json.loads((folder / KEYS_FILE).read_text())[:n]
+    return FeatureCache(index["key"], features, labels, index["dtype"], folder, keys)
 
 
 class _Writer:
@@ -209,13 +221,15 @@ class _Writer:
         if view == 0:
             self.labels[rows] = labels.numpy()
 
-    def finish(self, num_samples: int) -> FeatureCache:
+    def finish(self, keys: list[str]) -> FeatureCache:
+        num_samples = len(keys)
         if self.in_memory:
             features = {name: a[:, :num_samples] for name, a in self.arrays.items()}
-            return FeatureCache(self.key, features, torch.from_numpy(self.labels[:num_samples]), self.dtype)
+            return FeatureCache(self.key, features, torch.from_numpy(self.labels[:num_samples]), self.dtype, keys=keys)
         for array in self.arrays.values():
             array.flush()
         np.save(self.folder / "labels.npy", self.labels[:num_samples])
+        (self.folder / KEYS_FILE).write_text(json.dumps(keys))
         index = {"key": self.key, "num_samples": num_samples, "dtype": self.dtype,
                  "features": {name: list(a.shape[2:]) for name, a in self.arrays.items()}}
         tmp = self.folder / (INDEX_FILE + ".tmp")
@@ -323,7 +337,7 @@ class FeatureCacheStore:
         bar.close()
         if writer is None:
             raise FeatureCacheError(f"feature cache {key[:12]}: this rank has no training sample to cache")
-        return writer.finish(len(order))
+        return writer.finish(order)
 
 
 def describe(cache: FeatureCache) -> str:

@@ -129,7 +129,8 @@ def _consolidated_state(checkpoint_dir: Path, tag: str) -> dict[str, Tensor]:
 
 
 def inference_config(config: RunConfig) -> RunConfig:
-    """The run config for one process: every expert local, no pretrained download, no drops.
+    """The run config for one process: every expert local, no pretrained download, no drops, no
+    teacher (``distill`` only shapes training; its files need not exist where the model is used).
 
     Capacity limits exist to bound all-to-all buffers in distributed training; in one process
     they would only make an image's prediction depend on which other images share its batch, so
@@ -139,6 +140,7 @@ def inference_config(config: RunConfig) -> RunConfig:
         config,
         model=dataclasses.replace(config.model, pretrained=None),
         moe=dataclasses.replace(config.moe, expert_parallel_size=1, dropless=True),
+        distill=None,
     )
 
 

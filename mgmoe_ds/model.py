@@ -2,9 +2,10 @@
 
 The backbone runs once per image; the features the configured experts need travel as each
 image's payload to its Top-K experts (possibly on other ranks) and the fused logits are the
-renormalised router weights times the expert logits. A shared fallback head on the pooled
-features answers for an image that lost every expert to capacity; it is trained on every image
-(its own loss) so that the answer is a real prediction. No ``torch.distributed`` here.
+renormalised router weights times the expert logits (re-weighted per image by the fusion head
+once the "fusion" stage trained it). A shared fallback head on the pooled features answers for an
+image that lost every expert to capacity; it is trained on every image (its own loss) so that the
+answer is a real prediction. No ``torch.distributed`` here.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from mgmoe_ds.box_tower import BOX_FEATURE, BoxTower, box_loss
 from mgmoe_ds.config import PARAMETER_GROUPS, ExpertSpec, ModelConfig, MoEConfig
 from mgmoe_ds.experts import create_expert, expert_class
 from mgmoe_ds.flops import count_flops, count_parameters
+from mgmoe_ds.moe.fusion import FusionHead
 from mgmoe_ds.moe.layer import MoEOutput, RouteOutput, RoutedExperts, layer_from_config
-from mgmoe_ds.moe.losses import diversity_loss
+from mgmoe_ds.moe.losses import diversity_loss, expert_cross_entropy
 from mgmoe_ds.moe.routing import RoutingRequest
 from mgmoe_ds.moe.token_layer import TokenMoE, TokenMoERecord, collect_token_moe, token_moe_layers
 
@@ -174,6 +176,10 @@ class MGMoE(nn.Module):
             self.box_tower = _seeded(int(torch.randint(0, 2**40, (1,))), partial(
                 BoxTower, info.token_dim, info.token_grid, channels=box_task.channels, grid=box_task.grid,
                 hidden=box_task.hidden))
+        self.fusion: Optional[FusionHead] = None
+        if model_config.fusion is not None:  # drawn last as well: the other weights start as without it
+            self.fusion = _seeded(int(torch.randint(0, 2**40, (1,))), partial(
+                FusionHead, info.pooled_dim, len(self.expert_names), num_classes, hidden=model_config.fusion.hidden))
 
     @property
     def num_experts(self) -> int:
@@ -268,8 +274,11 @@ class MGMoE(nn.Module):
         labels = targets.argmax(dim=1) if targets is not None and targets.dim() == 2 else targets  # (B,) to experts
         out = self.moe(pooled, payload, labels, routing=_for_layer(routing, HEAD_LAYER))
         losses = {f"{HEAD_LAYER}.{name}": value for name, value in out.aux_losses.items()}
+        # the fusion head's logits once its stage has started (so in every later use of the model)
+        fusing = self.fusion is not None and self.fusion.is_active
+        logits = self.fusion(pooled, out.route, out.expert_outputs, out.output) if fusing else out.output  # (B, C)
         if targets is not None:
-            losses["task"] = F.cross_entropy(out.output.float(), targets)
+            losses["task"] = F.cross_entropy(logits.float(), targets)
             losses["fallback"] = F.cross_entropy(self.moe.fallback_head(pooled).float(), targets)
             losses.update(self._standalone_losses(out, targets))
             # logged at any weight; the experts each image ran: all of them in a dense stage, its K otherwise
@@ -277,7 +286,7 @@ class MGMoE(nn.Module):
         predicted_boxes = self.box_tower(features[BOX_FEATURE]) if self.box_tower is not None else None  # (B, 4)
         if predicted_boxes is not None and boxes is not None and has_box is not None:
             losses["bbox"] = box_loss(predicted_boxes, boxes, has_box, box_normaliser)
-        return ModelOutput(logits=out.output, routes={HEAD_LAYER: out.route}, pooled=pooled, losses=losses,
+        return ModelOutput(logits=logits, routes={HEAD_LAYER: out.route}, pooled=pooled, losses=losses,
                            layer_outputs={HEAD_LAYER: out}, boxes=predicted_boxes)
 
     def forward(self, images: Optional[Tensor], targets: Optional[Tensor] = None, routing: Routing = None, *,
@@ -317,15 +326,8 @@ class MGMoE(nn.Module):
         Computed where the images are (their rank), each rank's mean over its own images: the
         gradient data parallelism gives, at any expert-parallel size.
         """
-        route = out.route
-        num_tokens, top_k = route.expert_indices.shape
-        per_choice = F.cross_entropy(out.expert_outputs.float().reshape(num_tokens * top_k, self.num_classes),
-                                     targets.repeat_interleave(top_k, dim=0), reduction="none")  # (T*K,)
-        kept = route.kept.reshape(-1).float()  # (T*K,)
-        experts = route.expert_indices.reshape(-1)  # (T*K,)
-        sums = per_choice.new_zeros(self.num_experts).index_add(0, experts, per_choice * kept)  # (E,)
-        counts = kept.new_zeros(self.num_experts).index_add(0, experts, kept)  # (E,)
-        means = sums / counts.clamp_min(1)  # (E,): 0 (in the graph) for an expert with no image here
+        means = expert_cross_entropy(out.expert_outputs, out.route.expert_indices, out.route.kept, targets,
+                                     self.num_experts)  # (E,)
         return {f"{HEAD_LAYER}.{label}.standalone": means[e] for e, label in enumerate(self.expert_labels)}
 
     # -- parameter groups (the curriculum freezes and unfreezes by these names) ---------------
@@ -348,6 +350,7 @@ class MGMoE(nn.Module):
             "router": re.compile(r"(^|\.)router\.").search,
             "fallback": re.compile(r"(^|\.)fallback_head\.").search,
             "box_tower": re.compile(r"^box_tower\.").search,
+            "fusion": re.compile(r"^fusion\.").search,
             "backbone": re.compile(r"^backbone\.").search,
         }
         assert tuple(sorted(matchers)) == tuple(sorted(PARAMETER_GROUPS)), "one matcher per parameter group"

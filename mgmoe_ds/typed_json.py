@@ -202,3 +202,33 @@ def options_from_dict(options_class: type[T], options: dict[str, Any], source: s
     return build_dataclass(options_class, options, key, source)
 
 
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parses ``key.path=value`` (value as JSON, else a plain string)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. moe.top_k=1")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().removeprefix("mgmoe.").split("."), value
+
+
+def apply_overrides(block: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Returns a copy of ``block`` with ``--set key=value`` overrides applied.
+
+    Unknown keys are caught when the result is validated by ``config_from_dict``; the error then
+    names the key exactly as given.
+    """
+    result = json.loads(json.dumps(block))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return result

@@ -162,7 +162,7 @@ def test_importing_the_config_imports_neither_torch_nor_timm():
     ({"moe": {"dropless": 1}}, "mgmoe.moe.dropless = 1: expected true/false"),
     ({"moe": {"noisy_gate_policy": "gumbel"}}, 'mgmoe.moe.noisy_gate_policy = \'gumbel\': expected "jitter" or "rsample" or null'),
     ({"moe": {"topk": 2}}, "unknown key mgmoe.moe.topk; accepted keys:"),
-    ({"modle": {}}, "unknown key mgmoe.modle; accepted keys: cache, curriculum, data, model, moe, train"),
+    ({"modle": {}}, "unknown key mgmoe.modle; accepted keys: cache, curriculum, data, distill, model, moe, train"),
     ({"curriculum": {"stages": [{"name": "warmup"}]}}, "mgmoe.curriculum.stages[0]"),
     ({"curriculum": {"stages": [{"name": "polish", "epochs": 1}]}}, "mgmoe.curriculum.stages[0].name = 'polish'"),
     ({"model": {"backbone": "tf_efficientnet_lite0", "pretrained": "efficientnet-lite3"}},

@@ -329,3 +329,28 @@ def test_at_a_depth_the_key_follows_the_lower_parts_weights_only(tiny_cut_model)
         assert weights_digest(backbone.lower_modules()) != before
         top_weight.sub_(1.0)
         lower_weight.sub_(1.0)
+
+
+@pytest.mark.parametrize("memory_limit_bytes", [1 << 30, 0], ids=["memory", "memmap"])
+def test_the_cache_keeps_each_rows_sample_key_and_cached_batches_carry_keys_and_views(
+        tiny_model, tiny_dataset, tmp_path, memory_limit_bytes):
+    from types import SimpleNamespace
+
+    from mgmoe_ds.train.stage_features import StageFeatures
+
+    cache, _ = get_cache(FeatureCacheStore(tmp_path, memory_limit_bytes=memory_limit_bytes), tiny_model, tiny_dataset)
+    loader, _ = eval_loader(tiny_dataset, tiny_model)
+    rows = [(key, int(label)) for batch in loader for key, label in zip(batch["keys"], batch["labels"])]
+    assert cache.keys == [key for key, _ in rows]  # the loader's order, which is the rows' order
+    if memory_limit_bytes == 0:  # read back from its folder: the same keys
+        assert load_feature_cache(cache.folder).keys == cache.keys
+    label_of = dict(rows)
+    config = config_from_dict(TINY_MGMOE)
+    features = StageFeatures(config, tiny_model, SimpleNamespace(micro_batch=BATCH), tmp_path, device=torch.device("cpu"),
+                             input_dtype=torch.float32, is_main=False)
+    batches = list(features.cached_batches(cache, epoch=3, num_batches=4))
+    seen = [key for batch in batches for key in batch["keys"]]
+    assert len(seen) == 32 and len(set(seen)) == 32
+    for batch in batches:
+        assert batch["labels"].tolist() == [label_of[key] for key in batch["keys"]]
+        assert batch["views"].tolist() == [0] * len(batch["keys"])

@@ -137,7 +137,7 @@ def test_a_stage_name_that_is_not_registered_fails_at_load():
     from mgmoe_ds.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"curriculum.stages\[0\].name = 'confident_router': expected a registered "
-                                          r"stage: \"residual\", \"routing\", \"warmup\""):
+                                          r"stage: \"fusion\", \"residual\", \"routing\", \"warmup\""):
         config_from_dict({"curriculum": {"stages": [{"name": "confident_router", "steps": 1}]}})
     with pytest.raises(ConfigError, match=r"stages\[0\].lr: unknown parameter group 'head'; accepted: backbone"):
         config_from_dict({"curriculum": {"stages": [{"name": "residual", "steps": 1, "lr": {"head": 0.1}}]}})

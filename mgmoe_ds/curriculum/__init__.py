@@ -45,6 +45,8 @@ class Stage:
     # Learning rate of each parameter group as a multiple of the optimizer's lr; a group absent
     # here is frozen. A stage's ``lr`` in the config (absolute values) replaces the table.
     default_lr: ClassVar[dict[str, float]] = {}
+    # The stage trains the fusion head, which the trainer switches on when the stage starts.
+    uses_fusion: ClassVar[bool] = False
 
     def __init__(self, config: "StageConfig", run: "RunConfig", base_lr: float) -> None:
         self.config, self.run = config, run
@@ -147,6 +149,6 @@ def create_stage(config: "StageConfig", run: "RunConfig", base_lr: float) -> Sta
 
 
 # Imported for their registration side effect, explicitly, one per stage.
-from mgmoe_ds.curriculum import residual, routing, warmup  # noqa: E402,F401
+from mgmoe_ds.curriculum import fusion, residual, routing, warmup  # noqa: E402,F401
 
 __all__ = ["Stage", "StageHooks", "register_stage", "create_stage", "list_stages", "stage_class", "ClusterState"]

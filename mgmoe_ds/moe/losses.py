@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -40,6 +41,30 @@ def router_z_loss(router_logits: Tensor) -> Tensor:
         return router_logits.sum() * 0.0
     finite = torch.where(torch.isfinite(router_logits), router_logits, torch.full_like(router_logits, -1e9))
     return torch.logsumexp(finite, dim=-1).square().mean()
+
+
+def expert_cross_entropy(expert_logits: Tensor, expert_indices: Tensor, kept: Tensor, targets: Tensor,
+                         num_experts: int) -> Tensor:
+    """Each expert's mean cross-entropy on its own logits over the choices it kept (fp32).
+
+    Args:
+        expert_logits: (T, K, C) each choice's expert logits.
+        expert_indices: (T, K) the chosen experts.
+        kept: (T, K) bool, which choices ran.
+        targets: (T,) class indices.
+        num_experts: E.
+
+    Returns:
+        (E,) means; 0 (in the graph) for an expert with no kept choice here.
+    """
+    num_tokens, top_k, num_classes = expert_logits.shape
+    per_choice = F.cross_entropy(expert_logits.float().reshape(num_tokens * top_k, num_classes),
+                                 targets.repeat_interleave(top_k, dim=0), reduction="none")  # (T*K,)
+    kept_flat = kept.reshape(-1).float()  # (T*K,)
+    experts = expert_indices.reshape(-1)  # (T*K,)
+    sums = per_choice.new_zeros(num_experts).index_add(0, experts, per_choice * kept_flat)  # (E,)
+    counts = kept_flat.new_zeros(num_experts).index_add(0, experts, kept_flat)  # (E,)
+    return sums / counts.clamp_min(1)
 
 
 def diversity_loss(expert_logits: Tensor, kept: Tensor) -> Tensor:

@@ -106,10 +106,12 @@ class StageFeatures:
         return cache
 
     def cached_batches(self, cache, epoch: int, num_batches: int, start: int = 0) -> Iterator[dict]:
-        """One epoch of cached batches ``{"features", "labels"}`` in an order seeded by ``epoch``."""
-        for features, labels in cache.batches(self.data.micro_batch, num_batches, seed=self.config.train.seed,
-                                              epoch=epoch, start=start):
-            yield {"features": features, "labels": labels}
+        """One epoch of cached batches ``{"features", "labels", "keys", "views"}`` in an order seeded
+        by ``epoch`` (``keys``: the samples' keys; ``views``: (B,) the view of each)."""
+        for rows, views in cache.epoch_rows(self.data.micro_batch, num_batches, seed=self.config.train.seed,
+                                            epoch=epoch, start=start):
+            yield {"features": cache.gather(rows, views), "labels": cache.labels[rows],
+                   "keys": [cache.keys[row] for row in rows.tolist()], "views": views}
 
     # -- the eval caches ---------------------------------------------------------------------------
 

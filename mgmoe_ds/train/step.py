@@ -48,6 +48,9 @@ class TrainStep:
             feature cache is refused while a stage mixes), into soft targets; the box task gets no
             box from a mixed batch (its boxes no longer describe the images). The passes that feed
             the cluster teacher never come here, so no mixed image enters its statistics.
+        distiller: with a ``distill`` block, turns each batch's (mixed) labels into distilled
+            targets (soft cross-entropy everywhere the model takes targets; the experts' own
+            losses see each row's argmax) and adds ``distill.cosine``.
     """
 
     stage: Any
@@ -60,18 +63,24 @@ class TrainStep:
     backbone_moe: Any = None  # the run's model.backbone_moe (its soft constraint's loss weights)
     tasks: Any = None  # the run's model.tasks (the box task's loss weight; with it, batches' boxes are targets)
     mixing: Optional[Mixing] = None  # this epoch's Mixup/CutMix; None: off
+    distiller: Any = None  # the run's ``train.distill.Distiller``; None: the labels alone are the targets
 
     def __call__(self, engine: Any, batch: dict, clusters: Any) -> StepResult:
         started = time.perf_counter()
         labels = batch["labels"].to(self.device, non_blocking=True)
         inputs, targets = model_inputs(batch, self.device, self.input_dtype), labels
         mixing = self.mixing if inputs["images"] is not None else None
+        mixed = None
         if mixing is not None:  # (B, classes) soft targets; the experts' own losses see each row's larger share
             mixed = mixing(inputs["images"], labels)
             inputs["images"], targets = mixed.images, mixed.targets
+        if self.distiller is not None:  # (B, classes): the smoothed label's share and the teacher's
+            targets = self.distiller.targets(batch, targets, lam=None if mixed is None else mixed.lam)
         out = engine(targets=targets, routing=self.routing, **inputs,
                      **self.box_targets(batch, mixed=mixing is not None))
         losses = {**out.losses, **self.stage.extra_losses(out, clusters)}
+        if self.distiller is not None:
+            losses.update(self.distiller.losses(out.logits, targets))
         total = weighted_loss(losses, loss_weights(self.moe_config, self.stage.loss_weights(),
                                                       backbone_moe=self.backbone_moe, tasks=self.tasks))
         # One vote: a non-finite loss on any rank skips the update on every rank.

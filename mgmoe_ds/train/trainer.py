@@ -112,6 +112,12 @@ class Trainer:
                                       input_dtype=self.input_dtype, is_main=self.is_main)
         self.passes = TrainingPasses(self.config, self.model, self.data, self.features, self.comm,
                                      device=self.dist.device, input_dtype=self.input_dtype)
+        self.distiller = None
+        if self.config.distill is not None:  # the teacher's predictions are computed when the run starts
+            from mgmoe_ds.train.distill import Distiller
+
+            root = Path(self.config.cache.dir) if self.config.cache.dir is not None else self.run_dir / "feature_cache"
+            self.distiller = Distiller(self.config, self.data, root, device=self.dist.device, is_main=self.is_main)
         seed_everything(self.config.train.seed + 1000 * self.dist.rank)
         self.telemetry = Telemetry(self.run_dir, self.comm, self.model.num_experts)
         self.progress, self._clusters = Progress(), Clusters()
@@ -154,6 +160,9 @@ class Trainer:
         start = 0 if resume is None else resume["stage_index"] + int(resume["stage_complete"])
         if resume is not None and self.is_main:
             LOG.info("resuming from %s (stage %d, step %d)", resume["tag"], resume["stage_index"], resume["global_step"])
+        if self.distiller is not None:
+            with torch.random.fork_rng(devices=[]):  # the run's generators draw as they would without a teacher
+                self.distiller.prepare(self.input_dtype)
         final: dict[str, Any] = {}
         for index in range(start, len(stages)):
             final = self.run_stage(index, stages[index], resume if index == start else None)
@@ -184,7 +193,10 @@ class Trainer:
             self.features.forget()  # the loaded weights may differ from those the clusters used
         if pending_rng is None:  # the stage starts now (a mid-stage checkpoint holds what its start made)
             stage.on_stage_start(self)
-        self._mask_heads(stage.frozen_heads(self.clusters, self.model.num_experts))
+        if stage.uses_fusion:  # after any checkpoint load: on from here on, in every later checkpoint too
+            self.model.fusion.activate()
+        self._mask_heads(set(range(self.model.num_experts)) if self._inert_heads else
+                         stage.frozen_heads(self.clusters, self.model.num_experts))
         cache = self.features.train_cache(stage)  # after the checkpoint load: keyed by the loaded weights
         self._write_stage_json()
         if self.is_main:
@@ -275,14 +287,28 @@ class Trainer:
         groups = trained_groups(self.model, stage)
         if not groups:
             raise TrainingError(f"stage {stage.name!r} trains no parameters; check curriculum.stages lr")
+        groups += self._inert_expert_heads(groups)
         engine = build_engine(self.model, groups, self.ds_config, total_steps)
         reorder = None
         if reduces_in_arrival_order(self.ds_config):
             experts = [p for layer in self.model.moe_layers().values() for p in layer.expert_parameters()]
             reorder = fixed_order(engine, gradient_order(self.model, experts))
         step = TrainStep(stage, stage.routing(self.clusters), self.comm, self.dist.device, self.input_dtype,
-                         self.config.moe, reorder, self.config.model.backbone_moe, self.config.model.tasks)
+                         self.config.moe, reorder, self.config.model.backbone_moe, self.config.model.tasks,
+                         distiller=self.distiller)
         return engine, step
+
+    def _inert_expert_heads(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """DeepSpeed's ZeRO-1/2 refuses a model with MoE layers whose optimizer holds no expert
+        parameter (a stage that trains only the fusion head, say): the experts' heads then join it
+        with lr 0, no weight decay and masked (zero) gradients, and keep their weights exactly, as
+        the residual stage's frozen heads do. Returns that group, or none when an expert trains."""
+        experts = {id(p) for layer in self.model.moe_layers().values() for p in layer.expert_parameters()}
+        self._inert_heads = not any(id(p) in experts for group in groups for p in group["params"])
+        if not self._inert_heads:
+            return []
+        heads = [p.requires_grad_(True) for params in self.model.head_parameters_by_expert().values() for p in params]
+        return [{"name": "expert_heads", "params": heads, "lr": 0.0, "weight_decay": 0.0}]
 
     def _mask_heads(self, frozen: set[int]) -> None:
         """Zeroes the gradients of the frozen experts' heads (they stay in the optimizer, so every
@@ -318,8 +344,10 @@ class Trainer:
         (and it then computes exactly what the feature cache stores). Above a cut (``cache.depth``)
         the top's statistics stay frozen too while only ``backbone_top`` trains: the ImageNet
         statistics, not those of 32-image class-balanced batches on one rank, and training then
-        computes the function that validation and inference compute."""
-        self.model.train()
+        computes the function that validation and inference compute. A stage that trains only the
+        fusion head runs the whole model as evaluation does: it weighs the frozen experts' outputs
+        without their dropout, as they come at inference."""
+        self.model.train(set(stage.group_lr) != {"fusion"})
         if not stage.trains_backbone:
             self.model.backbone.eval()
 

@@ -24,6 +24,8 @@ from torch import Tensor
 from mgmoe_ds.config import RunConfig
 
 NAMES_RECORDED = 50  # the record lists the classes kept, new and dropped by name up to this many each
+# Left at this run's initial value: the fusion head is used once this run's own fusion stage starts.
+NOT_TRANSFERRED = frozenset({"fusion.active"})
 
 
 class TransferError(ValueError):
@@ -80,7 +82,7 @@ def load_initial_weights(model, source_path: str | Path, class_names: list[str],
     plan, left_at_init = [], []  # (name, this run's tensor, the source's, its class dimension or None)
     for key, name in names.items():
         target, value = target_state[key], source_tensors.get(name)
-        if value is None:
+        if value is None or name in NOT_TRANSFERRED:
             left_at_init.append(name)
             continue
         dim = _class_dim(tuple(target.shape), reference.get(name), len(class_names), reference_classes)
