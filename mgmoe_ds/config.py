@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from mgmoe_ds.config_checks import (check_backbone_moe, check_box_task, check_distill, check_fusion, check_mixing,
-                                    check_pretrained)
+from mgmoe_ds.config_checks import (check_backbone_moe, check_box_task, check_clustering, check_distill, check_fusion,
+                                    check_mixing, check_pretrained)
 from mgmoe_ds.typed_json import (CHECKS, SHORT_FORMS, ConfigError, apply_overrides, build_dataclass, fail,  # noqa: F401
                                  options_from_dict, parse_override)
 
@@ -164,6 +164,9 @@ class CurriculumConfig:
     # the true class, its mean probability, or the expert's accuracy
     teacher_score: Literal["log_likelihood", "probability", "accuracy"] = "log_likelihood"
     kl_weight: float = 1.0  # weight of KL(cluster teacher || router) in stage 1 (the teacher is the target)
+    clustering: Literal["kmeans", "kmeans+knn"] = "kmeans"  # "kmeans+knn": refined by each image's neighbours
+    knn_neighbours: int = 10  # "kmeans+knn": k, the nearest other training images whose k-means clusters vote
+    knn_agreement: float = 0.5  # "kmeans+knn": an image whose majority has a smaller share of the votes is an outlier
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,7 @@ def _validate(config: RunConfig, source: str) -> None:
     check(cur.num_clusters >= 1, "curriculum.num_clusters", cur.num_clusters, "an integer >= 1")
     check(cur.teacher_temperature > 0, "curriculum.teacher_temperature", cur.teacher_temperature, "a number > 0")
     check(cur.kl_weight >= 0, "curriculum.kl_weight", cur.kl_weight, "a number >= 0")
+    check_clustering(cur, check)
     check(config.train.log_every >= 1, "train.log_every", config.train.log_every, "an integer >= 1")
     check(config.train.checkpoint_every >= 0, "train.checkpoint_every", config.train.checkpoint_every,
           "an integer >= 0")

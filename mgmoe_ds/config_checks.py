@@ -107,3 +107,11 @@ def check_fusion(fusion: Any, stages: list[Any], check) -> None:
               "0 or absent while mgmoe.model.fusion is null")
         check(lr == 0 or (first is not None and first <= i), f"curriculum.stages[{i}].lr.fusion", lr,
               "0 or absent in a stage before the first \"fusion\" stage (the head is used from that stage on)")
+
+
+def check_clustering(cur: Any, check) -> None:
+    """``curriculum.knn_neighbours`` / ``knn_agreement`` (``config.CurriculumConfig``), checked whatever
+    ``curriculum.clustering`` is, so a value is never wrong silently until the method changes."""
+    check(cur.knn_neighbours >= 1, "curriculum.knn_neighbours", cur.knn_neighbours, "an integer >= 1")
+    check(0 < cur.knn_agreement <= 1, "curriculum.knn_agreement", cur.knn_agreement,
+          "a share in (0, 1]: an image whose neighbours' majority holds less of its votes is an outlier")

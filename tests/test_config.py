@@ -169,6 +169,11 @@ def test_importing_the_config_imports_neither_torch_nor_timm():
      'mgmoe.model.pretrained = \'efficientnet-lite3\': expected an offline checkpoint ("efficientnet-lite0", '
      '"efficientnet-lite1", "efficientnet-lite2") or a weights file'),
     ({"cache": {"depth": -1}}, "mgmoe.cache.depth = -1: expected a backbone block index >= 0, or null"),
+    ({"curriculum": {"clustering": "dbscan"}},
+     'mgmoe.curriculum.clustering = \'dbscan\': expected "kmeans" or "kmeans+knn"'),
+    ({"curriculum": {"knn_neighbours": 0}}, "mgmoe.curriculum.knn_neighbours = 0: expected an integer >= 1"),
+    ({"curriculum": {"knn_agreement": 0}}, "mgmoe.curriculum.knn_agreement = 0.0: expected a share in (0, 1]"),
+    ({"curriculum": {"knn_agreement": 1.5}}, "mgmoe.curriculum.knn_agreement = 1.5: expected a share in (0, 1]"),
     ({"curriculum": {"stages": [{"name": "warmup", "epochs": 1, "lr": {"backbone_top": 0.001}}]}},
      "mgmoe.curriculum.stages[0].lr.backbone_top = 0.001: expected 0 or absent while mgmoe.cache.depth is null"),
     ({"model": {"backbone": "tf_efficientnet_lite0", "pretrained": "efficientnet-lite2"}},
@@ -183,6 +188,15 @@ def test_bad_values_fail_in_one_line_naming_file_and_key(tmp_path, block, messag
     assert "\n" not in text
     assert text.startswith(str(path) + ": ")
     assert message in text, text
+
+
+def test_clustering_is_plain_kmeans_unless_set_and_its_neighbour_vote_is_set_by_override(tmp_path):
+    default = RunConfig().curriculum
+    assert (default.clustering, default.knn_neighbours, default.knn_agreement) == ("kmeans", 10, 0.5)
+    config, _ = load_run_config(write(tmp_path, {}), ["curriculum.clustering=kmeans+knn",
+                                                     "curriculum.knn_neighbours=5", "curriculum.knn_agreement=1"])
+    assert (config.curriculum.clustering, config.curriculum.knn_neighbours, config.curriculum.knn_agreement) == (
+        "kmeans+knn", 5, 1.0)
 
 
 def test_overrides_are_validated_like_the_file(tmp_path):

@@ -246,6 +246,24 @@ def test_validation_and_clustering_read_the_eval_cache_with_the_same_results(tin
     assert features._store.builds == 2
 
 
+def test_clusters_refined_by_neighbours_account_for_every_training_image_and_its_label(tiny_dataset, tmp_path,
+                                                                                      world_of_one):
+    from mgmoe_ds.config import StageConfig
+    from mgmoe_ds.curriculum import create_stage
+
+    config, _, passes = training_passes(write_tiny_config(
+        tmp_path / "ds.json", curriculum={"clustering": "kmeans+knn", "knn_neighbours": 5, "knn_agreement": 0.8}),
+        tiny_dataset, tmp_path / "run")
+    frozen = create_stage(StageConfig("residual", epochs=1), config, 1e-3)
+    features, labels = passes.labelled_features(frozen)  # from the training cache
+    assert labels.shape == (features.shape[0],) and torch.equal(labels, passes.labelled_features(None)[1])
+    record = passes.clusters(frozen, seed=0).clustering
+    images = features.shape[0]
+    assert record.method == "kmeans+knn" and (record.neighbours, record.agreement) == (5, 0.8)
+    assert record.kmeans_sizes.sum() == images == record.refined_sizes.sum() + record.outliers.sum()
+    assert 0 < record.kmeans_overall_purity <= 1 and 0 < record.refined_overall_purity <= 1
+
+
 def test_a_shared_cache_dir_is_reused_by_another_run(tiny_dataset, tmp_path, world_of_one):
     from mgmoe_ds.config import StageConfig
     from mgmoe_ds.curriculum import create_stage

@@ -187,7 +187,7 @@ def test_the_fusion_stage_routes_as_the_residual_stage_before_it_and_trains_only
     fusion = create_stage(config.curriculum.stages[3], config, base_lr=0.05)
     residual = create_stage(config.curriculum.stages[2], config, base_lr=0.05)
     assert fusion.uses_fusion and not residual.uses_fusion
-    assert fusion.group_lr == {"fusion": 0.05} and not fusion.trains_backbone
+    assert fusion.group_lr == {"fusion": 0.5} and not fusion.trains_backbone
     for ours, theirs in ((fusion.routing(clusters), residual.routing(clusters)),
                          (fusion.inference_routing(clusters), residual.inference_routing(clusters))):
         assert ours.to_json() == theirs.to_json() and ours.clusters is not None and ours.dropless

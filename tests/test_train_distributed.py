@@ -63,6 +63,28 @@ def test_every_rank_agrees_on_loop_counts_from_batches_that_exist(tmp_path):
     assert (r0["min"], r0["max"], r0["sum"]) == (3, 4, 7) == (r1["min"], r1["max"], r1["sum"])
 
 
+def _gather_rows_worker(rank: int, world_size: int, out_dir: str) -> None:
+    from mgmoe_ds.train.distributed import Collectives
+
+    comm = Collectives(torch.device("cpu"))
+    mine = torch.arange(6.0).view(3, 2) if rank == 0 else torch.tensor([[-1.0, -2.0]])  # 3 rows, 1 row
+    ids = torch.tensor([[7], [8]]) if rank == 0 else torch.zeros(0, 1, dtype=torch.long)  # 2 rows, none
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
+        "rows": comm.all_gather_rows(mine).tolist(), "ids": comm.all_gather_rows(ids).tolist(),
+        "kept": mine.tolist(),
+    }))
+
+
+@pytest.mark.slow
+def test_all_gather_rows_concatenates_every_ranks_rows_in_rank_order_whatever_their_count(tmp_path):
+    run_ranks(_gather_rows_worker, 2, str(tmp_path), timeout=120)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["rows"] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [-1.0, -2.0]]  # no padding row left
+        assert result["ids"] == [[7], [8]]  # a rank with no row adds none
+    assert json.loads((tmp_path / "rank1.json").read_text())["kept"] == [[-1.0, -2.0]]
+
+
 def test_a_world_the_expert_parallel_size_does_not_divide_is_refused_in_one_line():
     check_expert_parallel_size(2, 4, 6, "ds.json")  # fits: no error
     with pytest.raises(WorldError) as error:

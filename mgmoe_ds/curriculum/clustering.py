@@ -1,7 +1,9 @@
 """Clustering the training images on pooled backbone features, and the cluster-level routing state.
 
-Pure functions and a dataclass; the sums across ranks come in as a callable (``all_reduce``), so
-this module never imports ``torch.distributed``.
+Pure functions and dataclasses: the routing state, and the record of how it was clustered that
+checkpoints and the stage JSON keep (``refinement.py`` refines k-means by nearest neighbours). The
+sums across ranks come in as a callable (``all_reduce``), so this module never imports
+``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -52,13 +54,79 @@ def kmeans(features: Tensor, num_clusters: int, *, iterations: int = 20, seed: i
             initial = initial[torch.arange(num_clusters) % max(1, initial.shape[0])]
     centroids = initial.clone().float()
     for _ in range(iterations):
-        assignment = assign_clusters(features, centroids)  # (N,)
-        sums = torch.zeros_like(centroids).index_add_(0, assignment, features)  # (C, D)
-        counts = torch.bincount(assignment, minlength=num_clusters).float()  # (C,)
-        sums, counts = all_reduce(sums), all_reduce(counts)
-        filled = counts > 0
-        centroids[filled] = sums[filled] / counts[filled, None]
+        centroids, _ = cluster_means(features, assign_clusters(features, centroids), centroids, all_reduce)
     return centroids
+
+
+def cluster_means(features: Tensor, assignment: Tensor, centroids: Tensor,
+                  all_reduce: AllReduce = _identity) -> tuple[Tensor, Tensor]:
+    """Each cluster's mean over every rank's points, and how many points it has.
+
+    Args:
+        features: (N, D) this rank's points.
+        assignment: (N,) their clusters.
+        centroids: (C, D) the previous centroids, which a cluster with no point keeps.
+        all_reduce: sums a tensor over ranks.
+
+    Returns:
+        ``(centroids, counts)``: (C, D) and (C,) float, summed over ranks.
+    """
+    sums = torch.zeros_like(centroids).index_add_(0, assignment, features.float())  # (C, D)
+    counts = torch.bincount(assignment, minlength=centroids.shape[0]).float()  # (C,)
+    sums, counts = all_reduce(sums), all_reduce(counts)
+    filled = counts > 0
+    means = centroids.clone()
+    means[filled] = sums[filled] / counts[filled, None]
+    return means, counts
+
+
+def _rounded(value: float) -> Optional[float]:
+    """A JSON number to 4 places; NaN (an empty cluster's purity) as null."""
+    return None if math.isnan(value) else round(value, 4)
+
+
+def _purity_json(per_cluster: Tensor, overall: float) -> dict[str, Any]:
+    return {"overall": _rounded(overall), "per_cluster": [_rounded(float(x)) for x in per_cluster]}
+
+
+@dataclass
+class ClusteringRecord:
+    """How the training images were clustered (``curriculum.clustering``) and how well the clusters
+    follow the labels; the knn fields are None after plain k-means."""
+
+    method: str  # "kmeans" or "kmeans+knn"
+    kmeans_sizes: Tensor  # (C,) training images per k-means cluster
+    kmeans_purity: Tensor  # (C,) each k-means cluster's share of its most common class (NaN: empty)
+    kmeans_overall_purity: float  # the share of training images in their k-means cluster's most common class
+    neighbours: Optional[int] = None  # k of the refinement
+    agreement: Optional[float] = None  # the majority's smallest share of votes for a point not to be an outlier
+    outliers: Optional[Tensor] = None  # (C,) outliers by their k-means cluster
+    refined_sizes: Optional[Tensor] = None  # (C,) training images per refined cluster, outliers left out
+    refined_purity: Optional[Tensor] = None  # (C,) as kmeans_purity, over the refined clusters without outliers
+    refined_overall_purity: Optional[float] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors, strings and numbers (``torch.load(weights_only=True)`` reads them); None fields left out."""
+        return {f.name: value.clone() if isinstance(value, Tensor) else value
+                for f in fields(self) if (value := getattr(self, f.name)) is not None}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "ClusteringRecord":
+        return cls(**state)
+
+    def to_json(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "method": self.method, "sizes_kmeans": self.kmeans_sizes.long().tolist(),
+            "purity_kmeans": _purity_json(self.kmeans_purity, self.kmeans_overall_purity),
+        }
+        if self.outliers is not None:
+            record.update({
+                "neighbours": self.neighbours, "agreement": self.agreement, "outliers": int(self.outliers.sum()),
+                "outliers_per_kmeans_cluster": self.outliers.long().tolist(),
+                "sizes_refined": self.refined_sizes.long().tolist(),
+                "purity_refined": _purity_json(self.refined_purity, self.refined_overall_purity),
+            })
+        return record
 
 
 @dataclass
@@ -69,14 +137,20 @@ class ClusterState:
     teacher: Tensor  # (C, E)
     scores: Tensor  # (C, E) each expert's mean teacher score (curriculum.teacher_score) on the cluster's val images
     val_counts: Tensor  # (C,)
-    train_counts: Tensor  # (C,)
+    train_counts: Tensor  # (C,) training images per cluster (without the outliers of "kmeans+knn")
+    clustering: Optional[ClusteringRecord] = None  # how they were clustered (None in checkpoints from before it)
 
-    def state_dict(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name).clone() for f in fields(self)}
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {name: getattr(self, name).clone() for name in _TENSOR_FIELDS}
+        if self.clustering is not None:
+            state["clustering"] = self.clustering.state_dict()
+        return state
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor]) -> "ClusterState":
-        return cls(**{f.name: state[f.name] for f in fields(cls)})
+    def from_state_dict(cls, state: dict[str, Any]) -> "ClusterState":
+        record = state.get("clustering")  # absent from a checkpoint written before it was recorded
+        return cls(**{name: state[name] for name in _TENSOR_FIELDS},
+                   clustering=None if record is None else ClusteringRecord.from_state_dict(record))
 
     def top_experts(self, k: int) -> Tensor:
         """(C, k) the k experts each cluster's teacher trusts most, best first."""
@@ -112,4 +186,8 @@ class ClusterState:
             "teacher": [[round(float(x), 4) for x in row] for row in self.teacher],
             "top2_experts": self.top_experts(min(2, self.teacher.shape[1])).tolist(),
             "left_out_of_top2": self.left_out(2),
+            "clustering": None if self.clustering is None else self.clustering.to_json(),
         }
+
+
+_TENSOR_FIELDS = ("centroids", "teacher", "scores", "val_counts", "train_counts")  # ClusterState's tensors

@@ -175,6 +175,21 @@ class Collectives:
         table[self.rank] = row
         return self.sum(table)
 
+    def all_gather_rows(self, t: Tensor) -> Tensor:
+        """Every rank's rows of ``t``, in rank order, on ``t``'s device: (N_0 + ... + N_{P-1}, ...) from
+        each rank's (N_r, ...); the row counts may differ, the other dimensions and the dtype may not."""
+        local = t.detach().to(self.device)
+        counts = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world_size)]
+        dist.all_gather(counts, torch.tensor([local.shape[0]], dtype=torch.int64, device=self.device),
+                        group=self.group)
+        rows = [int(c) for c in counts]  # (P,) each rank's N_r
+        # (max N_r, ...): all_gather takes equal sizes; at least one row, so no rank sends an empty tensor
+        padded = local.new_zeros((max(1, *rows), *local.shape[1:]))
+        padded[:local.shape[0]] = local
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded, group=self.group)
+        return torch.cat([part[:n] for part, n in zip(gathered, rows)]).to(t.device)  # (sum N_r, ...)
+
     def union(self, names: Iterable[str]) -> list[str]:
         """The sorted union of every rank's ``names`` (ranks holding different experts log different losses)."""
         gathered: list[Optional[list[str]]] = [None] * self.world_size

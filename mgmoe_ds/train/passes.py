@@ -8,7 +8,9 @@ Images or, while a stage keeps the backbone frozen, the eval-transform feature c
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from dataclasses import replace
+from functools import partial
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,8 @@ import torch.nn.functional as F
 from mgmoe_ds.box_tower import box_statistics
 from mgmoe_ds.config import RunConfig
 from mgmoe_ds.curriculum import ClusterState
-from mgmoe_ds.curriculum.clustering import assign_clusters, kmeans
+from mgmoe_ds.curriculum.clustering import ClusteringRecord, assign_clusters, cluster_means, kmeans
+from mgmoe_ds.curriculum.refinement import cluster_purity, knn_refine
 from mgmoe_ds.curriculum.teacher import cluster_expert_scores, cluster_teacher, expert_scores
 from mgmoe_ds.metrics import topk_correct
 from mgmoe_ds.moe.routing import RoutingRequest
@@ -110,16 +113,23 @@ class TrainingPasses:
             result["buckets"] = bucket_top1(by_class[0], by_class[1], buckets)
         return result
 
-    @torch.no_grad()
     def pooled_features(self, stage: Any) -> torch.Tensor:
         """(N, D) pooled backbone features of this rank's training images (eval transform)."""
+        return self.labelled_features(stage)[0]
+
+    @torch.no_grad()
+    def labelled_features(self, stage: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's training images (eval transform): pooled backbone features (N, D) and labels (N,)."""
         self.model.eval()
-        feats = []
+        feats, labels = [], []
         for batch in self.batches("train", stage):
             inputs = model_inputs(batch, self.device, self.input_dtype)
             pooled = self.model.forward_features(inputs["images"], cached=inputs.get("features"))["pooled"]
             feats.append(pooled.float().cpu())
-        return torch.cat(feats) if feats else torch.zeros(0, self.model.backbone.info.pooled_dim)
+            labels.append(batch["labels"].long().cpu())
+        if not feats:
+            return torch.zeros(0, self.model.backbone.info.pooled_dim), torch.zeros(0, dtype=torch.long)
+        return torch.cat(feats), torch.cat(labels)
 
     @torch.no_grad()
     def val_expert_stats(self, stage: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,10 +150,11 @@ class TrainingPasses:
         return torch.cat(pooled), torch.cat(scores)
 
     def clusters(self, stage: Any, seed: int) -> ClusterState:
-        """k-means over every rank's training images (centroids drawn by rank 0 from ``seed``),
-        then each cluster's teacher from the validation images' per-expert log-likelihoods."""
+        """k-means over every rank's training images (centroids drawn by rank 0 from ``seed``), with
+        ``curriculum.clustering = "kmeans+knn"`` refined by each image's nearest neighbours among every
+        rank's images, then each cluster's teacher from the validation images' per-expert scores."""
         cur = self.config.curriculum
-        train_pooled = self.pooled_features(stage)
+        train_pooled, train_labels = self.labelled_features(stage)
         initial = torch.zeros(cur.num_clusters, train_pooled.shape[1])
         if self.comm.rank == 0:
             g = torch.Generator().manual_seed(seed)
@@ -151,13 +162,42 @@ class TrainingPasses:
             initial = train_pooled[picks][torch.arange(cur.num_clusters) % max(1, len(picks))]
         initial = self.comm.broadcast_from_main(initial)
         centroids = kmeans(train_pooled, cur.num_clusters, all_reduce=self.comm.sum, initial=initial)
-        train_counts = self.comm.sum(torch.bincount(assign_clusters(train_pooled, centroids),
-                                                    minlength=cur.num_clusters).float())
+        assignment = assign_clusters(train_pooled, centroids)  # (N,)
+        purity = partial(cluster_purity, labels=train_labels, num_clusters=cur.num_clusters,
+                         num_classes=self.model.num_classes, all_reduce=self.comm.sum)
+        train_counts = self.comm.sum(torch.bincount(assignment, minlength=cur.num_clusters).float())
+        record = ClusteringRecord(cur.clustering, train_counts, *purity(assignment))
+        if cur.clustering == "kmeans+knn":
+            centroids, train_counts, record = self._refine(train_pooled, assignment, centroids, record, purity)
         val_pooled, per_image = self.val_expert_stats(stage)
         scores, val_counts = cluster_expert_scores(per_image, assign_clusters(val_pooled, centroids), cur.num_clusters,
                                                    self.comm.sum)
         teacher = cluster_teacher(scores, cur.teacher_temperature)
-        return ClusterState(centroids, teacher, scores, val_counts, train_counts)
+        return ClusterState(centroids, teacher, scores, val_counts, train_counts, record)
+
+    def _refine(self, train_pooled: torch.Tensor, assignment: torch.Tensor, centroids: torch.Tensor,
+                record: ClusteringRecord, purity: Callable[..., tuple[torch.Tensor, float]]
+                ) -> tuple[torch.Tensor, torch.Tensor, ClusteringRecord]:
+        """The k-means clusters refined by nearest neighbours (``refinement.knn_refine``) over every
+        rank's images: each rank refines its own, the centroids are the means of every rank's
+        non-outliers (a cluster left empty keeps its k-means centroid). Returns the centroids (C, D),
+        the non-outliers per cluster (C,) and ``record`` with its knn fields."""
+        cur = self.config.curriculum
+        # every rank's images and k-means clusters, in rank order (the torch search runs on the
+        # device when faiss is not installed)
+        everyone = self.comm.all_gather_rows(train_pooled).to(self.device)  # (N_all, D)
+        kmeans_clusters = self.comm.all_gather_rows(assignment[:, None]).to(self.device)[:, 0]  # (N_all,)
+        first = int(self.comm.per_rank([train_pooled.shape[0]])[:self.comm.rank].sum())  # this rank's first row
+        refined, outlier = knn_refine(everyone, kmeans_clusters, cur.num_clusters, cur.knn_neighbours,
+                                      cur.knn_agreement, rows=range(first, first + train_pooled.shape[0]))
+        refined, outlier = refined.cpu(), outlier.cpu()  # (N,), (N,)
+        kept = ~outlier
+        centroids, counts = cluster_means(train_pooled[kept], refined[kept], centroids, self.comm.sum)
+        outliers = self.comm.sum(torch.bincount(assignment[outlier], minlength=cur.num_clusters).float())  # (C,)
+        refined_purity, refined_overall = purity(refined, valid_mask=kept)
+        return centroids, counts, replace(record, neighbours=cur.knn_neighbours, agreement=cur.knn_agreement,
+                                          outliers=outliers, refined_sizes=counts, refined_purity=refined_purity,
+                                          refined_overall_purity=refined_overall)
 
     def _empty_batch(self) -> dict:
         size = self.config.model.img_size
