@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from mgmoe_ds.config_checks import (check_backbone_moe, check_box_task, check_clustering, check_distill, check_fusion,
-                                    check_mixing, check_pretrained)
+                                    check_labels, check_mixing, check_pretrained)
 from mgmoe_ds.typed_json import (CHECKS, SHORT_FORMS, ConfigError, apply_overrides, build_dataclass, fail,  # noqa: F401
                                  options_from_dict, parse_override)
 
@@ -138,6 +138,7 @@ class DataConfig:
     mixup: float = 0.0  # Mixup's alpha: lam ~ Beta(alpha, alpha) per training batch; 0: off
     cutmix: float = 0.0  # CutMix's alpha; 0: off. Both on: CutMix for half the batches, Mixup for the rest
     mix_off_last_epochs: int = 0  # no mixing in the curriculum's last N epochs (counted over its stages)
+    pseudo_min_score: float = 0.0  # train on pseudo-labels (json "pseudo") scored >= this; no loss weight yet
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,7 @@ def _validate(config: RunConfig, source: str) -> None:
           "tune the model; `mgmoe shards build` carves a validation split from train (--val-fraction)")
     check(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", config.data.shuffle_buffer, "an integer >= 0")
     check_mixing(config.data, config.curriculum.stages, check)
+    check_labels(config.data, check)
     if config.distill is not None:
         check_distill(config.distill, check)
     frozen = set(config.train.freeze)

@@ -115,3 +115,11 @@ def check_clustering(cur: Any, check) -> None:
     check(cur.knn_neighbours >= 1, "curriculum.knn_neighbours", cur.knn_neighbours, "an integer >= 1")
     check(0 < cur.knn_agreement <= 1, "curriculum.knn_agreement", cur.knn_agreement,
           "a share in (0, 1]: an image whose neighbours' majority holds less of its votes is an outlier")
+
+
+def check_labels(data: Any, check) -> None:
+    """``data.pseudo_min_score`` and ``data.val_split`` (``config.DataConfig``): what the run takes as labels."""
+    check(0 <= data.pseudo_min_score <= 1, "data.pseudo_min_score", data.pseudo_min_score,
+          "a score in [0, 1]: pseudo-labels scored below it are left out of training")
+    check(data.val_split != "unlabelled", "data.val_split", data.val_split,
+          "a labelled split: the unlabelled split (mgmoe shards build --unlabelled) has no labels to validate on")

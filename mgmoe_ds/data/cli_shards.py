@@ -10,6 +10,7 @@ from .demo import build_demo
 from .formats import FORMATS, VALIDATION_FRACTION, carve_validation, parse_split_fractions, read_class_file, read_listing
 from .registry import DEFAULT_REGISTRY, register_dataset
 from .shards import build_shards, check_dataset_name, load_manifest
+from .unlabelled import read_unlabelled, with_unlabelled
 from .verify import verify_dataset
 
 
@@ -33,6 +34,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--shard-size", type=int, default=1000, help="most samples per shard")
     build.add_argument("--max-side", type=int, default=None, help="resize and re-encode larger images")
     build.add_argument("--classes", type=Path, default=None, help="class list, one name per line, in index order")
+    build.add_argument("--unlabelled", type=Path, default=None, metavar="PATH",
+                       help="also write an 'unlabelled' split (no cls) from PATH: a folder of images, flat or nested "
+                            "(not class folders), or a CSV with a path column and no labels")
     build.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     build.set_defaults(func=run_build)
 
@@ -68,9 +72,12 @@ def run_build(args: argparse.Namespace) -> int:
     carved = 0
     if not args.no_val_split:
         listing, carved = carve_validation(listing, args.val_fraction, args.seed, str(args.src))
+    if args.unlabelled is not None:
+        listing = with_unlabelled(listing, *read_unlabelled(args.unlabelled))
     options = {"format": args.format, "split": args.split, "seed": args.seed, "shard_size": args.shard_size,
                "max_side": args.max_side, "classes": str(args.classes) if args.classes else None,
-               "val_fraction": None if args.no_val_split else args.val_fraction, "val_carved": carved}
+               "val_fraction": None if args.no_val_split else args.val_fraction, "val_carved": carved,
+               "unlabelled": str(args.unlabelled) if args.unlabelled is not None else None}
     out_dir = build_shards(listing, args.out, args.name, source=str(args.src), shard_size=args.shard_size,
                            max_side=args.max_side, seed=args.seed, options=options, progress=not args.no_progress)
     counts = {split: table["total"] for split, table in load_manifest(out_dir)["counts"].items()}

@@ -2,12 +2,14 @@
 
 Three layouts are read: ``imagefolder`` (``SRC/<class>/*`` or ``SRC/{train,val,test}/<class>/*``),
 ``cub`` (the CUB-200-2011 text files) and ``csv`` (``path,label`` with optional ``split`` and
-``x,y,w,h`` columns). A reader only lists files; it never opens an image, so any mistake in the
-layout (a missing label file, an unknown class, an empty class) is reported, in one line, before
-a single shard is written. Files that are listed but are not images are returned as ``skipped``.
-A box is listed as its numbers are written, NaN and infinity included: whether it fits its image
-is checked when the shards are built (:func:`mgmoe_ds.data.shards.check_images`), which drops a
-box that is not finite, has no positive size or lies outside the image, and keeps the image.
+``x,y,w,h`` columns); images without a label go to the ``unlabelled`` split (:mod:`.unlabelled`),
+and a CSV label column that is empty in some rows is refused. A reader only lists files; it never
+opens an image, so any mistake in the layout (a missing label file, an unknown class, an empty
+class) is reported, in one line, before a single shard is written. Files that are listed but are
+not images are returned as ``skipped``. A box is listed as its numbers are written, NaN and
+infinity included: whether it fits its image is checked when the shards are built
+(:func:`mgmoe_ds.data.shards.check_images`), which drops a box that is not finite, has no positive
+size or lies outside the image, and keeps the image.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
-SPLIT_NAMES = ("train", "val", "test")
+SPLIT_NAMES = ("train", "val", "test")  # the labelled splits
+UNLABELLED_SPLIT = "unlabelled"  # images without a class (``--unlabelled``): no ``cls``, never trained on as labelled
+CSV_ROWS_NAMED = 5  # rows an error names (the count is always exact)
 
 
 class DataError(ValueError):
@@ -30,8 +34,8 @@ class DataError(ValueError):
 class Item:
     path: Path  # absolute path of the image file
     relpath: str  # path relative to the dataset root, with "/" separators
-    label: int  # index into the dataset's class list
-    split: str  # "train", "val" or "test"
+    label: Optional[int]  # index into the dataset's class list; None in the unlabelled split
+    split: str  # "train", "val", "test" or "unlabelled"
     bbox: Optional[tuple[float, float, float, float]] = None  # (x, y, w, h) in pixels, when known
 
 
@@ -310,6 +314,12 @@ def read_csv(
                 raise DataError(f"{csv_path}: missing column {needed!r} (columns: {','.join(columns)})")
         has_box = all(c in columns for c in ("x", "y", "w", "h"))
         rows = [(number, row) for number, row in enumerate(reader, 2)]
+    empty = [number for number, row in rows if not (row["label"] or "").strip()]
+    if empty and len(empty) == len(rows):
+        raise DataError(f"{csv_path}: the label column is empty in every row: build these images as the unlabelled "
+                        f"split of a labelled source (`mgmoe shards build SRC ... --unlabelled {csv_path}`)")
+    if empty:
+        raise partly_labelled_error(csv_path, empty, len(rows), "empty")
     if classes is None and (csv_path.parent / "classes.txt").is_file():
         classes = read_class_file(csv_path.parent / "classes.txt")
     if classes is None:
@@ -334,6 +344,15 @@ def read_csv(
     if "split" not in columns:
         items = _assign_splits(items, fractions, seed)
     return Listing(classes, items, [])
+
+
+def partly_labelled_error(csv_path: Path, rows: list[int], total: int, state: str) -> DataError:
+    """The one-line error for a CSV whose label column is filled in some rows and ``state`` in ``rows``."""
+    named = ", ".join(map(str, rows[:CSV_ROWS_NAMED])) + (f" and {len(rows) - CSV_ROWS_NAMED} more"
+                                                         if len(rows) > CSV_ROWS_NAMED else "")
+    return DataError(f"{csv_path}: the label column is {state} in {len(rows)} of {total} rows (lines {named}): split "
+                     f"the file into a labelled CSV (the source, --format csv) and an unlabelled one with a path "
+                     f"column and no labels (--unlabelled UNLABELLED.csv)")
 
 
 # ``mgmoe shards build --format NAME``: one reader per source layout, each called as

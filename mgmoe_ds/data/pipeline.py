@@ -21,6 +21,11 @@ What the loader guarantees (``resampled=False``, finite epochs):
 
 With ``resampled=True`` each worker draws shards with replacement, forever, and the loader stops
 after ``ceil(num_samples / (world_size * batch_size))`` batches per rank, the same on every rank.
+
+Pseudo-labelled samples (a ``json`` ``pseudo`` record, :mod:`.pseudo`) scored below
+``pseudo_min_score`` are left out and counted in ``loader.pseudo_left_out``; the others train with
+their pseudo-label. ``len(loader)`` counts the manifest's samples, so it is then an upper bound.
+The ``unlabelled`` split is read only when asked for by name, with every label -1.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .balance import repeat_factors
-from .formats import DataError
+from .formats import UNLABELLED_SPLIT, DataError
 from .sources import ShardSpec, resolve_source
 from .stream import MAX_REASONS, ShardStream
 from .transforms import create_transform, draft_size
@@ -69,7 +74,8 @@ class ShardLoader:
     Call :meth:`set_epoch` before each epoch (as with ``DistributedSampler``); it reseeds the
     shard order, the shuffle buffer, re-balancing and augmentation. After an epoch, ``skipped`` is
     the number of shards or samples skipped by this rank (all workers) and ``skip_reasons`` the
-    first few reasons; when that happens a warning is also printed.
+    first few reasons; when that happens a warning is also printed. ``pseudo_left_out`` counts,
+    apart from those, the pseudo-labelled samples scored below the threshold (also printed).
 
     With ``persistent_workers`` (the default when there are workers) one DataLoader and its worker
     processes serve every epoch: no fork and start-up per pass. The workers read the epoch from
@@ -87,6 +93,7 @@ class ShardLoader:
         self.epoch = 0
         self.skipped = 0
         self.skip_reasons: list[str] = []
+        self.pseudo_left_out = 0  # pseudo-labelled samples below the stream's pseudo_min_score, this epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -105,7 +112,7 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self.stream.epoch = self.epoch
-        self.skipped, self.skip_reasons = 0, []
+        self.skipped, self.skip_reasons, self.pseudo_left_out = 0, [], 0
         loader = self._data_loader
         if loader is None:
             # The workers reseed themselves every pass (ShardStream.__iter__); a generator of the
@@ -116,6 +123,7 @@ class ShardLoader:
                 self._data_loader = loader
         for batch in loader:
             self.skipped += batch.pop("skipped")
+            self.pseudo_left_out += batch.pop("pseudo_left_out", 0)
             reasons = batch.pop("skip_reasons")
             self.skip_reasons += reasons[: MAX_REASONS - len(self.skip_reasons)]
             if "images" in batch:
@@ -123,6 +131,9 @@ class ShardLoader:
         if self.skipped:
             print(f"mgmoe data: rank {self.stream.rank} epoch {self.epoch}: skipped {self.skipped} "
                   f"bad shard(s)/sample(s); first: {self.skip_reasons[0] if self.skip_reasons else '?'}")
+        if self.pseudo_left_out:
+            print(f"mgmoe data: rank {self.stream.rank} epoch {self.epoch}: left out {self.pseudo_left_out} "
+                  f"pseudo-labelled sample(s) scored below pseudo_min_score = {self.stream.pseudo_min_score}")
 
 
 def make_loader(
@@ -147,13 +158,14 @@ def make_loader(
     persistent_workers: bool = True,
     handler: Optional[Callable[[BaseException], bool]] = None,
     transform_options: Optional[dict[str, Any]] = None,
+    pseudo_min_score: float = 0.0,
 ) -> tuple[ShardLoader, DataInfo]:
     """Build the loader of one split for one rank.
 
     Args:
         source: a dataset folder (or its ``manifest.json``), or ``"registry"`` / a registry file,
             whose labels are then the union label space.
-        split: ``"train"``, ``"val"`` or ``"test"``.
+        split: ``"train"``, ``"val"``, ``"test"``, or ``"unlabelled"`` (labels -1; no ``balance``).
         batch_size: samples per batch.
         img_size: output resolution in pixels.
         train: timm's training transform (random-resized crop, flip, jitter) if True, else the
@@ -180,6 +192,9 @@ def make_loader(
             exception, returns True to skip (skips are counted either way) or False to stop;
             it may also raise. Default: skip and count.
         transform_options: extra keyword arguments for ``timm.data.create_transform``.
+        pseudo_min_score: ``data.pseudo_min_score``: a pseudo-labelled sample (:mod:`.pseudo`)
+            scored below it is left out (``loader.pseudo_left_out``); one at or above it has its
+            pseudo-label. In [0, 1]; samples without a pseudo-label are unaffected.
 
     Returns:
         ``(loader, info)``: iterate ``loader`` for batches ``{"images": (B, 3, H, W) float,
@@ -193,6 +208,10 @@ def make_loader(
         raise DataError(f"rank = {rank}: expected 0 <= rank < world_size = {world_size}")
     if batch_size < 1:
         raise DataError(f"batch_size = {batch_size}: expected an integer >= 1")
+    if not 0.0 <= pseudo_min_score <= 1.0:
+        raise DataError(f"pseudo_min_score = {pseudo_min_score}: expected a score in [0, 1]")
+    if split == UNLABELLED_SPLIT and balance is not None:
+        raise DataError(f"{source}: balance = {balance!r}: the {UNLABELLED_SPLIT} split has no classes to balance")
     shards, classes, class_counts = resolve_source(source, split, registry)
     per_rank = assign_shards(shards, world_size)
     if not resampled and not per_rank[rank]:
@@ -219,6 +238,8 @@ def make_loader(
         class_counts=class_counts,
         drop_last=drop_last,
         handler=handler,
+        labelled=split != UNLABELLED_SPLIT,
+        pseudo_min_score=pseudo_min_score,
     )
     samples_per_rank = ([stream.batches_per_rank * batch_size] * world_size if resampled
                         else [sum(s.count for s in r) for r in per_rank])

@@ -15,6 +15,10 @@ items are sorted, then shuffled with a fixed seed (so that each shard mixes clas
 tar entry has the same mtime, owner and mode. The mtime is a whole number of seconds, so each
 member is one plain ustar header (a float mtime makes ``tarfile`` add a PAX header, two more
 blocks, to every member).
+
+The ``unlabelled`` split (``mgmoe shards build --unlabelled``) holds images without a class: its
+samples have no ``cls``, their ``json`` has ``"species": null`` and ``"label": null``, its shard
+entries have no ``per_class``, and the manifest's ``counts.unlabelled`` is ``{"total": n}``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from .boxes import BOX_DROP_REASONS, check_box
-from .formats import SPLIT_NAMES, DataError, Item, Listing, image_extension
+from .formats import SPLIT_NAMES, UNLABELLED_SPLIT, DataError, Item, Listing, image_extension
 from .transforms import decode_image, image_size
 
 SHARD_MTIME = 946684800  # 2000-01-01T00:00:00Z on every tar entry, for reproducible shards
@@ -49,7 +53,7 @@ class Sample:
     key: str  # webdataset __key__ (no dots)
     data: bytes  # encoded image
     ext: str  # image extension without the dot
-    label: int  # index into the dataset's class list
+    label: Optional[int]  # index into the dataset's class list; None in the unlabelled split (no cls)
     meta: dict[str, Any]  # the sample's "json" entry
 
 
@@ -166,7 +170,7 @@ def box_check_table(items: list[Item], box_status: dict[str, str], listed: dict[
             split["dropped"][status] += 1
             if len(split["examples"]) < BOX_EXAMPLES:
                 split["examples"].append(f"{item.relpath}: {status} (bbox {list(listed[item.relpath])})")
-    return {split: table[split] for split in SPLIT_NAMES if split in table}
+    return {split: table[split] for split in (*SPLIT_NAMES, UNLABELLED_SPLIT) if split in table}
 
 
 def write_shards(
@@ -191,8 +195,9 @@ def write_shards(
     Returns:
         One ``{"path", "split", "count", "sha256", "per_class"}`` entry per shard, with ``path``
         relative to ``out_dir`` and ``per_class`` the samples of each label present, keyed by the
-        label index as a string (what re-balancing needs to know a pass's length in advance);
-        the label of every sample written; and how many of them have a box.
+        label index as a string (what re-balancing needs to know a pass's length in advance; the
+        unlabelled split's entries have none); the label of every sample written (None for a
+        sample without one, stored without ``cls``); and how many of them have a box.
     """
     planned = shard_sizes(count, shard_size) if count is not None else []
     counts: dict[str, int] = {}  # shard file -> samples, in write order
@@ -209,28 +214,36 @@ def write_shards(
             capacity = planned[index] if index < len(planned) else shard_size
             writer = TarWriter(path, encoder=False, mtime=SHARD_MTIME, mode=0o0444)
             counts[path], class_counts[path] = 0, {}
+        if (sample.label is None) != (split == UNLABELLED_SPLIT):
+            raise ValueError(f"{sample.key}: split {split!r} with label {sample.label}: only the "
+                             f"{UNLABELLED_SPLIT} split, and all of it, has no labels")
         writer.write({
             "__key__": sample.key,
             sample.ext: sample.data,
-            "cls": str(sample.label).encode("ascii"),
+            **({"cls": str(sample.label).encode("ascii")} if sample.label is not None else {}),
             "json": json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
         })
         counts[path] += 1
-        class_counts[path][sample.label] = class_counts[path].get(sample.label, 0) + 1
+        if sample.label is not None:
+            class_counts[path][sample.label] = class_counts[path].get(sample.label, 0) + 1
         labels.append(sample.label)
         with_box += sample.meta.get("bbox") is not None
     if writer is not None:
         writer.close()
     shards = [{"path": Path(fname).name, "split": split, "count": shard_count, "sha256": sha256_file(Path(fname)),
-               "per_class": {str(label): n for label, n in sorted(class_counts[fname].items())}}
+               **({"per_class": {str(label): n for label, n in sorted(class_counts[fname].items())}}
+                  if split != UNLABELLED_SPLIT else {})}
               for fname, shard_count in counts.items()]
     return shards, labels, with_box
 
 
 def count_table(classes: list[str], labels_by_split: dict[str, list[int]]) -> dict[str, Any]:
-    """Counts per split (``total`` and ``per_class`` by class name)."""
+    """Counts per split (``total`` and ``per_class`` by class name; the unlabelled split: ``total``)."""
     table = {}
     for split, labels in labels_by_split.items():
+        if split == UNLABELLED_SPLIT:
+            table[split] = {"total": len(labels)}
+            continue
         per_class = [0] * len(classes)
         for label in labels:
             per_class[label] += 1
@@ -274,7 +287,7 @@ def write_dataset(
     for old in out_dir.glob(f"{name}-*.tar"):
         old.unlink()
     shards, labels, box_counts = [], {}, {}
-    for split in SPLIT_NAMES:
+    for split in (*SPLIT_NAMES, UNLABELLED_SPLIT):
         if split in samples_by_split:
             split_shards, split_labels, with_box = write_shards(samples_by_split[split], out_dir, name, split,
                                                                 shard_size, (split_sizes or {}).get(split))
@@ -328,7 +341,7 @@ def build_shards(
     """
     check_dataset_name(name)
     good, skipped, box_status = check_images(listing, name, progress)
-    present = {item.label for item in good}
+    present = {item.label for item in good if item.split != UNLABELLED_SPLIT}
     for label, class_name in enumerate(listing.classes):
         if label not in present:
             raise DataError(f"{source}: class {class_name!r} has no readable images")
@@ -341,14 +354,11 @@ def build_shards(
         for index, item in enumerate(items):
             data, ext, box = load_image_bytes(item, max_side)
             bar.update(1)
-            yield Sample(
-                key=f"{name}_{split}_{index:07d}",
-                data=data,
-                ext=ext,
-                label=item.label,
-                meta={"species": listing.classes[item.label], "dataset": name, "path": item.relpath,
-                      "split": split, "bbox": list(box) if box is not None else None},
-            )
+            meta = {"species": listing.classes[item.label] if item.label is not None else None, "dataset": name,
+                    "path": item.relpath, "split": split, "bbox": list(box) if box is not None else None}
+            if item.label is None:
+                meta["label"] = None  # said outright: this image has no class
+            yield Sample(key=f"{name}_{split}_{index:07d}", data=data, ext=ext, label=item.label, meta=meta)
 
     samples_by_split = {}
     for split, items in by_split.items():
@@ -357,7 +367,8 @@ def build_shards(
     out_dir = write_dataset(samples_by_split, listing.classes, out, name, shard_size=shard_size,
                             skipped=listing.skipped + skipped, options=options or {}, source=source,
                             split_sizes={split: len(items) for split, items in by_split.items()},
-                            boxes=box_check_table(good, box_status, {item.relpath: item.bbox for item in listing.items}))
+                            boxes=box_check_table(good, box_status, {it.relpath: it.bbox for it in listing.items
+                                                                 if it.bbox is not None}))
     bar.close()
     return out_dir
 

@@ -1,11 +1,13 @@
 """The per-worker pipeline: this worker's shards -> decoded, transformed batches in shared memory.
 
 Inside each DataLoader worker the pipeline is a webdataset ``DataPipeline`` of small stages: this
-worker's shard list, tar reading (:mod:`.tar_reader`), optional class re-balancing, a shuffle
-buffer, decode + per-image transform (uint8 tensors, each sample's bounding box moved along with
-its image), batching with the conversion to normalised floats done once per batch, written
-straight into shared memory so that handing the batch to the main process copies nothing. Errors are a parameter (``handler``): by default a bad shard or
-sample is skipped and counted, and the count travels with the batches.
+worker's shard list, tar reading (:mod:`.tar_reader`), the pseudo-label threshold (:mod:`.pseudo`),
+optional class re-balancing, a shuffle buffer, decode + per-image transform (uint8 tensors, each
+sample's bounding box moved along with its image), batching with the conversion to normalised
+floats done once per batch, written straight into shared memory so that handing the batch to the
+main process copies nothing. Errors are a parameter (``handler``): by default a bad shard or
+sample is skipped and counted, and the count travels with the batches, as does the count of
+pseudo-labelled samples left out.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .balance import balance_offsets, pass_length, stable_seed, systematic_copies
 from .boxes import box_from_json, decoded_scale, scale_box
 from .formats import IMAGE_EXTENSIONS
+from .pseudo import PSEUDO_LABEL_KEY, PseudoLabelFilter
 from .sources import ShardSpec
 from .tar_reader import tar_samples
 from .transforms import ImageTransform, decode_image_tensor, image_size
@@ -57,8 +60,10 @@ class ShardStream(IterableDataset):
     """The per-worker pipeline as an IterableDataset of ready batches (dicts).
 
     Each batch is ``{"images": (B, 3, H, W) float, "labels": (B,) long, "keys": list[str],
-    "boxes": (B, 4) float32, "has_box": (B,) bool, "skipped": int, "skip_reasons": list[str]}``;
-    a batch without ``"images"`` carries only skip counts left at the end of a worker's stream.
+    "boxes": (B, 4) float32, "has_box": (B,) bool, "skipped": int, "skip_reasons": list[str],
+    "pseudo_left_out": int}``; a batch without ``"images"`` carries only the counts left at the end
+    of a worker's stream. ``labels`` are -1 in the unlabelled split (``labelled`` False); elsewhere a
+    sample kept by the pseudo-label threshold has its pseudo-label (:mod:`.pseudo`).
     ``boxes`` holds each sample's bounding box ``(x1, y1, x2, y2)`` normalised to [0, 1] on the
     output image, moved by every crop, resize and flip of the transform; its row is zeros and
     ``has_box`` False for a sample without a box (``json`` bbox null or absent), one whose box
@@ -84,6 +89,8 @@ class ShardStream(IterableDataset):
         class_counts: list[int],
         drop_last: bool,
         handler: Optional[Callable[[BaseException], bool]],
+        labelled: bool = True,
+        pseudo_min_score: float = 0.0,
     ) -> None:
         super().__init__()
         self.rank_shards, self.all_shards, self.rank = rank_shards, all_shards, rank
@@ -91,6 +98,7 @@ class ShardStream(IterableDataset):
         self.shuffle, self.shuffle_buffer, self.epoch_seed = shuffle, shuffle_buffer, epoch_seed
         self.resampled, self.batches_per_rank, self.factors = resampled, batches_per_rank, factors
         self.drop_last, self.handler = drop_last, handler
+        self.labelled, self.pseudo_min_score, self.num_classes = labelled, pseudo_min_score, len(class_counts)
         # Expected copies of a sample drawn from the split: what a shard without per-class counts
         # contributes per sample to a balanced pass (1 as long as the factors keep the epoch length).
         counts = np.asarray(class_counts, dtype=np.float64)  # (C,)
@@ -153,9 +161,16 @@ class ShardStream(IterableDataset):
             yield {"url": rng.choice(self.all_shards).url}
 
     def _label(self, sample: dict) -> int:
-        label = int(sample["cls"])
+        if not self.labelled:
+            return -1
+        label = sample[PSEUDO_LABEL_KEY] if PSEUDO_LABEL_KEY in sample else int(sample["cls"])
         label_map = self.label_maps.get(sample["__url__"])
         return label_map[label] if label_map is not None else label
+
+    def _dataset_labels(self, url: str) -> int:
+        """The size of the class list of the dataset that the shard ``url`` belongs to."""
+        label_map = self.label_maps.get(url)
+        return len(label_map) if label_map is not None else self.num_classes
 
     def _rebalance(self, offsets: np.ndarray, handler: Callable[[BaseException], bool]
                    ) -> Callable[[Iterator[dict]], Iterator[dict]]:
@@ -202,7 +217,8 @@ class ShardStream(IterableDataset):
             box = scale_box(box, 1 / image.shape[-1], 1 / image.shape[-2])  # (4,) normalised to the output image
         return image, self._label(sample), sample["__key__"], box
 
-    def _batches(self, counter: SkipCounter, quota: Optional[int]) -> Callable[[Iterator], Iterator[dict]]:
+    def _batches(self, counter: SkipCounter, pseudo: Optional[PseudoLabelFilter], quota: Optional[int]
+                 ) -> Callable[[Iterator], Iterator[dict]]:
         def stage(samples: Iterator[tuple[torch.Tensor, int, str, Optional[torch.Tensor]]]) -> Iterator[dict]:
             made, buffer = 0, []
             for sample in samples:
@@ -210,18 +226,18 @@ class ShardStream(IterableDataset):
                     break
                 buffer.append(sample)
                 if len(buffer) == self.batch_size:
-                    yield self._collate(buffer, counter)
+                    yield self._collate(buffer, counter, pseudo)
                     made, buffer = made + 1, []
             if quota is not None and made >= quota:
                 buffer = []
             if buffer and not self.drop_last:
-                yield self._collate(buffer, counter)
-            elif counter.count:
+                yield self._collate(buffer, counter, pseudo)
+            elif counter.count or (pseudo is not None and pseudo.left_out):
                 count, reasons = counter.take()
-                yield {"skipped": count, "skip_reasons": reasons}
+                yield {"skipped": count, "skip_reasons": reasons, "pseudo_left_out": pseudo.take() if pseudo else 0}
         return stage
 
-    def _collate(self, buffer: list, counter: SkipCounter) -> dict:
+    def _collate(self, buffer: list, counter: SkipCounter, pseudo: Optional[PseudoLabelFilter]) -> dict:
         images, labels, keys, boxes = zip(*buffer)
         has_box = torch.tensor([box is not None for box in boxes], dtype=torch.bool)  # (B,)
         box_rows = torch.zeros((len(boxes), 4), dtype=torch.float32)  # (B, 4) zeros where there is no box
@@ -240,6 +256,7 @@ class ShardStream(IterableDataset):
             "has_box": has_box,  # (B,)
             "skipped": count,
             "skip_reasons": reasons,
+            "pseudo_left_out": pseudo.take() if pseudo is not None else 0,  # below data.pseudo_min_score
         }
 
     def __iter__(self) -> Iterator[dict]:
@@ -266,14 +283,16 @@ class ShardStream(IterableDataset):
             np.random.seed((seed + 2) % 2**32)
             torch.manual_seed(seed + 2)
         quota = self.worker_batches(worker, num_workers) if self.resampled else None
+        pseudo = PseudoLabelFilter(self.pseudo_min_score, self._dataset_labels, handler) if self.labelled else None
         pipeline = wds.DataPipeline(
             lambda: self._shard_urls(worker, num_workers, epoch),
             functools.partial(tar_samples, handler=handler),
+            pseudo,  # before re-balancing, which counts a kept sample under its pseudo-label
             self._rebalance(balance_offsets(self.epoch_seed, epoch, self.rank, worker, len(self.factors)), handler)
             if self.factors is not None else None,
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=random.Random(seed))
             if self.shuffle and self.shuffle_buffer > 1 else None,
             wds.map(self._decode, handler=handler),
-            self._batches(counter, quota),
+            self._batches(counter, pseudo, quota),
         )
         return iter(pipeline)

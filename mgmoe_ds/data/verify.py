@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tqdm import tqdm
 from webdataset import reraise_exception
 
-from .formats import IMAGE_EXTENSIONS
+from .formats import IMAGE_EXTENSIONS, UNLABELLED_SPLIT
 from .shards import load_manifest, sha256_file
 from .tar_reader import tar_samples
 from .transforms import decode_image
@@ -19,12 +20,23 @@ def _shard_samples(path: Path) -> list[dict]:
     return list(tar_samples([{"url": str(path)}], handler=reraise_exception))
 
 
+def _unlabelled_json_problems(path: Path, key: str, data: bytes) -> list[str]:
+    try:
+        meta = json.loads(data)
+    except ValueError as exn:
+        return [f"{path}: {key}.json: not valid JSON ({exn})"]
+    if not isinstance(meta, dict) or "label" not in meta or meta["label"] is not None:
+        return [f"{path}: {key}.json: expected \"label\": null in the unlabelled split"]
+    return []
+
+
 def verify_dataset(dataset_dir: Path | str, progress: bool = True) -> list[str]:
     """Check every shard of a dataset; return the problems found (empty when all is well).
 
     Each shard must exist, match the manifest's sha256 and sample count (and its per-class
     counts, when the manifest has them: older ones do not), and every sample must have an
-    integer ``cls``, a ``json`` and one image that decodes.
+    integer ``cls``, a ``json`` and one image that decodes. A sample of the unlabelled split has no
+    ``cls`` and its ``json`` says ``"label": null``.
 
     Args:
         dataset_dir: the dataset folder holding ``manifest.json``.
@@ -52,15 +64,19 @@ def verify_dataset(dataset_dir: Path | str, progress: bool = True) -> list[str]:
         if len(samples) != shard["count"]:
             problems.append(f"{path}: {len(samples)} samples != manifest {shard['count']}")
         per_class: dict[str, int] = {}  # label index as in the manifest -> samples
+        labelled = shard["split"] != UNLABELLED_SPLIT
         for sample in samples:
             key = sample["__key__"]
             fields = {name: data for name, data in sample.items() if not name.startswith("__")}
             images = [ext for ext in fields if ext in IMAGE_EXTENSIONS]
-            if len(images) != 1 or "cls" not in fields or "json" not in fields:
-                problems.append(f"{path}: {key}: expected one image, cls and json, got {sorted(fields)}")
+            if len(images) != 1 or ("cls" in fields) != labelled or "json" not in fields:
+                expected = "one image, cls and json" if labelled else "one image and json, no cls (unlabelled)"
+                problems.append(f"{path}: {key}: expected {expected}, got {sorted(fields)}")
                 continue
-            label = fields["cls"].decode("ascii", "replace").strip()
-            if not label.isdigit():
+            label = fields["cls"].decode("ascii", "replace").strip() if labelled else None
+            if not labelled:
+                problems += _unlabelled_json_problems(path, key, fields["json"])
+            elif not label.isdigit():
                 problems.append(f"{path}: {key}.cls = {label!r}: expected a class index")
             else:
                 per_class[str(int(label))] = per_class.get(str(int(label)), 0) + 1

@@ -86,7 +86,8 @@ class RunData:
                            epoch_seed=self.config.train.seed, resampled=data.resampled and train,
                            balance=data.balance if train else None, shuffle=shuffle,
                            shuffle_buffer=data.shuffle_buffer, pin_memory=self.pin_memory,
-                           persistent_workers=data.persistent_workers, transform_options=self.transform_options)
+                           persistent_workers=data.persistent_workers, transform_options=self.transform_options,
+                           pseudo_min_score=data.pseudo_min_score if split == "train" else 0.0)
 
     def augmented_loader(self):
         """The training transform without shuffling (the augmented views of a feature cache)."""
