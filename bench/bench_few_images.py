@@ -35,6 +35,7 @@ Usage::
     PYTHONPATH=. python bench/bench_few_images.py --seed 1              # another seed (val draw, init, data order)
     PYTHONPATH=. python bench/bench_few_images.py --train-per-class 0   # the full flowers12 (50 per species)
     PYTHONPATH=. python bench/bench_few_images.py --reuse               # continue after a failure
+    PYTHONPATH=. python bench/bench_few_images.py --epochs-scale 4 --only mixup_cutmix all  # 4x the epochs
 """
 
 from __future__ import annotations
@@ -71,15 +72,19 @@ def stochastic_depth_overrides() -> list[str]:
 FUSION_EPOCHS = 2
 
 
-def fusion_overrides() -> list[str]:
-    """The fusion module and the config's curriculum with a fusion stage at its end."""
-    stages = json.loads(CONFIG.read_text())["mgmoe"]["curriculum"]["stages"]
-    return ["model.fusion=true",
-            f"curriculum.stages={json.dumps([*stages, {'name': 'fusion', 'epochs': FUSION_EPOCHS}])}"]
+def curriculum(scale: int) -> list[dict]:
+    """The config's stages with every stage's epochs times ``scale``."""
+    return [dict(s, epochs=s["epochs"] * scale) for s in json.loads(CONFIG.read_text())["mgmoe"]["curriculum"]["stages"]]
+
+
+def fusion_overrides(scale: int = 1) -> list[str]:
+    """The fusion module and the (scaled) curriculum with a fusion stage at its end."""
+    stages = [*curriculum(scale), {"name": "fusion", "epochs": FUSION_EPOCHS * scale}]
+    return ["model.fusion=true", f"curriculum.stages={json.dumps(stages)}"]
 
 
 DIVERSITY = ["moe.diversity_weight=0.1"]
-MIX = ["data.mixup=0.8", "data.cutmix=1.0", "data.mix_off_last_epochs=2"]
+MIX = ["data.mixup=0.8", "data.cutmix=1.0"]
 TEACHER_ARM = "baseline"  # the distillation arms' teacher: this run of the same work folder
 
 
@@ -87,19 +92,23 @@ def distill_overrides(work: Path) -> list[str]:
     return [f"distill={json.dumps({'teacher': str(work / 'runs' / TEACHER_ARM), 'weight': 0.5})}"]
 
 
-def arms(work: Path) -> dict[str, list[str]]:
-    """Each arm's ``--set`` overrides (the distillation arms name ``work``'s teacher run)."""
-    return {
+def arms(work: Path, scale: int = 1) -> dict[str, list[str]]:
+    """Each arm's ``--set`` overrides (the distillation arms name ``work``'s teacher run); with
+    ``scale`` > 1 every arm trains every stage ``scale`` times as many epochs."""
+    stages = [f"curriculum.stages={json.dumps(curriculum(scale))}"] if scale != 1 else []
+    mix = [*MIX, f"data.mix_off_last_epochs={2 * scale}"]
+    arms = {
         "baseline": [],
         "diversity": DIVERSITY,
         "stochastic_depth": stochastic_depth_overrides(),
-        "mixup_cutmix": MIX,
-        "regularisers": [*DIVERSITY, *stochastic_depth_overrides(), *MIX],
+        "mixup_cutmix": mix,
+        "regularisers": [*DIVERSITY, *stochastic_depth_overrides(), *mix],
         "distill": distill_overrides(work),
-        "fusion": fusion_overrides(),
-        "all": [*DIVERSITY, *stochastic_depth_overrides(), *MIX[:2], f"data.mix_off_last_epochs={2 + FUSION_EPOCHS}",
-                *distill_overrides(work), *fusion_overrides()],
+        "fusion": fusion_overrides(scale),
+        "all": [*DIVERSITY, *stochastic_depth_overrides(), *MIX, f"data.mix_off_last_epochs={(2 + FUSION_EPOCHS) * scale}",
+                *distill_overrides(work), *fusion_overrides(scale)],
     }
+    return {name: overrides if name in ("fusion", "all") else [*stages, *overrides] for name, overrides in arms.items()}
 
 
 ARM_NAMES = list(arms(Path(".")))
@@ -215,20 +224,23 @@ def main() -> None:
                         help="training photos kept per species after the validation split (0: all)")
     parser.add_argument("--only", nargs="+", choices=ARM_NAMES, default=ARM_NAMES,
                         help="run only these arms (the baseline always runs)")
+    parser.add_argument("--epochs-scale", type=int, default=1,
+                        help="every stage of every arm trains this many times the config's epochs")
     parser.add_argument("--reuse", action="store_true",
                         help="keep the steps whose outputs exist in --work (continue after a failure)")
     args = parse_flowers_args(parser)
     import torch
 
     started = time.time()
-    tag = f"{args.train_per_class}pc" if args.train_per_class else "full"
+    tag = (f"{args.train_per_class}pc" if args.train_per_class else "full") + (
+        f"_x{args.epochs_scale}" if args.epochs_scale != 1 else "")
     args.work = args.work or Path(f"/tmp/mgmoe_bench_few_images_{tag}_seed{args.seed}")
     settings = {"data": str(args.data.resolve()), "seed": args.seed, "val_per_class": args.val_per_class,
                 "train_per_class": args.train_per_class}
     prepare_work(args.work, settings, WORK_PARTS, args.reuse)
 
     data, dataset = build_data(args, args.work)
-    stages = [(s["name"], s["epochs"]) for s in json.loads(CONFIG.read_text())["mgmoe"]["curriculum"]["stages"]]
+    stages = [(s["name"], s["epochs"]) for s in curriculum(args.epochs_scale)]
     results = {
         "command": "PYTHONPATH=. python bench/bench_few_images.py" + "".join(f" {a}" for a in sys.argv[1:]),
         "data": str(args.data), "config": str(CONFIG.relative_to(ROOT)), "stages": stages, "seed": args.seed,
@@ -237,7 +249,7 @@ def main() -> None:
                     "torch": torch.__version__, "loadavg_start": os.getloadavg()},
         "arms": {},
     }
-    overrides = arms(args.work)
+    overrides = arms(args.work, args.epochs_scale)
     names = ["baseline", *(n for n in ARM_NAMES if n != "baseline" and n in args.only)]
     for name in names:  # the baseline first: it is the distillation arms' teacher
         results["arms"][name] = train(name, dataset, overrides[name], args, args.work)

@@ -1,7 +1,8 @@
-"""``mgmoe eval``, ``mgmoe ablate``, ``mgmoe export`` and ``mgmoe predict``: using a trained model.
+"""``mgmoe eval``, ``mgmoe ablate``, ``mgmoe export``, ``mgmoe predict`` and ``mgmoe pseudo-label``:
+using a trained model.
 
 Every command runs in one process (no launcher, no process group) on a run folder written at
-any expert-parallel size, or (eval, ablate, predict) on an exported ``.safetensors`` file.
+any expert-parallel size, or (eval, ablate, predict, pseudo-label) on an exported ``.safetensors`` file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Adds ``eval``, ``ablate``, ``export`` and ``predict`` to the ``mgmoe`` parser."""
+    """Adds ``eval``, ``ablate``, ``export``, ``predict`` and ``pseudo-label`` to the ``mgmoe`` parser."""
     evaluate = subparsers.add_parser("eval", help="accuracy, long-tail, efficiency and routing report")
     _common(evaluate)
     evaluate.add_argument("--out", type=Path, default=None, help="report folder (default RUN/eval)")
@@ -49,6 +50,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--crops", type=Path, default=None, metavar="DIR",
                          help="write each image cropped to its predicted box here (models with a box tower)")
     predict.set_defaults(func=run_predict)
+
+    pseudo = subparsers.add_parser("pseudo-label", help="label a dataset's unlabelled split with a pair network on "
+                                   "the model's features; write it as pseudo-labelled training shards")
+    pseudo.add_argument("--model", required=True, type=Path, help="run folder or exported .safetensors file, trained "
+                        "on the dataset's classes")
+    pseudo.add_argument("--data", required=True, type=Path, help="dataset folder with a train and an unlabelled split")
+    pseudo.add_argument("--out", required=True, type=Path, help="the new dataset folder (its name is the dataset's)")
+    pseudo.add_argument("--threshold", type=float, default=0.0, help="write only pseudo-labels scored at least this, "
+                        "in [0, 1] (default %(default)s: all; data.pseudo_min_score can still leave some out)")
+    pseudo.add_argument("--overwrite", action="store_true", help="replace an existing --out dataset")
+    pseudo.add_argument("--steps", type=int, default=500, help="pair network training steps")
+    pseudo.add_argument("--batch-pairs", type=int, default=256, help="pairs per step, half of them the same species")
+    pseudo.add_argument("--lr", type=float, default=1e-3, help="pair network learning rate")
+    pseudo.add_argument("--exemplars", type=int, default=10, help="labelled images per class (nearest its mean) "
+                        "each unlabelled image is compared with")
+    pseudo.add_argument("--seed", type=int, default=0, help="seed of the pair network and its pairs")
+    pseudo.add_argument("--shard-size", type=int, default=None, help="most samples per pseudo-labelled shard "
+                        "(default: the input's largest train shard)")
+    pseudo.add_argument("--batch-size", type=int, default=32)
+    pseudo.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    pseudo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    pseudo.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
+    pseudo.set_defaults(func=run_pseudo_label)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -118,3 +142,15 @@ def run_predict(args: argparse.Namespace) -> int:
         failed += "error" in record
         print(json.dumps(record), flush=True)
     return 1 if failed else 0
+
+
+def run_pseudo_label(args: argparse.Namespace) -> int:
+    from mgmoe_ds.pseudo_label_data import PseudoLabelArgs, pseudo_label_dataset, summary_lines
+
+    stats = pseudo_label_dataset(PseudoLabelArgs(
+        model=args.model, data=args.data, out=args.out, threshold=args.threshold, overwrite=args.overwrite,
+        steps=args.steps, batch_pairs=args.batch_pairs, lr=args.lr, exemplars_per_class=args.exemplars,
+        seed=args.seed, batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
+        progress=not args.no_progress, device=args.device))
+    print("\n".join(summary_lines(stats)))
+    return 0
