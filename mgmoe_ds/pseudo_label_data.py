@@ -54,6 +54,7 @@ class PseudoLabelArgs:
     lr: float = 1e-3  # pair network AdamW learning rate
     hidden: int = 128  # pair network hidden width
     embed: int = 64  # pair network embedding size
+    feature_noise: float = 0.5  # Gaussian noise on the standardised training features (a regulariser)
     exemplars_per_class: int = 10  # labelled images per class each unlabelled image is compared with
     seed: int = 0  # seeds the pair network and its pairs
     batch_size: int = 32  # images per forward
@@ -209,7 +210,7 @@ def plot_scores(scores: Tensor, threshold: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(scores.numpy(), bins=HISTOGRAM_BINS, range=(0.0, 1.0), color="tab:blue")
     ax.axvline(threshold, color="tab:red", linestyle="--", label=f"--threshold {threshold:g}")
-    ax.set_xlabel("pseudo-label score (mean pair score with the class's exemplars)")
+    ax.set_xlabel("pseudo-label score p1 * (1 - p2) (best, runner-up class's mean pair score)")
     ax.set_ylabel("unlabelled images")
     ax.set_title(f"{len(scores)} unlabelled images, {int((scores >= threshold).sum())} written")
     ax.legend(loc="upper left")
@@ -258,7 +259,7 @@ def pseudo_label_dataset(args: PseudoLabelArgs) -> dict[str, Any]:
     unlabelled_features, _, keys, unreadable = pooled_features(model, meta, data, UNLABELLED_SPLIT, **options)
     network = train_pair_network(train_features, train_labels, steps=args.steps, batch_pairs=args.batch_pairs,
                                  lr=args.lr, seed=args.seed, hidden=args.hidden, embed=args.embed,
-                                 progress=args.progress)
+                                 feature_noise=args.feature_noise, progress=args.progress)
     label_options = dict(exemplars_per_class=args.exemplars_per_class, num_classes=len(meta.class_names))
     pred, scores = pseudo_labels(network, train_features, train_labels, unlabelled_features, **label_options)
 
@@ -286,8 +287,8 @@ def pseudo_label_dataset(args: PseudoLabelArgs) -> dict[str, Any]:
                  per_class=per_class_table(meta.class_names, train_labels, pred, scores, args.threshold),
                  score_histogram=score_histogram(scores), val=val_check,
                  pair_network={key: value for key, value in asdict(args).items()
-                               if key in ("steps", "batch_pairs", "lr", "hidden", "embed", "exemplars_per_class",
-                                          "seed")})
+                               if key in ("steps", "batch_pairs", "lr", "hidden", "embed", "feature_noise",
+                                          "exemplars_per_class", "seed")})
     (partial / STATS_NAME).write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
     plot_scores(scores, args.threshold, partial / FIGURE_NAME)
     if out.exists():  # --overwrite, checked above to be a dataset folder
