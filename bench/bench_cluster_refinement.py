@@ -26,9 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -36,7 +33,7 @@ from pathlib import Path
 
 from bench_few_images import build_data
 from bench_transfer import prepare_work
-from machine import cpu_name
+from machine import machine_record, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "ds_configs" / "zero2.json"
@@ -79,8 +76,6 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/mgmoe_bench_cluster_refinement"))
     args = parser.parse_args()
     args.seed, args.train_per_class = 0, 0
-    import torch
-
     from mgmoe_ds.curriculum.clustering import assign_clusters, kmeans
     from mgmoe_ds.curriculum.refinement import cluster_purity, knn_refine
 
@@ -112,12 +107,8 @@ def main() -> None:
     results = {"command": "PYTHONPATH=. python bench/bench_cluster_refinement.py" + "".join(f" {a}" for a in sys.argv[1:]),
                "images": int(labels.numel()), "species": num_classes, "splits": data["sizes"], "seeds": args.seeds,
                "extract_s": extract_s, "wall_s": time.time() - started,
-               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                           "torch": torch.__version__, "loadavg": os.getloadavg()},
-               "rows": rows}
-    out = ROOT / "bench" / "results" / "cluster_refinement.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+               "machine": machine_record(), "rows": rows}
+    out = write_results(results, "cluster_refinement")
     m = results["machine"]
     print(f"Command: {results['command']}\nMachine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, load "
           f"{m['loadavg'][0]:.2f}; features of {results['images']} training photos of {num_classes} species in "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 
 
 def cpu_name() -> str:
@@ -12,3 +14,19 @@ def cpu_name() -> str:
         with open("/proc/cpuinfo") as f:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     return platform.processor() or "?"
+
+
+def machine_record() -> dict:
+    """The machine, as the results JSON of a benchmark records it."""
+    import torch
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "loadavg": os.getloadavg()}
+
+
+def write_results(results: dict, name: str) -> Path:
+    """Writes ``results`` to ``bench/results/<name>.json`` and returns the path."""
+    out = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    return out
