@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from mgmoe_ds.config_checks import (check_backbone_moe, check_box_task, check_clustering, check_distill, check_fusion,
-                                    check_labels, check_mixing, check_pretrained)
+                                    check_labels, check_mixing, check_pretrained, check_routing)
 from mgmoe_ds.typed_json import (CHECKS, SHORT_FORMS, ConfigError, apply_overrides, build_dataclass, fail,  # noqa: F401
                                  options_from_dict, parse_override)
 
@@ -124,6 +124,7 @@ class MoEConfig:
     z_loss_weight: float = 0.001  # weight of the router z-loss
     diversity_weight: float = 0.0  # weight of <layer>.diversity: -sum_i KL(p_i || p) over the experts an image ran
     drop_fallback: Literal["shared_head"] = "shared_head"  # what a token that lost every expert gets
+    routing: Literal["topk", "cluster"] = "topk"  # "cluster": once clustered, Top-K among the cluster's teacher experts
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,8 @@ class DataConfig:
     mixup: float = 0.0  # Mixup's alpha: lam ~ Beta(alpha, alpha) per training batch; 0: off
     cutmix: float = 0.0  # CutMix's alpha; 0: off. Both on: CutMix for half the batches, Mixup for the rest
     mix_off_last_epochs: int = 0  # no mixing in the curriculum's last N epochs (counted over its stages)
-    pseudo_min_score: float = 0.0  # train on pseudo-labels (json "pseudo") scored >= this; no loss weight yet
+    pseudo_min_score: float = 0.0  # train on pseudo-labels (json "pseudo") scored >= this
+    pseudo_weight: float = 1.0  # a pseudo-labelled image's weight in the losses on its label, in [0, 1] (a label's: 1)
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,7 @@ def _validate(config: RunConfig, source: str) -> None:
     check(cur.teacher_temperature > 0, "curriculum.teacher_temperature", cur.teacher_temperature, "a number > 0")
     check(cur.kl_weight >= 0, "curriculum.kl_weight", cur.kl_weight, "a number >= 0")
     check_clustering(cur, check)
+    check_routing(m.routing, cur.stages, check)
     check(config.train.log_every >= 1, "train.log_every", config.train.log_every, "an integer >= 1")
     check(config.train.checkpoint_every >= 0, "train.checkpoint_every", config.train.checkpoint_every,
           "an integer >= 0")

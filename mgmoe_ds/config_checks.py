@@ -118,8 +118,23 @@ def check_clustering(cur: Any, check) -> None:
 
 
 def check_labels(data: Any, check) -> None:
-    """``data.pseudo_min_score`` and ``data.val_split`` (``config.DataConfig``): what the run takes as labels."""
+    """``data.pseudo_min_score``, ``data.pseudo_weight`` and ``data.val_split`` (``config.DataConfig``):
+    what the run takes as labels, and how much a pseudo-label counts."""
     check(0 <= data.pseudo_min_score <= 1, "data.pseudo_min_score", data.pseudo_min_score,
           "a score in [0, 1]: pseudo-labels scored below it are left out of training")
+    check(0 <= data.pseudo_weight <= 1, "data.pseudo_weight", data.pseudo_weight,
+          "a weight in [0, 1]: a pseudo-labelled image's loss relative to a labelled one's (1)")
     check(data.val_split != "unlabelled", "data.val_split", data.val_split,
           "a labelled split: the unlabelled split (mgmoe shards build --unlabelled) has no labels to validate on")
+
+
+def check_routing(routing: str, stages: list[Any], check) -> None:
+    """``moe.routing`` (``config.MoEConfig``): "cluster" routes through clusters, so some stage must
+    compute them (a stage class with ``computes_clusters``; the stage names are checked before)."""
+    from mgmoe_ds.curriculum import list_stages, stage_class  # the stage registry (no timm, no DeepSpeed)
+
+    if routing != "cluster" or any(stage_class(stage.name).computes_clusters for stage in stages):
+        return
+    computing = ", ".join(json.dumps(n) for n in list_stages() if stage_class(n).computes_clusters)
+    check(False, "moe.routing", routing, f"\"topk\", or a curriculum.stages with a stage that clusters the "
+          f"training images ({computing}): \"cluster\" routes through the clusters")

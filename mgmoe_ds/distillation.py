@@ -72,19 +72,22 @@ def distilled_targets(targets: Tensor, teacher_probs: Tensor, *, weight: float, 
     return label * weight + teacher_probs.float() * (1.0 - weight)
 
 
-def cosine_loss(logits: Tensor, targets: Tensor) -> Tensor:
+def cosine_loss(logits: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
     """Mean over images of ``1 - cos(targets, softmax(logits))``, in fp32 whatever the autocast;
     zero (in the graph) for an empty batch.
 
     Args:
         logits: (B, C) the model's fused logits.
         targets: (B, C) target distributions.
+        weights: optional (B,) each image's weight: the weighted sum divided by B, as the task
+            loss weighs images (``moe.losses.weighted_cross_entropy``).
     """
     if logits.shape[0] == 0:
         return logits.float().sum() * 0.0
     with torch.autocast(device_type=logits.device.type, enabled=False):
         probs = torch.softmax(logits.float(), dim=-1)  # (B, C)
-        return (1.0 - F.cosine_similarity(probs, targets.float(), dim=-1)).mean()
+        per_image = 1.0 - F.cosine_similarity(probs, targets.float(), dim=-1)  # (B,)
+        return per_image.mean() if weights is None else (per_image * weights.to(per_image)).sum() / len(per_image)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,10 +15,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mgmoe_ds.backbone import CUT_KEY, Backbone
@@ -29,13 +28,9 @@ from mgmoe_ds.experts import create_expert, expert_class
 from mgmoe_ds.flops import count_flops, count_parameters
 from mgmoe_ds.moe.fusion import FusionHead
 from mgmoe_ds.moe.layer import MoEOutput, RouteOutput, RoutedExperts, layer_from_config
-from mgmoe_ds.moe.losses import diversity_loss, expert_cross_entropy
-from mgmoe_ds.moe.routing import RoutingRequest
+from mgmoe_ds.moe.losses import diversity_loss, expert_cross_entropy, weighted_cross_entropy
+from mgmoe_ds.moe.routing import Routing, RoutingRequest, request_for_layer, requests_by_name
 from mgmoe_ds.moe.token_layer import TokenMoE, TokenMoERecord, collect_token_moe, token_moe_layers
-
-# The head layer's request, or requests by layer name (the head's is HEAD_LAYER; a backbone MoE
-# layer's is its block's path, "blocks.5.1"); a layer with no request routes Top-K as configured.
-Routing = Union[RoutingRequest, dict[str, RoutingRequest], None]
 
 ROUTER_INPUT = "pooled"
 HEAD_LAYER = "moe"  # name of the per-image routed layer of heterogeneous experts (its module path)
@@ -119,15 +114,6 @@ def _seeded(seed: int, factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
-def _for_layer(routing: Routing, layer: str) -> Optional[RoutingRequest]:
-    return routing.get(layer) if isinstance(routing, dict) else routing
-
-
-def _by_name(routing: Routing) -> dict[str, RoutingRequest]:
-    """The requests for the backbone's layers: only those given by name."""
-    return routing if isinstance(routing, dict) else {}
-
-
 class MGMoE(nn.Module):
     """Backbone -> router -> Top-K heterogeneous experts -> fused logits.
 
@@ -206,7 +192,7 @@ class MGMoE(nn.Module):
     def forward_backbone(self, images: Optional[Tensor] = None, *, cached: Optional[dict[str, Tensor]] = None,
                          routing: Routing = None) -> tuple[dict[str, Tensor], dict[str, TokenMoERecord]]:
         """``forward_features`` and what the backbone's token-level MoE layers did, by layer name."""
-        with collect_token_moe(_by_name(routing)) as collector:
+        with collect_token_moe(requests_by_name(routing)) as collector:
             if cached is not None:
                 features = (self.backbone.forward_upper(cached, self.backbone_outputs) if CUT_KEY in cached
                             else cached)
@@ -255,7 +241,8 @@ class MGMoE(nn.Module):
 
     def forward_head(self, features: dict[str, Tensor], targets: Optional[Tensor] = None,
                      routing: Routing = None, *, boxes: Optional[Tensor] = None, has_box: Optional[Tensor] = None,
-                     box_normaliser: Optional[float | Tensor] = None) -> ModelOutput:
+                     box_normaliser: Optional[float | Tensor] = None, sample_weights: Optional[Tensor] = None
+                     ) -> ModelOutput:
         """Routes precomputed features (from ``forward_features`` or a feature cache).
 
         Args:
@@ -268,19 +255,21 @@ class MGMoE(nn.Module):
                 have one: with a box tower, the "bbox" loss (complete-IoU over the images with a box).
             box_normaliser: what the summed box loss is divided by (``box_tower.box_loss``);
                 default this batch's number of boxes.
+            sample_weights: optional (B,) each image's weight in the losses on its targets ("task",
+                "fallback", the experts' standalone CE): ``sum_i w_i CE_i / B`` (``moe.losses``).
         """
         pooled = features[ROUTER_INPUT]  # (B, D)
         payload = {name: features[name] for name in self.features}
         labels = targets.argmax(dim=1) if targets is not None and targets.dim() == 2 else targets  # (B,) to experts
-        out = self.moe(pooled, payload, labels, routing=_for_layer(routing, HEAD_LAYER))
+        out = self.moe(pooled, payload, labels, routing=request_for_layer(routing, HEAD_LAYER))
         losses = {f"{HEAD_LAYER}.{name}": value for name, value in out.aux_losses.items()}
         # the fusion head's logits once its stage has started (so in every later use of the model)
         fusing = self.fusion is not None and self.fusion.is_active
         logits = self.fusion(pooled, out.route, out.expert_outputs, out.output) if fusing else out.output  # (B, C)
         if targets is not None:
-            losses["task"] = F.cross_entropy(logits.float(), targets)
-            losses["fallback"] = F.cross_entropy(self.moe.fallback_head(pooled).float(), targets)
-            losses.update(self._standalone_losses(out, targets))
+            losses["task"] = weighted_cross_entropy(logits, targets, sample_weights)
+            losses["fallback"] = weighted_cross_entropy(self.moe.fallback_head(pooled), targets, sample_weights)
+            losses.update(self._standalone_losses(out, targets, sample_weights))
             # logged at any weight; the experts each image ran: all of them in a dense stage, its K otherwise
             losses[f"{HEAD_LAYER}.diversity"] = diversity_loss(out.expert_outputs, out.route.kept)
         predicted_boxes = self.box_tower(features[BOX_FEATURE]) if self.box_tower is not None else None  # (B, 4)
@@ -291,7 +280,8 @@ class MGMoE(nn.Module):
 
     def forward(self, images: Optional[Tensor], targets: Optional[Tensor] = None, routing: Routing = None, *,
                 features: Optional[dict[str, Tensor]] = None, boxes: Optional[Tensor] = None,
-                has_box: Optional[Tensor] = None, box_normaliser: Optional[float | Tensor] = None) -> ModelOutput:
+                has_box: Optional[Tensor] = None, box_normaliser: Optional[float | Tensor] = None,
+                sample_weights: Optional[Tensor] = None) -> ModelOutput:
         """Full forward, or the head alone on precomputed features.
 
         Args:
@@ -301,11 +291,12 @@ class MGMoE(nn.Module):
             features: a feature cache's entries (``cache_features``): the backbone's outputs,
                 or its lower part's at a cut (its top then runs). Passing them here rather than
                 calling ``forward_head`` keeps the call inside a DeepSpeed engine's forward.
-            boxes, has_box, box_normaliser: the box task's targets; see ``forward_head``.
+            boxes, has_box, box_normaliser, sample_weights: the box task's targets, the images'
+                loss weights; see ``forward_head``.
         """
         backbone_features, records = self.forward_backbone(images, cached=features, routing=routing)
         out = self.forward_head(backbone_features, targets, routing, boxes=boxes, has_box=has_box,
-                                box_normaliser=box_normaliser)
+                                box_normaliser=box_normaliser, sample_weights=sample_weights)
         for name, record in records.items():
             out.routes[name] = record.output.route
             out.layer_outputs[name] = record.output
@@ -318,7 +309,8 @@ class MGMoE(nn.Module):
         counts = Counter(self.expert_names)
         return [name if counts[name] == 1 else f"{name}_{e}" for e, name in enumerate(self.expert_names)]
 
-    def _standalone_losses(self, out: MoEOutput, targets: Tensor) -> dict[str, Tensor]:
+    def _standalone_losses(self, out: MoEOutput, targets: Tensor, sample_weights: Optional[Tensor] = None
+                           ) -> dict[str, Tensor]:
         """Each expert's CE on its own logits, over the images routed to it (its kept choices):
         ``<layer>.<expert>.standalone``. Every expert is then a classifier on its own, which is
         what the cluster teacher grades and what routing to one expert at a time relies on.
@@ -327,7 +319,7 @@ class MGMoE(nn.Module):
         gradient data parallelism gives, at any expert-parallel size.
         """
         means = expert_cross_entropy(out.expert_outputs, out.route.expert_indices, out.route.kept, targets,
-                                     self.num_experts)  # (E,)
+                                     self.num_experts, sample_weights)  # (E,)
         return {f"{HEAD_LAYER}.{label}.standalone": means[e] for e, label in enumerate(self.expert_labels)}
 
     # -- parameter groups (the curriculum freezes and unfreezes by these names) ---------------

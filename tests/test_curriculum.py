@@ -190,3 +190,86 @@ def test_at_a_cut_the_backbones_top_trains_with_the_backbone_unless_a_stage_says
     frozen_top = create_stage(StageConfig("warmup", epochs=1, lr={"backbone": 1e-3, "backbone_top": 0.0}), cut, 1e-3)
     assert frozen_top.group_lr == {"backbone": 1e-3}
     assert "backbone_top" not in create_stage(StageConfig("warmup", epochs=1), RUN, base_lr=1e-3).group_lr
+
+
+# ---------------------------------------------------------------------------------------------
+# moe.routing = "cluster": the cluster -> experts gate as a routing mode of its own
+
+GATE_TEACHER = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.1, 0.6, 0.25, 0.05]])  # top 2: cluster 0 {0, 1}, 1 {1, 2}
+ROUTER_INPUT = torch.tensor([[1.0, 1.0], [11.0, 9.0], [-1.0, 0.5], [9.0, 12.0]])  # clusters 0, 1, 0, 1
+
+
+def gated_run(mode: str, *stages: str, **model):
+    stages = stages or ("warmup", "routing", "residual")
+    return config_from_dict({"model": model, "moe": {"top_k": 2, "routing": mode},
+                             "curriculum": {"stages": [{"name": s, "epochs": 1} for s in stages]}})
+
+
+@pytest.mark.parametrize("mode", ["topk", "cluster"])
+def test_moe_routing_cluster_routes_the_routing_stage_through_the_residual_stages_gate(mode):
+    run = gated_run(mode)
+    clusters = clusters_with_teacher(GATE_TEACHER)
+    routing, residual, warmup = (create_stage(StageConfig(name, epochs=1), run, 1e-3)
+                                 for name in ("routing", "residual", "warmup"))
+    gate = residual.routing(clusters)
+    gate_mask = gate.resolve(ROUTER_INPUT, num_experts=4).allowed_experts  # (4, 4)
+    assert gate_mask.tolist() == [[True, True, False, False], [False, True, True, False]] * 2
+    for request in (routing.routing(clusters), routing.inference_routing(clusters)):
+        allowed = request.resolve(ROUTER_INPUT, num_experts=4).allowed_experts
+        if mode == "cluster":  # the same request as the residual stage's: same masks, kind, dropless
+            assert request.to_json() == gate.to_json() and request.to_json()["kind"] == "cluster"
+            assert torch.equal(allowed, gate_mask) and request.dropless
+        else:  # the router's own Top-K over every expert
+            assert request == RoutingRequest() and allowed is None and request.to_json()["kind"] == "topk"
+    record = routing.to_json(clusters)
+    assert record["moe_routing"] == mode and record["routing"]["kind"] == ("cluster" if mode == "cluster" else "topk")
+    # before any clustering: Top-K either way; warm-up trains dense either way
+    assert routing.routing(None) == RoutingRequest() and routing.inference_routing(None) == RoutingRequest()
+    assert warmup.routing(clusters) == RoutingRequest.dense(uniform_weights=True)
+    assert (warmup.inference_routing(clusters).clusters is not None) == (mode == "cluster")
+    # the residual stage is the gate in both modes
+    assert gate.to_json()["kind"] == "cluster"
+
+
+def test_moe_routing_cluster_carries_into_a_fusion_stage_after_the_routing_stage():
+    clusters = clusters_with_teacher(GATE_TEACHER)
+    for mode in ("topk", "cluster"):
+        run = gated_run(mode, "warmup", "routing", "fusion", fusion=True)
+        fusion = create_stage(run.curriculum.stages[2], run, 1e-3)
+        assert fusion.routed_as.name == "routing"
+        assert (fusion.inference_routing(clusters).clusters is not None) == (mode == "cluster")
+        assert fusion.routing(clusters).to_json() == fusion.routed_as.routing(clusters).to_json()
+
+
+def test_the_gated_routing_stage_compares_the_teacher_over_each_images_allowed_experts():
+    clusters = clusters_with_teacher(GATE_TEACHER)
+    pooled = ROUTER_INPUT[:2]  # clusters 0 and 1
+    allowed = torch.tensor([[True, True, False, False], [False, True, True, False]])
+    logits = torch.tensor([[0.2, -0.1, 5.0, 1.0], [3.0, 0.0, 0.5, -1.0]]).masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # the gated router's: zero outside the gate
+
+    class Out:
+        route = type("Route", (), {"probs": probs, "logits": logits})
+    Out.pooled = pooled
+    kl = {mode: float(create_stage(StageConfig("routing", epochs=1), gated_run(mode), 1e-3)
+                      .extra_losses(Out, clusters)["kl"]) for mode in ("topk", "cluster")}
+    inside = GATE_TEACHER * allowed / (GATE_TEACHER * allowed).sum(1, keepdim=True)  # renormalised over the gate
+    expected = (inside * (inside.clamp_min(1e-12).log() - probs.clamp_min(1e-9).log())).sum(1).mean()
+    assert kl["cluster"] == pytest.approx(float(expected), rel=1e-5)
+    # "topk" compares the whole teacher: its mass outside the gate meets probability 0 there
+    assert kl["topk"] > kl["cluster"] + 1.0
+
+
+def test_moe_routing_cluster_needs_a_stage_that_clusters_and_is_one_line_otherwise():
+    from mgmoe_ds.config import ConfigError
+
+    assert gated_run("cluster").moe.routing == "cluster" and RUN.moe.routing == "topk"
+    assert gated_run("cluster", "warmup", "residual").moe.routing == "cluster"  # residual clusters too
+    assert gated_run("topk", "warmup").moe.routing == "topk"
+    with pytest.raises(ConfigError) as err:
+        gated_run("cluster", "warmup")
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and "mgmoe.moe.routing = 'cluster'" in message
+    assert '"residual", "routing"' in message
+    with pytest.raises(ConfigError, match="moe.routing = 'dense': expected \"topk\" or \"cluster\""):
+        config_from_dict({"moe": {"routing": "dense"}})

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from mgmoe_ds.cli import main
 from mgmoe_ds.config import ConfigError, config_from_dict
@@ -217,3 +219,61 @@ def test_pseudo_min_score_outside_0_1_is_a_one_line_config_error(score):
         config_from_dict({"data": {"pseudo_min_score": score}})
     assert "mgmoe.data.pseudo_min_score" in str(err.value) and "[0, 1]" in str(err.value)
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_each_batch_marks_exactly_the_samples_that_train_with_a_pseudo_label(tmp_path):
+    dataset = pseudo_dataset(tmp_path)
+    loader, _ = make_loader(dataset, "train", batch_size=2, img_size=32, train=False, pseudo_min_score=0.5)
+    batches = list(loader)
+    assert all(b["pseudo"].dtype == torch.bool and b["pseudo"].shape == b["labels"].shape for b in batches)
+    flags = {key: bool(flag) for b in batches for key, flag in zip(b["keys"], b["pseudo"])}
+    assert flags == {"p_train_0000000": False, "p_train_0000001": False, "p_train_0000002": False,
+                     "p_train_0000004": True, "p_train_0000005": True}  # 3 (score 0.2) left out
+    unlabelled, _ = make_loader(dataset, "train", batch_size=2, img_size=32, train=False, pseudo_min_score=0.95)
+    assert not any(bool(b["pseudo"].any()) for b in unlabelled)  # every pseudo-label left out: none marked
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5])
+def test_pseudo_weight_outside_0_1_is_a_one_line_config_error(weight):
+    assert config_from_dict({"data": {"pseudo_weight": 0.25}}).data.pseudo_weight == 0.25
+    assert config_from_dict({}).data.pseudo_weight == 1.0
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"data": {"pseudo_weight": weight}})
+    assert "mgmoe.data.pseudo_weight" in str(err.value) and "[0, 1]" in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_a_job_trains_on_weighted_pseudo_labels_and_ends_routing_through_the_cluster_gate(tmp_path):
+    """Both issue-19 settings through the real trainer (one process, DeepSpeed ZeRO-2): pseudo-labelled
+    samples at ``data.pseudo_weight`` 0.5, and ``moe.routing = "cluster"`` in a run whose last stage is
+    the routing stage, which then trains, evaluates and exports through the cluster gate."""
+    from conftest import launch_training, succeeded, write_tiny_config
+    from mgmoe_ds.export import export_model
+    from mgmoe_ds.inference import load_trained
+
+    classes = ["crow", "finch", "wren", "tit"]
+    train = [Sample(f"j_train_{i:07d}", image_bytes(700 + i), "jpg", i % 4, {"path": f"l{i}.jpg"}) for i in range(16)]
+    train += [Sample(f"j_train_{i:07d}", image_bytes(700 + i), "jpg", 0,
+                     {"path": f"u{i}.jpg", "pseudo": {"label": i % 4, "score": 0.9, "method": "test"}})
+              for i in range(16, 24)]
+    val = [Sample(f"j_val_{i:07d}", image_bytes(800 + i), "jpg", i % 4, {"path": f"v{i}.jpg"}) for i in range(8)]
+    dataset = write_dataset({"train": train, "val": val}, classes, tmp_path / "data", "j", shard_size=8, skipped=[],
+                            options={}, source="test")
+    stages = [{"name": "warmup", "steps": 2}, {"name": "routing", "steps": 2}]
+    config = write_tiny_config(tmp_path / "ds.json", moe={"routing": "cluster"}, data={"pseudo_weight": 0.5},
+                               curriculum={"stages": stages, "num_clusters": 2})
+    run = tmp_path / "run"
+    succeeded(launch_training(config, dataset, run))
+    record = json.loads((run / "stages" / "1_routing.json").read_text())
+    assert record["moe_routing"] == "cluster" and record["routing"]["kind"] == "cluster"
+    assert record["routing"]["dropless"] and len(record["routing"]["cluster_experts"]) == 2
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [e["losses"]["task"] for e in events if e.get("event") == "train" and "losses" in e]
+    assert losses and all(math.isfinite(x) for x in losses)
+    _, meta = load_trained(run)
+    assert meta.final_stage == "routing" and meta.routing.clusters is not None
+    _, exported = load_trained(export_model(run, tmp_path / "model.safetensors"))
+    assert exported.routing.to_json()["kind"] == "cluster"  # the export's metadata and routing.* tensors
+    assert torch.equal(exported.routing.clusters.cluster_experts, meta.routing.clusters.cluster_experts)
+    assert torch.equal(exported.routing.clusters.centroids, meta.routing.clusters.centroids)

@@ -111,6 +111,43 @@ def test_exports_of_the_earlier_format_still_load(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("mode", ["topk", "cluster"])
+def test_a_run_ending_with_the_routing_stage_evaluates_and_exports_through_the_gate_only_with_cluster(mode, tmp_path):
+    """``moe.routing``: the final routing stage's inference routing is the cluster gate ("cluster")
+    or the router's free Top-K ("topk"), and the export carries (or not) the gate's tensors."""
+    import dataclasses
+
+    from mgmoe_ds.config import config_from_dict
+    from mgmoe_ds.curriculum import ClusterState
+    from mgmoe_ds.export import save_export
+    from mgmoe_ds.inference import load_trained, routed_forward, trained_routing
+    from mgmoe_ds.moe.routing import nearest_centroid
+
+    model, meta = tiny_model_and_meta()
+    stages = [{"name": "warmup", "epochs": 1}, {"name": "routing", "epochs": 1}]
+    config = config_from_dict({**TINY_MGMOE, "moe": dict(TINY_MGMOE["moe"], routing=mode),
+                               "curriculum": {"stages": stages}})
+    teacher = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.3, 0.1, 0.5, 0.1]])  # top 2 by row
+    torch.manual_seed(1)
+    state = ClusterState(centroids=torch.randn(3, model.backbone.info.pooled_dim), teacher=teacher,
+                         scores=teacher.log(), val_counts=torch.ones(3), train_counts=torch.ones(3))
+    routing = trained_routing(config, config.curriculum.stages[-1], state.state_dict())
+    assert routing.top_k == 2 and routing.to_json()["kind"] == ("cluster" if mode == "cluster" else "topk")
+    meta = dataclasses.replace(meta, routing=routing, final_stage="routing")
+    loaded, loaded_meta = load_trained(save_export(model, meta, tmp_path / "model.safetensors"))
+    images = torch.randn(6, 3, 32, 32)
+    out = routed_forward(loaded, loaded_meta, images)
+    if mode == "topk":
+        assert loaded_meta.routing.clusters is None
+        return
+    assert loaded_meta.routing.clusters.cluster_experts.tolist() == [[3, 2], [0, 1], [2, 0]]
+    assert torch.equal(loaded_meta.routing.clusters.centroids, state.centroids)
+    nearest = nearest_centroid(out.pooled, state.centroids)  # (B,)
+    for row, cluster in enumerate(nearest.tolist()):
+        assert set(out.route.expert_indices[row].tolist()) <= set(loaded_meta.routing.clusters.cluster_experts[cluster]
+                                                                  .tolist())
+
+
 class Arbitrary:
     """Not a tensor: unpickling it would run arbitrary code."""
 

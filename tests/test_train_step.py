@@ -157,3 +157,126 @@ def test_a_dataset_without_the_validation_split_is_refused_in_one_line(tmp_path)
     assert str(error.value) == (f"{dataset}: no 'val' split: the routing teacher and the cluster-level routing are "
                                 f"fitted on it; rebuild the dataset with `mgmoe shards build` (it carves a validation "
                                 f"split from train, --val-fraction 0.1) or set mgmoe.data.val_split")
+
+
+# ---------------------------------------------------------------------------------------------
+# data.pseudo_weight: a pseudo-labelled image's weight in the losses on its label
+
+
+class OneRank:
+    world_size = 1
+
+    def reduce_int(self, value, op):
+        return value
+
+
+def pseudo_step(config, stage, pseudo_weight):
+    return TrainStep(stage, stage.routing(None), OneRank(), torch.device("cpu"), torch.float32, config.moe,
+                     pseudo_weight=pseudo_weight)
+
+
+def per_image_ce(logits, targets):
+    """(B,) each image's cross-entropy, one F.cross_entropy call per image."""
+    return torch.stack([F.cross_entropy(logits[i:i + 1].float(), targets[i:i + 1]) for i in range(len(logits))])
+
+
+def test_a_pseudo_labelled_image_counts_pseudo_weight_times_in_the_losses_on_its_label():
+    config, model = tiny()
+    stage = create_stage(StageConfig("warmup", steps=1), config, base_lr=0.1)
+    reference = copy.deepcopy(model)
+    data = dict(batch(n=3, seed=1), pseudo=torch.tensor([False, False, True]))
+    result = pseudo_step(config, stage, 0.5)(PlainEngine(model, trained_groups(model, stage)), data, None)
+    assert result.finite
+    with torch.no_grad():  # the model before the update, routed as the stage routes (dense: every expert)
+        out = reference(data["images"], data["labels"], routing=stage.routing(None))
+        task = per_image_ce(out.logits, data["labels"])  # (3,)
+        fallback = per_image_ce(reference.moe.fallback_head(out.pooled), data["labels"])  # (3,)
+    expected = (task[0] + task[1] + 0.5 * task[2]) / 3  # divided by the images, not by the weights' sum
+    torch.testing.assert_close(result.losses["task"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.losses["fallback"], (fallback[0] + fallback[1] + 0.5 * fallback[2]) / 3,
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(result.losses["task"], task.mean())  # the weight did something
+    # each expert's standalone CE: the same weights over the images it ran (all three, dense)
+    for e, label in enumerate(reference.expert_labels):
+        column = (out.route.expert_indices == e).float().argmax(dim=1)  # (3,) where expert e sits per image
+        own = per_image_ce(out.expert_logits[torch.arange(3), column], data["labels"])  # (3,)
+        torch.testing.assert_close(result.losses[f"moe.{label}.standalone"], (own[0] + own[1] + 0.5 * own[2]) / 3,
+                                   rtol=1e-5, atol=1e-6, msg=label)
+
+
+def test_a_batch_without_pseudo_labels_keeps_exactly_its_unweighted_loss():
+    config, model = tiny()
+    stage = create_stage(StageConfig("warmup", steps=1), config, base_lr=0.1)
+    data = batch(n=4, seed=2)
+    plain_model = copy.deepcopy(model)
+    plain = pseudo_step(config, stage, 1.0)(PlainEngine(plain_model, trained_groups(plain_model, stage)), data, None)
+    marked = dict(data, pseudo=torch.zeros(4, dtype=torch.bool))
+    weighted = pseudo_step(config, stage, 0.3)(PlainEngine(model, trained_groups(model, stage)), marked, None)
+    assert plain.losses.keys() == weighted.losses.keys()
+    assert all(torch.equal(plain.losses[k], weighted.losses[k]) for k in plain.losses)
+    assert all(torch.equal(a, b) for a, b in zip(plain_model.state_dict().values(), model.state_dict().values()))
+
+
+def test_pseudo_weight_0_leaves_a_pseudo_image_no_gradient_from_the_losses_on_its_label():
+    config, model = tiny()
+    data = batch(n=3, seed=3)
+    label_losses = ("task", "fallback", *(f"moe.{label}.standalone" for label in model.expert_labels))
+
+    def image_gradient(weights):
+        images = data["images"].clone().requires_grad_(True)
+        out = model(images, data["labels"], routing=RoutingRequest.dense(), sample_weights=weights)
+        sum(out.losses[name] for name in label_losses).backward()
+        model.zero_grad(set_to_none=True)
+        return images.grad  # (3, 3, H, W)
+
+    full, half, none = (image_gradient(torch.tensor([1.0, 1.0, w])) for w in (1.0, 0.5, 0.0))
+    assert torch.count_nonzero(none[2]) == 0 and torch.count_nonzero(none[:2]) > 0  # the pseudo image's is 0
+    torch.testing.assert_close(none[:2], full[:2])  # the others' unchanged
+    torch.testing.assert_close(half[2], 0.5 * full[2], rtol=1e-4, atol=1e-8)  # and in between, linear
+    assert torch.count_nonzero(full[2]) > 0
+
+
+def test_sample_weights_follow_the_pseudo_flags_and_a_mix_of_images():
+    from mgmoe_ds.train.mixing import Mixed
+
+    step = TrainStep(None, RoutingRequest(), OneRank(), torch.device("cpu"), torch.float32, None, pseudo_weight=0.25)
+    flags = {"pseudo": torch.tensor([True, False, False, False])}
+    assert torch.equal(step.sample_weights(flags)["sample_weights"], torch.tensor([0.25, 1.0, 1.0, 1.0]))
+    assert step.sample_weights({"pseudo": torch.zeros(4, dtype=torch.bool)}) == {}  # no pseudo-label: none
+    assert step.sample_weights({}) == {}  # cached features and other batches without the flag
+    # Mixup/CutMix with the flipped batch: image 0 is 0.7 of itself and 0.3 of image 3, image 3 the reverse
+    mixed = Mixed(torch.zeros(4, 3, 2, 2), torch.zeros(4, 2), 0.7, None)
+    torch.testing.assert_close(step.sample_weights(flags, mixed)["sample_weights"],
+                               torch.tensor([0.7 * 0.25 + 0.3, 1.0, 1.0, 0.7 + 0.3 * 0.25]))
+    unit = TrainStep(None, RoutingRequest(), OneRank(), torch.device("cpu"), torch.float32, None)
+    assert unit.sample_weights(flags) == {}  # pseudo_weight 1: the plain mean
+
+
+def test_soft_targets_take_the_same_per_image_weights():
+    from mgmoe_ds.moe.losses import weighted_cross_entropy
+
+    g = torch.Generator().manual_seed(4)
+    logits, targets = torch.randn(3, 5, generator=g), torch.softmax(torch.randn(3, 5, generator=g), dim=1)
+    soft = torch.stack([F.cross_entropy(logits[i:i + 1], targets[i:i + 1]) for i in range(3)])  # (3,)
+    weights = torch.tensor([1.0, 1.0, 0.5])
+    torch.testing.assert_close(weighted_cross_entropy(logits, targets, weights),
+                               (soft[0] + soft[1] + 0.5 * soft[2]) / 3)
+    assert torch.equal(weighted_cross_entropy(logits, targets), F.cross_entropy(logits, targets))
+    # a teacher's distill.cosine weighs images the same way
+    from mgmoe_ds.distillation import cosine_loss
+
+    cosines = torch.stack([cosine_loss(logits[i:i + 1], targets[i:i + 1]) for i in range(3)])  # (3,)
+    torch.testing.assert_close(cosine_loss(logits, targets, weights), (cosines[0] + cosines[1] + 0.5 * cosines[2]) / 3)
+
+
+def test_pseudo_weight_below_1_trains_a_frozen_backbone_from_images_not_the_feature_cache(tmp_path):
+    from types import SimpleNamespace
+
+    from mgmoe_ds.train.stage_features import StageFeatures
+
+    for weight, cached in ((1.0, True), (0.5, False)):
+        config = config_from_dict(dict(TINY_MGMOE, data={"pseudo_weight": weight}))
+        features = StageFeatures(config, SimpleNamespace(token_moe_layers=dict), None, tmp_path,
+                                 device=torch.device("cpu"), input_dtype=torch.float32, is_main=False)
+        refusal = features.refusal(create_stage(StageConfig("residual", epochs=1), config, 1e-3))
+        assert (refusal is None) == cached and (cached or "data.pseudo_weight" in refusal)

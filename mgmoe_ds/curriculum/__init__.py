@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol
 
 from torch import Tensor
 
-from mgmoe_ds.curriculum.clustering import ClusterState
+from mgmoe_ds.curriculum.clustering import ClusterState, cluster_gate
 from mgmoe_ds.moe.routing import RoutingRequest
 from mgmoe_ds.registry import Registry
 
@@ -47,6 +47,8 @@ class Stage:
     default_lr: ClassVar[dict[str, float]] = {}
     # The stage trains the fusion head, which the trainer switches on when the stage starts.
     uses_fusion: ClassVar[bool] = False
+    # The stage clusters the training images (its hooks call ``recompute_clusters``).
+    computes_clusters: ClassVar[bool] = False
 
     def __init__(self, config: "StageConfig", run: "RunConfig", base_lr: float) -> None:
         self.config, self.run = config, run
@@ -86,10 +88,18 @@ class Stage:
 
     def routing(self, clusters: Optional[ClusterState]) -> RoutingRequest:
         """The routing the stage trains and validates with."""
-        return RoutingRequest()
+        return self.topk_routing(clusters)
 
     def inference_routing(self, clusters: Optional[ClusterState]) -> RoutingRequest:
         """The routing a model whose last stage this was uses in evaluation and inference."""
+        return self.topk_routing(clusters)
+
+    def topk_routing(self, clusters: Optional[ClusterState]) -> RoutingRequest:
+        """Top-K as ``moe.routing`` says: the router's own choice of K experts ("topk", and before
+        any clustering), or once clusters exist ("cluster") the cluster -> experts gate
+        (``clustering.cluster_gate``): K among the image's cluster's teacher experts."""
+        if self.run.moe.routing == "cluster" and clusters is not None:
+            return cluster_gate(clusters, self.run.moe.top_k)
         return RoutingRequest()
 
     # -- what it adds to the loss ----------------------------------------------------------------
@@ -116,7 +126,7 @@ class Stage:
 
     def to_json(self, clusters: Optional[ClusterState]) -> dict[str, Any]:
         """What ``stages/<i>_<name>.json`` records about the stage."""
-        return {"stage": self.name, "trained_groups": dict(self.group_lr),
+        return {"stage": self.name, "trained_groups": dict(self.group_lr), "moe_routing": self.run.moe.routing,
                 "routing": self.routing(clusters).to_json()}
 
 

@@ -1,9 +1,9 @@
 """Clustering the training images on pooled backbone features, and the cluster-level routing state.
 
-Pure functions and dataclasses: the routing state, and the record of how it was clustered that
-checkpoints and the stage JSON keep (``refinement.py`` refines k-means by nearest neighbours). The
-sums across ranks come in as a callable (``all_reduce``), so this module never imports
-``torch.distributed``.
+Pure functions and dataclasses: the routing state, the cluster -> experts gate built from it
+(:func:`cluster_gate`), and the record of how it was clustered that checkpoints and the stage
+JSON keep (``refinement.py`` refines k-means by nearest neighbours). The sums across ranks come
+in as a callable (``all_reduce``), so this module never imports ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from mgmoe_ds.moe.routing import nearest_centroid
+from mgmoe_ds.moe.routing import ClusterRouting, RoutingRequest, nearest_centroid
 
 AllReduce = Callable[[Tensor], Tensor]  # sums a tensor over all ranks (identity in one process)
 
@@ -191,3 +191,21 @@ class ClusterState:
 
 
 _TENSOR_FIELDS = ("centroids", "teacher", "scores", "val_counts", "train_counts")  # ClusterState's tensors
+
+
+def cluster_expert_count(top_k: int, num_experts: int) -> int:
+    """How many teacher experts each cluster keeps: its top 2, or its top K when the model routes
+    to more (Top-3 stays Top-3)."""
+    return min(num_experts, max(2, top_k))
+
+
+def cluster_gate(clusters: ClusterState, top_k: int) -> RoutingRequest:
+    """The cluster -> experts gate: an image may use only its nearest cluster's
+    :func:`cluster_expert_count` best experts by the teacher, and the router only re-weights them.
+    The residual stage routes so, and with ``moe.routing = "cluster"`` every Top-K stage too.
+
+    Dropless: the experts are fixed per cluster, so capacity would only drop images that evaluation
+    and inference (dropless) route; the gate trains as it is evaluated.
+    """
+    experts = clusters.top_experts(cluster_expert_count(top_k, clusters.teacher.shape[1]))  # (C, k) best first
+    return RoutingRequest(clusters=ClusterRouting(clusters.centroids.float(), experts), dropless=True)

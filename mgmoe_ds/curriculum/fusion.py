@@ -1,11 +1,12 @@
 """The fusion stage: everything trained so far frozen, the fusion head learns to weigh the experts.
 
-The stage routes as the last stage before it that is not a fusion stage (Top-K when there is
-none), with that stage's cluster state, and evaluation and inference then route as that stage's
-model did; only the weighting of the experts each image ran changes (``moe.fusion``). The head is
-switched on when the stage starts (``FusionHead.activate``) and stays on in the checkpoints and
-exports after it. Only the task loss reaches the head: every other loss trains nothing here and
-is weighted 0. The backbone is frozen, so the stage trains from a feature cache when it can.
+The stage routes as the last stage before it that is not a fusion stage (Top-K as ``moe.routing``
+says when there is none), with that stage's cluster state, and evaluation and inference then
+route as that stage's model did; only the weighting of the experts each image ran changes
+(``moe.fusion``). The head is switched on when the stage starts (``FusionHead.activate``) and
+stays on in the checkpoints and exports after it. Only the task loss reaches the head: every other
+loss trains nothing here and is weighted 0. The backbone is frozen, so the stage trains from a
+feature cache when it can.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ class FusionStage(Stage):
         self.routed_as: Optional[Stage] = None if before is None else create_stage(before, run, base_lr)
 
     def routing(self, clusters: Optional[ClusterState]) -> RoutingRequest:
-        return RoutingRequest() if self.routed_as is None else self.routed_as.routing(clusters)
+        return self.topk_routing(clusters) if self.routed_as is None else self.routed_as.routing(clusters)
 
     def inference_routing(self, clusters: Optional[ClusterState]) -> RoutingRequest:
-        return RoutingRequest() if self.routed_as is None else self.routed_as.inference_routing(clusters)
+        return self.topk_routing(clusters) if self.routed_as is None else self.routed_as.inference_routing(clusters)
 
     def own_loss_weights(self) -> dict[str, float]:
         # The head layer's losses (router, experts' own, diversity), the backbone MoE layers', the

@@ -2,7 +2,9 @@
 
 Each image may use only its cluster's top experts by the teacher (the MG-MoE recipe's top 2, or
 top K when the model routes to more, :func:`cluster_expert_count`); the router only re-weights
-them. The heads of those experts train, every other expert's head keeps its weights.
+them: the cluster -> experts gate (:func:`~mgmoe_ds.curriculum.clustering.cluster_gate`, which
+``moe.routing = "cluster"`` makes every Top-K stage route through). The heads of those experts
+train, every other expert's head keeps its weights.
 """
 
 from __future__ import annotations
@@ -10,18 +12,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from mgmoe_ds.curriculum import ClusterState, Stage, StageHooks, register_stage
-from mgmoe_ds.moe.routing import ClusterRouting, RoutingRequest
-
-
-def cluster_expert_count(top_k: int, num_experts: int) -> int:
-    """How many teacher experts each cluster keeps: its top 2, or its top K when the model routes
-    to more (Top-3 stays Top-3)."""
-    return min(num_experts, max(2, top_k))
+from mgmoe_ds.curriculum.clustering import cluster_expert_count, cluster_gate
+from mgmoe_ds.moe.routing import RoutingRequest
 
 
 @register_stage("residual")
 class ResidualStage(Stage):
     default_lr = {"router": 0.5, "expert_heads": 1.0}
+    computes_clusters = True
 
     def on_stage_start(self, hooks: StageHooks) -> None:
         # On the backbone this stage keeps frozen: stage 1's last clustering saw it one epoch earlier.
@@ -32,12 +30,7 @@ class ResidualStage(Stage):
         return clusters.top_experts(cluster_expert_count(self.run.moe.top_k, clusters.teacher.shape[1]))
 
     def routing(self, clusters: Optional[ClusterState]) -> RoutingRequest:
-        if clusters is None:
-            return RoutingRequest()
-        # Dropless: routing is frozen to each cluster's experts, so capacity would only drop images
-        # that evaluation and inference (dropless) route; the stage trains as it is evaluated.
-        return RoutingRequest(clusters=ClusterRouting(clusters.centroids.float(), self.cluster_experts(clusters)),
-                              dropless=True)
+        return RoutingRequest() if clusters is None else cluster_gate(clusters, self.run.moe.top_k)
 
     def inference_routing(self, clusters: Optional[ClusterState]) -> RoutingRequest:
         return self.routing(clusters)

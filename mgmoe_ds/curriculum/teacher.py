@@ -6,6 +6,8 @@ Pure functions; the sums across ranks come in as a callable, so this module neve
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -56,15 +58,20 @@ def cluster_teacher(scores: Tensor, temperature: float) -> Tensor:
     return torch.softmax(scores / temperature, dim=-1)
 
 
-def teacher_kl(router_probs: Tensor, teacher: Tensor) -> Tensor:
+def teacher_kl(router_probs: Tensor, teacher: Tensor, allowed: Optional[Tensor] = None) -> Tensor:
     """Mean over images of KL(teacher || router): the teacher is the target the router is pulled to.
 
     Args:
         router_probs: (B, E) router softmax.
         teacher: (B, E) each image's cluster teacher.
+        allowed: optional (B, E) bool, the experts each image's router may use (a gate): the
+            teacher is then renormalised over them, where all of the router's probability lies.
     """
     if router_probs.shape[0] == 0:
         return router_probs.sum() * 0.0
+    if allowed is not None:
+        teacher = teacher * allowed.to(teacher.dtype)  # (B, E)
+        teacher = teacher / teacher.sum(-1, keepdim=True).clamp_min(1e-12)
     log_router = torch.log(router_probs.clamp_min(1e-9))
     log_teacher = torch.log(teacher.clamp_min(1e-9))
     return (teacher * (log_teacher - log_router)).sum(-1).mean()

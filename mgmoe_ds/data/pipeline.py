@@ -24,7 +24,8 @@ after ``ceil(num_samples / (world_size * batch_size))`` batches per rank, the sa
 
 Pseudo-labelled samples (a ``json`` ``pseudo`` record, :mod:`.pseudo`) scored below
 ``pseudo_min_score`` are left out and counted in ``loader.pseudo_left_out``; the others train with
-their pseudo-label. ``len(loader)`` counts the manifest's samples, so it is then an upper bound.
+their pseudo-label, marked in the batch's ``pseudo`` (the training step weighs them by
+``data.pseudo_weight``). ``len(loader)`` counts the manifest's samples, so it is then an upper bound.
 The ``unlabelled`` split is read only when asked for by name, with every label -1.
 """
 
@@ -194,11 +195,13 @@ def make_loader(
         transform_options: extra keyword arguments for ``timm.data.create_transform``.
         pseudo_min_score: ``data.pseudo_min_score``: a pseudo-labelled sample (:mod:`.pseudo`)
             scored below it is left out (``loader.pseudo_left_out``); one at or above it has its
-            pseudo-label. In [0, 1]; samples without a pseudo-label are unaffected.
+            pseudo-label and ``pseudo`` True in its batch. In [0, 1]; samples without a
+            pseudo-label are unaffected.
 
     Returns:
         ``(loader, info)``: iterate ``loader`` for batches ``{"images": (B, 3, H, W) float,
-        "labels": (B,) long, "keys": list[str], "boxes": (B, 4) float32, "has_box": (B,) bool}``
+        "labels": (B,) long, "keys": list[str], "boxes": (B, 4) float32, "has_box": (B,) bool,
+        "pseudo": (B,) bool}``
         (``boxes``: each sample's bounding box ``(x1, y1, x2, y2)`` normalised to [0, 1] on the
         output image, moved with the image by every crop, resize and flip; zeros with ``has_box``
         False where a sample has no box, the crop left none of it, or the transform cannot move

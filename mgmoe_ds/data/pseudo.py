@@ -4,8 +4,9 @@ A sample whose ``json`` carries ``"pseudo": {"label": L, "score": S, "method": "
 by a pseudo-labeller; ``L`` a class index of the dataset's class list, as ``cls`` is, ``S`` a
 confidence in [0, 1]) trains with class ``L`` when ``S >= data.pseudo_min_score``; below it the
 sample is left out and counted, apart from bad samples, so that the epoch log can say how many
-were. A sample without a ``pseudo`` record is untouched. A pseudo-label weighs in the loss as
-much as a label: a per-sample loss weight for pseudo-labels is not implemented yet.
+were. A sample without a ``pseudo`` record is untouched. A kept sample is marked in its batch
+(``"pseudo"`` True, :mod:`.stream`), and its losses on its label weigh ``data.pseudo_weight``
+times a labelled sample's (``train.step.TrainStep.sample_weights``; default 1: as much).
 """
 
 from __future__ import annotations

@@ -60,10 +60,11 @@ class ShardStream(IterableDataset):
     """The per-worker pipeline as an IterableDataset of ready batches (dicts).
 
     Each batch is ``{"images": (B, 3, H, W) float, "labels": (B,) long, "keys": list[str],
-    "boxes": (B, 4) float32, "has_box": (B,) bool, "skipped": int, "skip_reasons": list[str],
-    "pseudo_left_out": int}``; a batch without ``"images"`` carries only the counts left at the end
-    of a worker's stream. ``labels`` are -1 in the unlabelled split (``labelled`` False); elsewhere a
-    sample kept by the pseudo-label threshold has its pseudo-label (:mod:`.pseudo`).
+    "boxes": (B, 4) float32, "has_box": (B,) bool, "pseudo": (B,) bool, "skipped": int,
+    "skip_reasons": list[str], "pseudo_left_out": int}``; a batch without ``"images"`` carries only
+    the counts left at the end of a worker's stream. ``labels`` are -1 in the unlabelled split
+    (``labelled`` False); elsewhere a sample kept by the pseudo-label threshold has its pseudo-label
+    (:mod:`.pseudo`) and ``pseudo`` True (False for every other sample).
     ``boxes`` holds each sample's bounding box ``(x1, y1, x2, y2)`` normalised to [0, 1] on the
     output image, moved by every crop, resize and flip of the transform; its row is zeros and
     ``has_box`` False for a sample without a box (``json`` bbox null or absent), one whose box
@@ -206,7 +207,8 @@ class ShardStream(IterableDataset):
             return None
         return scale_box(box, *decoded_scale(image_size(data), (image.shape[-1], image.shape[-2])))  # (4,)
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, int, str, Optional[torch.Tensor]]:
+    def _decode(self, sample: dict) -> tuple[torch.Tensor, int, str, Optional[torch.Tensor], bool]:
+        """(3, H, W) uint8 image, label, key, (4,) box or None, and whether the label is a pseudo-label."""
         image_keys = [k for k in sample if k in IMAGE_EXTENSIONS]
         if len(image_keys) != 1:
             raise ValueError(f"{sample.get('__url__')}: {sample.get('__key__')}: expected one image, got {sorted(sample)}")
@@ -215,11 +217,11 @@ class ShardStream(IterableDataset):
         image, box = self.transform.augment_with_box(image, self._decoded_box(sample, data, image))  # (3, H', W')
         if box is not None:
             box = scale_box(box, 1 / image.shape[-1], 1 / image.shape[-2])  # (4,) normalised to the output image
-        return image, self._label(sample), sample["__key__"], box
+        return image, self._label(sample), sample["__key__"], box, PSEUDO_LABEL_KEY in sample
 
     def _batches(self, counter: SkipCounter, pseudo: Optional[PseudoLabelFilter], quota: Optional[int]
                  ) -> Callable[[Iterator], Iterator[dict]]:
-        def stage(samples: Iterator[tuple[torch.Tensor, int, str, Optional[torch.Tensor]]]) -> Iterator[dict]:
+        def stage(samples: Iterator[tuple[torch.Tensor, int, str, Optional[torch.Tensor], bool]]) -> Iterator[dict]:
             made, buffer = 0, []
             for sample in samples:
                 if quota is not None and made >= quota:
@@ -238,7 +240,7 @@ class ShardStream(IterableDataset):
         return stage
 
     def _collate(self, buffer: list, counter: SkipCounter, pseudo: Optional[PseudoLabelFilter]) -> dict:
-        images, labels, keys, boxes = zip(*buffer)
+        images, labels, keys, boxes, pseudo_flags = zip(*buffer)
         has_box = torch.tensor([box is not None for box in boxes], dtype=torch.bool)  # (B,)
         box_rows = torch.zeros((len(boxes), 4), dtype=torch.float32)  # (B, 4) zeros where there is no box
         for row, box in zip(box_rows, boxes):
@@ -254,6 +256,7 @@ class ShardStream(IterableDataset):
             "keys": list(keys),
             "boxes": box_rows,  # (B, 4) xyxy in [0, 1]
             "has_box": has_box,  # (B,)
+            "pseudo": torch.tensor(pseudo_flags, dtype=torch.bool),  # (B,) trains with a pseudo-label
             "skipped": count,
             "skip_reasons": reasons,
             "pseudo_left_out": pseudo.take() if pseudo is not None else 0,  # below data.pseudo_min_score

@@ -1,6 +1,8 @@
-"""Auxiliary losses as pure functions of the router's and the experts' outputs (no module state)."""
+"""Losses as pure functions of the router's, the experts' and the model's outputs (no module state)."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +45,31 @@ def router_z_loss(router_logits: Tensor) -> Tensor:
     return torch.logsumexp(finite, dim=-1).square().mean()
 
 
+def weighted_cross_entropy(logits: Tensor, targets: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """Cross-entropy of ``logits`` in fp32: the mean over the images, or with ``weights``
+    ``sum_i w_i * CE_i / B``.
+
+    Divided by the number of images B, not by the weights' sum: an image of weight 1 then counts the
+    same in every batch whatever else it holds (a batch of weights 1 has the plain mean), and data
+    parallelism's averaged gradient is that of the weighted sum over the global batch divided by its
+    size. Without ``weights`` this is exactly ``F.cross_entropy(logits.float(), targets)``.
+
+    Args:
+        logits: (B, C).
+        targets: (B,) class indices or (B, C) class probabilities.
+        weights: optional (B,) each image's weight (``data.pseudo_weight`` for a pseudo-label).
+
+    Returns:
+        A scalar.
+    """
+    if weights is None:
+        return F.cross_entropy(logits.float(), targets)
+    per_image = F.cross_entropy(logits.float(), targets, reduction="none")  # (B,)
+    return (per_image * weights.to(per_image)).sum() / max(1, per_image.shape[0])
+
+
 def expert_cross_entropy(expert_logits: Tensor, expert_indices: Tensor, kept: Tensor, targets: Tensor,
-                         num_experts: int) -> Tensor:
+                         num_experts: int, weights: Optional[Tensor] = None) -> Tensor:
     """Each expert's mean cross-entropy on its own logits over the choices it kept (fp32).
 
     Args:
@@ -53,6 +78,8 @@ def expert_cross_entropy(expert_logits: Tensor, expert_indices: Tensor, kept: Te
         kept: (T, K) bool, which choices ran.
         targets: (T,) class indices.
         num_experts: E.
+        weights: optional (T,) each token's weight: an expert's loss is then the weighted sum over
+            its kept choices divided by their number (as :func:`weighted_cross_entropy` divides).
 
     Returns:
         (E,) means; 0 (in the graph) for an expert with no kept choice here.
@@ -62,7 +89,10 @@ def expert_cross_entropy(expert_logits: Tensor, expert_indices: Tensor, kept: Te
                                  targets.repeat_interleave(top_k, dim=0), reduction="none")  # (T*K,)
     kept_flat = kept.reshape(-1).float()  # (T*K,)
     experts = expert_indices.reshape(-1)  # (T*K,)
-    sums = per_choice.new_zeros(num_experts).index_add(0, experts, per_choice * kept_flat)  # (E,)
+    weighted = per_choice * kept_flat  # (T*K,)
+    if weights is not None:
+        weighted = weighted * weights.to(per_choice).repeat_interleave(top_k, dim=0)  # (T*K,)
+    sums = per_choice.new_zeros(num_experts).index_add(0, experts, weighted)  # (E,)
     counts = kept_flat.new_zeros(num_experts).index_add(0, experts, kept_flat)  # (E,)
     return sums / counts.clamp_min(1)
 

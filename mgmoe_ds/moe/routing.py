@@ -10,7 +10,7 @@ models all build these; the layer resolves one against its router input.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import Tensor
@@ -139,3 +139,18 @@ class RoutingRequest:
         if self.clusters is not None:
             record.update(self.clusters.to_json())
         return record
+
+
+# The head layer's request, or requests by layer name (the head's is ``model.HEAD_LAYER``; a backbone
+# MoE layer's is its block's path, "blocks.5.1"); a layer with no request routes Top-K as configured.
+Routing = Union[RoutingRequest, dict[str, RoutingRequest], None]
+
+
+def request_for_layer(routing: Routing, layer: str) -> Optional[RoutingRequest]:
+    """The request for the layer named ``layer``: its own by name, or the one request for every layer."""
+    return routing.get(layer) if isinstance(routing, dict) else routing
+
+
+def requests_by_name(routing: Routing) -> dict[str, RoutingRequest]:
+    """The requests for the backbone's layers: only those given by name."""
+    return routing if isinstance(routing, dict) else {}

@@ -161,9 +161,10 @@ class Distiller:
         return distilled_targets(targets, mixed_like(probs, lam), weight=self.settings.weight,
                                  smoothing=self.settings.label_smoothing)
 
-    def losses(self, logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
-        """The distillation's own losses beside the soft cross-entropy: ``distill.cosine`` when on."""
-        return {"distill.cosine": cosine_loss(logits, targets)} if self.settings.cosine else {}
+    def losses(self, logits: Tensor, targets: Tensor, sample_weights: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """The distillation's own losses beside the soft cross-entropy: ``distill.cosine`` when on,
+        each image weighted by ``sample_weights`` (B,) when given."""
+        return {"distill.cosine": cosine_loss(logits, targets, sample_weights)} if self.settings.cosine else {}
 
     # -- internals -------------------------------------------------------------------------------
 

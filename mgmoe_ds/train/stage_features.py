@@ -64,6 +64,8 @@ class StageFeatures:
             return "data.resampled / data.balance draw samples the cache's epochs do not reproduce"
         if stage_mixes(self.config, stage.config):
             return "data.mixup / data.cutmix mix the training images of its epochs (the cache stores features)"
+        if self.config.data.pseudo_weight != 1.0:
+            return "data.pseudo_weight weighs pseudo-labelled images, which the cache does not mark"
         raw = [spec.name for spec in self.config.model.experts if expert_class(spec.name).needs_raw_images]
         if raw:
             return f"expert(s) {', '.join(raw)} need the raw image in training"

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from mgmoe_ds.model import ModelOutput, loss_weights, weighted_loss
 from mgmoe_ds.moe.routing import RoutingRequest
-from mgmoe_ds.train.mixing import Mixing
+from mgmoe_ds.train.mixing import Mixed, Mixing
 from mgmoe_ds.train.passes import model_inputs
 
 
@@ -51,6 +51,8 @@ class TrainStep:
         distiller: with a ``distill`` block, turns each batch's (mixed) labels into distilled
             targets (soft cross-entropy everywhere the model takes targets; the experts' own
             losses see each row's argmax) and adds ``distill.cosine``.
+        pseudo_weight: ``data.pseudo_weight``, the weight of an image with a pseudo-label
+            (``batch["pseudo"]``) in the losses on its targets (:meth:`sample_weights`).
     """
 
     stage: Any
@@ -64,6 +66,7 @@ class TrainStep:
     tasks: Any = None  # the run's model.tasks (the box task's loss weight; with it, batches' boxes are targets)
     mixing: Optional[Mixing] = None  # this epoch's Mixup/CutMix; None: off
     distiller: Any = None  # the run's ``train.distill.Distiller``; None: the labels alone are the targets
+    pseudo_weight: float = 1.0  # data.pseudo_weight; 1: pseudo-labels weigh as labels
 
     def __call__(self, engine: Any, batch: dict, clusters: Any) -> StepResult:
         started = time.perf_counter()
@@ -76,11 +79,12 @@ class TrainStep:
             inputs["images"], targets = mixed.images, mixed.targets
         if self.distiller is not None:  # (B, classes): the smoothed label's share and the teacher's
             targets = self.distiller.targets(batch, targets, lam=None if mixed is None else mixed.lam)
+        weights = self.sample_weights(batch, mixed)
         out = engine(targets=targets, routing=self.routing, **inputs,
-                     **self.box_targets(batch, mixed=mixing is not None))
+                     **self.box_targets(batch, mixed=mixing is not None), **weights)
         losses = {**out.losses, **self.stage.extra_losses(out, clusters)}
         if self.distiller is not None:
-            losses.update(self.distiller.losses(out.logits, targets))
+            losses.update(self.distiller.losses(out.logits, targets, weights.get("sample_weights")))
         total = weighted_loss(losses, loss_weights(self.moe_config, self.stage.loss_weights(),
                                                       backbone_moe=self.backbone_moe, tasks=self.tasks))
         # One vote: a non-finite loss on any rank skips the update on every rank.
@@ -93,6 +97,25 @@ class TrainStep:
             engine.backward(total)
             engine.step()
         return StepResult(finite, detached, out, int(labels.shape[0]), time.perf_counter() - started)
+
+    def sample_weights(self, batch: dict, mixed: Optional[Mixed] = None) -> dict[str, Tensor]:
+        """The model's ``sample_weights`` for ``batch``: ``pseudo_weight`` for each image with a
+        pseudo-label (``batch["pseudo"]``), 1 for the others; none (the plain mean) when every
+        weight would be 1, so a batch without pseudo-labels keeps exactly its unweighted loss.
+
+        The model divides the weighted sums by the number of images, not by the weights' sum
+        (``moe.losses.weighted_cross_entropy``): a labelled image then counts the same whatever
+        else its batch holds, and data parallelism's averaged gradient is that of the global
+        batch's weighted sum over its size. A mixed image (Mixup/CutMix with the flipped batch)
+        weighs its two images' weights in the mix's shares, ``lam`` and ``1 - lam``.
+        """
+        pseudo = batch.get("pseudo")
+        if self.pseudo_weight == 1.0 or pseudo is None or not bool(pseudo.any()):
+            return {}
+        weights = torch.where(pseudo.to(self.device), self.pseudo_weight, 1.0)  # (B,) float32
+        if mixed is not None:
+            weights = mixed.lam * weights + (1.0 - mixed.lam) * weights.flip(0)  # (B,) as the images were mixed
+        return {"sample_weights": weights}
 
     def box_targets(self, batch: dict, mixed: bool = False) -> dict[str, Any]:
         """The box task's model arguments for ``batch`` (none without the task or the batch's boxes;

@@ -295,7 +295,7 @@ class Trainer:
             reorder = fixed_order(engine, gradient_order(self.model, experts))
         step = TrainStep(stage, stage.routing(self.clusters), self.comm, self.dist.device, self.input_dtype,
                          self.config.moe, reorder, self.config.model.backbone_moe, self.config.model.tasks,
-                         distiller=self.distiller)
+                         distiller=self.distiller, pseudo_weight=self.config.data.pseudo_weight)
         return engine, step
 
     def _inert_expert_heads(self, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
