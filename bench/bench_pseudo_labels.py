@@ -11,7 +11,9 @@
    hidden truth.
 4. ``pseudo@t``: the same job on D_pl with ``data.pseudo_min_score = t`` for each ``--use``
    threshold: the same epochs (so more steps per epoch: the pseudo-labelled photos are extra
-   training images), the same seed.
+   training images), the same seed; and ``labelled xN``: the labelled-only job with every stage
+   N times its epochs, N the ratio of ``pseudo@<lowest t>``'s training images to the labelled
+   ones (rounded): the same number of steps as that pseudo arm.
 5. ``mgmoe eval`` on test: top-1 with its binomial SE, and each pseudo arm's paired difference
    against ``labelled`` with the paired SE.
 
@@ -121,9 +123,15 @@ def main() -> None:
                         "kept": len(kept), "precision_se": binomial_se(right / max(1, len(kept)), max(1, len(kept)))})
     for t in args.use:
         arms[f"pseudo@{t:g}"] = train(f"pseudo@{t:g}", pl, [f"data.pseudo_min_score={t}"], args, work)
+    labelled_images = len(list((images / "all" / "train").rglob("*.*")))
+    scale = round((labelled_images + sum(r["score"] >= min(args.use) for r in records)) / labelled_images)
+    stages = [dict(s, epochs=s["epochs"] * scale) for s in json.loads(CONFIG.read_text())["mgmoe"]["curriculum"]["stages"]]
+    arms[f"labelled x{scale}"] = train(f"labelled_x{scale}", dataset, [f"curriculum.stages={json.dumps(stages)}"],
+                                       args, work)
+    arms[f"labelled x{scale}"]["run_name"] = f"labelled_x{scale}"
     for name, arm in arms.items():
         print(f"eval {name} ...", flush=True)
-        arm["test"] = evaluate(name, work, False)
+        arm["test"] = evaluate(arm.get("run_name", name), work, False)
     base = arms["labelled"]["test"]
     for name, arm in arms.items():
         if name != "labelled":
