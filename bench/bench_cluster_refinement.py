@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from bench_few_images import build_data
 from bench_transfer import prepare_work
-from machine import machine_record, write_results
+from machine import command_line, machine_record, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "ds_configs" / "zero2.json"
@@ -104,7 +103,7 @@ def main() -> None:
             rows.append({"clusters": clusters, "method": "kmeans+knn", "neighbours": pair[0], "agreement": pair[1],
                          "purity_all": summary(refined_all[pair]), "purity_kept": summary(refined_kept[pair]),
                          "outlier_share": summary(outlier_share[pair])})
-    results = {"command": "PYTHONPATH=. python bench/bench_cluster_refinement.py" + "".join(f" {a}" for a in sys.argv[1:]),
+    results = {"command": command_line("bench_cluster_refinement.py"),
                "images": int(labels.numel()), "species": num_classes, "splits": data["sizes"], "seeds": args.seeds,
                "extract_s": extract_s, "wall_s": time.time() - started,
                "machine": machine_record(), "rows": rows}

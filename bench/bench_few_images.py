@@ -50,7 +50,7 @@ from pathlib import Path
 
 from bench_real_data import binomial_se, carve_validation, job_parts
 from bench_transfer import flowers_parser, mgmoe, parse_flowers_args, prepare_work, run
-from machine import cpu_name
+from machine import command_line, cpu_name, without_per_image, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "ds_configs" / "zero2.json"
@@ -242,7 +242,7 @@ def main() -> None:
     data, dataset = build_data(args, args.work)
     stages = [(s["name"], s["epochs"]) for s in curriculum(args.epochs_scale)]
     results = {
-        "command": "PYTHONPATH=. python bench/bench_few_images.py" + "".join(f" {a}" for a in sys.argv[1:]),
+        "command": command_line("bench_few_images.py"),
         "data": str(args.data), "config": str(CONFIG.relative_to(ROOT)), "stages": stages, "seed": args.seed,
         "val_per_class": args.val_per_class, "train_per_class": args.train_per_class, "splits": data["sizes"],
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
@@ -265,13 +265,8 @@ def main() -> None:
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["wall_s"] = time.time() - started
 
-    out_dir = ROOT / "bench" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved = json.loads(json.dumps(results))
-    for arm in saved["arms"].values():  # per-image correctness stays in the work folder's predictions
-        arm["test"].pop("correct")
-    out = out_dir / (f"few_images_{tag}" + (f"_seed{args.seed}" if args.seed else "") + ".json")
-    out.write_text(json.dumps(saved, indent=1) + "\n")
+    out = write_results(without_per_image(results, "correct"),
+                        f"few_images_{tag}" + (f"_seed{args.seed}" if args.seed else ""))
     print()
     print(render(results))
     print(f"\nraw results in {out}")

@@ -37,7 +37,7 @@ from pathlib import Path
 from bench_few_images import evaluate, paired, verdict
 from bench_real_data import binomial_se, carve_validation
 from bench_transfer import flowers_parser, mgmoe, parse_flowers_args, prepare_work, run
-from machine import machine_record, write_results
+from machine import command_line, machine_record, without_per_image, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "ds_configs" / "zero2.json"
@@ -137,14 +137,11 @@ def main() -> None:
         if name != "labelled":
             arm["vs_labelled"] = paired(arm["test"], base)
             arm["verdict"] = verdict(arm["vs_labelled"])
-    results = {"command": "PYTHONPATH=. python bench/bench_pseudo_labels.py" + "".join(f" {a}" for a in sys.argv[1:]),
+    results = {"command": command_line("bench_pseudo_labels.py"),
                "labelled_dataset": str(labelled_dataset), "unlabelled": len(truth), "pseudo_label_seconds": pl_seconds,
                "quality": quality, "wall_s": time.time() - started,
                "machine": machine_record(), "arms": arms}
-    saved = json.loads(json.dumps(results))
-    for arm in saved["arms"].values():
-        arm["test"].pop("correct")
-    out = write_results(saved, "pseudo_labels")
+    out = write_results(without_per_image(results, "correct"), "pseudo_labels")
     m = results["machine"]
     print(f"\nCommand: {results['command']}\nMachine: {m['cpu']} ({m['cores']} cores), load {m['loadavg'][0]:.2f} "
           f"at end; total {results['wall_s'] / 60:.1f} min; {len(truth)} training photos unlabelled; "

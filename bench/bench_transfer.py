@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 from bench_real_data import binomial_se, carve_validation, job_parts
-from machine import cpu_name
+from machine import command_line, cpu_name, without_per_image, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "ds_configs" / "zero2.json"
@@ -368,7 +368,7 @@ def main() -> None:
     limited = f"_{args.train_per_class}pc" if args.train_per_class and not args.quick else ""
     suffix = ("_quick" if args.quick else "") + limited + (f"_seed{args.seed}" if args.seed else "")
     results = {
-        "command": "PYTHONPATH=. python bench/bench_transfer.py" + "".join(f" {a}" for a in sys.argv[1:]),
+        "command": command_line("bench_transfer.py"),
         "data": str(args.data), "config": str(CONFIG.relative_to(ROOT)), "overrides": args.overrides,
         "quick": args.quick, "stages": stages, "seed": args.seed, "val_per_class": args.val_per_class,
         "train_per_class": args.train_per_class,
@@ -399,12 +399,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     figure = out_dir / f"transfer_curves{suffix}.png"
     plot(results, figure)
-    saved = json.loads(json.dumps(results))
-    for arm in saved["arms"].values():  # per-image correctness stays in the work folder's predictions
-        arm["test"].pop("correct")
-        arm["test"].pop("new_keys")
-    out = out_dir / f"transfer{suffix}.json"
-    out.write_text(json.dumps(saved, indent=1) + "\n")
+    out = write_results(without_per_image(results, "correct", "new_keys"), f"transfer{suffix}")
     print()
     print(render(results))
     print(f"\nraw results in {out}; curves in {figure}")

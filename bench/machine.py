@@ -24,6 +24,23 @@ def machine_record() -> dict:
             "loadavg": os.getloadavg()}
 
 
+def command_line(script: str) -> str:
+    """How this benchmark was started: ``PYTHONPATH=. python bench/<script>`` and its arguments."""
+    import sys
+
+    return f"PYTHONPATH=. python bench/{script}" + "".join(f" {a}" for a in sys.argv[1:])
+
+
+def without_per_image(results: dict, *names: str) -> dict:
+    """A copy of ``results`` without each arm's per-image ``test`` entries ``names`` (they stay in the
+    work folder's predictions)."""
+    saved = json.loads(json.dumps(results))
+    for arm in saved["arms"].values():
+        for name in names:
+            arm["test"].pop(name)
+    return saved
+
+
 def write_results(results: dict, name: str) -> Path:
     """Writes ``results`` to ``bench/results/<name>.json`` and returns the path."""
     out = Path(__file__).resolve().parent / "results" / f"{name}.json"

@@ -69,6 +69,16 @@ class BackboneInfo:
         return copy.deepcopy(self.last_block)
 
 
+def timm_preprocessing(model: nn.Module) -> dict[str, Any]:
+    """The normalisation and resize a timm model's weights expect (its timm data config), as keyword
+    arguments for ``timm.data.create_transform`` (``input_size`` excluded)."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "interpolation": cfg["interpolation"],
+            "crop_pct": cfg["crop_pct"], "crop_mode": cfg.get("crop_mode", "center")}
+
+
 def _is_cls_vit(model: nn.Module) -> bool:
     """A timm ViT whose blocks expose attention probabilities (unfused path) and a CLS token."""
     blocks = getattr(model, "blocks", None)
@@ -190,13 +200,8 @@ class Backbone(nn.Module):
         return FEATURE_KEYS if self.is_cls_vit else FEATURE_KEYS - VIT_ONLY_KEYS
 
     def preprocessing(self) -> dict[str, Any]:
-        """The normalisation and resize the weights expect (timm's data config of this model),
-        as keyword arguments for ``timm.data.create_transform`` (``input_size`` excluded)."""
-        from timm.data import resolve_model_data_config
-
-        cfg = resolve_model_data_config(self.model)
-        return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "interpolation": cfg["interpolation"],
-                "crop_pct": cfg["crop_pct"], "crop_mode": cfg.get("crop_mode", "center")}
+        """The normalisation and resize the weights expect: :func:`timm_preprocessing` of the timm model."""
+        return timm_preprocessing(self.model)
 
     def forward(self, images: Tensor, need: set[str] | frozenset[str]) -> dict[str, Tensor]:
         """Runs the backbone once and returns the requested features.

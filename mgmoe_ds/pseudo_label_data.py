@@ -27,7 +27,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor
 
-from mgmoe_ds.data import UNLABELLED_SPLIT, DataError, load_manifest, make_loader
+from mgmoe_ds.data import UNLABELLED_SPLIT, DataError, load_manifest
 from mgmoe_ds.data.formats import IMAGE_EXTENSIONS
 from mgmoe_ds.data.shards import MANIFEST_NAME, Sample, check_dataset_name, write_shards
 from mgmoe_ds.data.stream import SkipCounter
@@ -120,9 +120,9 @@ def pooled_features(model, meta, data: Path, split: str, *, batch_size: int, num
     """
     from tqdm.auto import tqdm
 
-    loader, _ = make_loader(data, split, batch_size=batch_size, img_size=meta.preprocessing.img_size, train=False,
-                            shuffle=False, num_workers=num_workers,
-                            transform_options=meta.preprocessing.transform_options())
+    from mgmoe_ds.evaluation.loading import eval_loader
+
+    loader = eval_loader(meta, str(data), split, batch_size, num_workers)[0]
     features, labels, keys = [], [], []
     for batch in tqdm(loader, desc=f"features: {split}", total=len(loader), disable=not progress, dynamic_ncols=True):
         images = batch["images"].to(device, dtype=torch.float32)  # (B, 3, H, W)

@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from mgmoe_ds.config import DistillConfig, RunConfig
 from mgmoe_ds.distillation import (TeacherError, TeacherPredictions, cosine_loss, distilled_targets,
                                    load_predictions, mixed_like, predictions_key)
+from mgmoe_ds.train.stage_features import augmented_view, fixed_order
 
 LOG = logging.getLogger("mgmoe")
 
@@ -52,15 +53,12 @@ def load_teacher(settings: DistillConfig, class_names: list[str], img_size: int,
 
     where = f"mgmoe.distill.teacher = {settings.teacher}"
     if settings.timm_model is not None:
-        model = _timm_teacher(settings, len(class_names), where).to(device).eval()
-        from timm.data import resolve_model_data_config
+        from mgmoe_ds.backbone import timm_preprocessing
 
-        cfg = resolve_model_data_config(model)
-        options = {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "interpolation": cfg["interpolation"],
-                   "crop_pct": cfg["crop_pct"], "crop_mode": cfg.get("crop_mode", "center")}
+        model = _timm_teacher(settings, len(class_names), where).to(device).eval()
         size = settings.img_size or img_size
         identity = f"timm:{settings.timm_model}|{weights_digest(model)}"
-        return Teacher(lambda images: model(images), identity, size, options,
+        return Teacher(lambda images: model(images), identity, size, timm_preprocessing(model),
                        f"timm {settings.timm_model} from {settings.teacher}")
     from mgmoe_ds.inference import InferenceError, load_trained
     from mgmoe_ds.typed_json import ConfigError
@@ -178,17 +176,6 @@ class Distiller:
                                 persistent_workers=False, transform_options=teacher.transform_options)
         return loader
 
-    def _view_batches(self, loader: Any, view: int, views: int) -> Iterator[dict]:
-        """View ``view`` of this rank's samples: the eval transform, or the training transform seeded
-        as ``train.stage_features`` seeds the feature cache's views."""
-        loader.set_epoch(0 if views == 1 else view)
-        if views == 1:
-            yield from loader
-            return
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.train.seed * 1_000_003 + view)
-            yield from loader
-
     @torch.no_grad()
     def _compute(self, teacher: Teacher, loader: Any, views: int, key: str, input_dtype: torch.dtype):
         from tqdm.auto import tqdm
@@ -200,7 +187,8 @@ class Distiller:
         per_view: list[Tensor] = []
         for view in range(views):
             rows, seen = [], []
-            for batch in self._view_batches(loader, view, views):
+            # the eval transform, or the training transform seeded as the feature cache's views are
+            for batch in (fixed_order(loader) if views == 1 else augmented_view(loader, view, self.config.train.seed)):
                 images = batch["images"].to(self.device, dtype=input_dtype)
                 rows.append(teacher.predict(images).float().cpu())  # (B, C)
                 seen += list(batch["keys"])

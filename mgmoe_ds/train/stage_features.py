@@ -140,7 +140,7 @@ class StageFeatures:
             else:
                 cache, reused = self._cache_store().get(
                     key, views=1, capacity=capacity,
-                    view_batches=partial(_in_fixed_order, self.data.eval_loaders[split]),
+                    view_batches=partial(fixed_order, self.data.eval_loaders[split]),
                     compute=self._compute, slot=f"eval:{split}", description=f"feature cache ({split})")
             self.model.train(was_training)
             if self.is_main:
@@ -211,16 +211,21 @@ class StageFeatures:
         """This rank's training samples in a fixed order: view 0 of ``cache.views == 1`` through the
         eval transform, else view ``view`` through the training transform (augmentation seeded by it)."""
         if self.config.cache.views == 1:
-            yield from _in_fixed_order(self.data.train_features_loader)
+            yield from fixed_order(self.data.train_features_loader)
             return
-        loader = self.data.augmented_loader()
-        loader.set_epoch(view)
-        with torch.random.fork_rng(devices=[]):  # in-process workers draw from the global generator
-            torch.manual_seed(self.config.train.seed * 1_000_003 + view)
-            yield from loader
+        yield from augmented_view(self.data.augmented_loader(), view, self.config.train.seed)
 
 
-def _in_fixed_order(loader, view: int = 0) -> Iterator[dict]:
+def augmented_view(loader, view: int, seed: int) -> Iterator[dict]:
+    """View ``view`` of an unshuffled training-transform loader: its augmentation seeded by ``seed``
+    and ``view``, so every caller (the feature cache, a teacher's predictions) gets the same crops."""
+    loader.set_epoch(view)
+    with torch.random.fork_rng(devices=[]):  # in-process workers draw from the global generator
+        torch.manual_seed(seed * 1_000_003 + view)
+        yield from loader
+
+
+def fixed_order(loader, view: int = 0) -> Iterator[dict]:
     """An unshuffled eval-transform loader's batches, the same on every call (one cache view)."""
     loader.set_epoch(0)
     yield from loader
