@@ -24,10 +24,56 @@ from torch import Tensor, nn
 MatmulBackend = Literal["auto", "padded", "grouped"]
 
 
+_CHUNK_BYTES = 1 << 24  # row chunks of 16 MiB: the bias's add and gradient make no (R, F) temporary
+
+
+def _row_step(rows: Tensor) -> int:
+    """Rows per chunk of ``rows`` (R, F) for ``_CHUNK_BYTES``."""
+    return max(1, _CHUNK_BYTES // max(1, rows.shape[1] * rows.element_size()))
+
+
 def _segment_sums(rows: Tensor, expert_of_row: Tensor, num_experts: int, dtype: torch.dtype) -> Tensor:
-    """(R, F) -> (L, F): the sum of each expert's rows (a bias gradient), accumulated in fp32."""
+    """(R, F) -> (L, F): the sum of each expert's rows (a bias gradient), accumulated in fp32 chunk by
+    chunk (a bf16 ``rows`` is never copied whole to fp32)."""
     sums = torch.zeros(num_experts, rows.shape[1], dtype=torch.float32, device=rows.device)  # (L, F)
-    return sums.index_add_(0, expert_of_row, rows.float()).to(dtype)
+    step = _row_step(rows)
+    for start in range(0, rows.shape[0], step):
+        sums.index_add_(0, expert_of_row[start:start + step], rows[start:start + step].float())
+    return sums.to(dtype)
+
+
+def _add_bias_by_expert_(out: Tensor, bias: Tensor, expert_of_row: Tensor) -> Tensor:
+    """``out[r] += bias[expert_of_row[r]]`` in place, chunk by chunk: (R, F) and (L, F) -> (R, F)."""
+    step = _row_step(out)
+    for start in range(0, out.shape[0], step):
+        out[start:start + step].add_(bias.index_select(0, expert_of_row[start:start + step]))
+    return out
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """``x @ W_e + b_e`` per expert on rows grouped by expert (``torch._grouped_mm``): the first layer.
+
+    Written out rather than left to autograd so that no (R, out) temporary exists besides the output:
+    the bias is added in place in row chunks, and its gradient is summed in fp32 row chunks.
+    ``offsets`` (L,) are the experts' end rows, ``expert_of_row`` (R,) each row's expert.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, offsets: Tensor, expert_of_row: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = _add_bias_by_expert_(torch._grouped_mm(x, weight, offs=offsets), bias, expert_of_row)  # (R, out)
+        ctx.save_for_backward(x, weight, offsets, expert_of_row)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor):
+        x, weight, offsets, expert_of_row = ctx.saved_tensors
+        grad_out = grad_out.to(x.dtype).contiguous()  # grouped_mm takes no expanded strides
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_x = torch._grouped_mm(grad_out, weight.transpose(1, 2), offs=offsets) if needs_x else None  # (R, in)
+        grad_weight = torch._grouped_mm(x.t(), grad_out, offs=offsets) if needs_weight else None  # (L, in, out)
+        grad_bias = _segment_sums(grad_out, expert_of_row, weight.shape[0], weight.dtype) if needs_bias else None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 class _ActivatedLinear(torch.autograd.Function):
@@ -37,8 +83,9 @@ class _ActivatedLinear(torch.autograd.Function):
 
     Padded: ``hidden`` is (L, M, H) and the product a ``baddbmm``. Grouped: ``hidden`` is (R, H)
     rows grouped by expert, ``offsets`` their end rows, and the product ``torch._grouped_mm``.
-    (The first layer is left to autograd, so its weight gradient is accumulated after this
-    layer's: one layer's (L, in, out) gradient exists at a time, not two.)
+    Backward holds two hidden-sized tensors at a time (``hidden`` and the gradient, the GELU
+    derivative applied in place), and each layer's (L, in, out) weight gradient is its own node's
+    output, accumulated before the layer below runs: one exists at a time, not two.
     """
 
     @staticmethod
@@ -48,8 +95,8 @@ class _ActivatedLinear(torch.autograd.Function):
             if offsets is None:
                 out = torch.baddbmm(bias.unsqueeze(1), activation(hidden), weight)  # (L, M, out)
             else:
-                out = torch._grouped_mm(activation(hidden), weight, offs=offsets)  # (R, out)
-                out.add_(bias.index_select(0, expert_of_row))
+                out = _add_bias_by_expert_(torch._grouped_mm(activation(hidden), weight, offs=offsets), bias,
+                                           expert_of_row)  # (R, out)
         ctx.activation = activation
         ctx.grouped = offsets is not None
         ctx.save_for_backward(hidden, weight, offsets, expert_of_row)
@@ -76,19 +123,26 @@ class _ActivatedLinear(torch.autograd.Function):
             grad_activated = torch.bmm(grad_out, weight.transpose(1, 2))  # (L, M, H)
             grad_bias = grad_out.sum(1)  # (L, out)
         if derivative is not None:
-            grad_hidden = derivative(grad_activated, hidden)
+            grad_hidden = derivative(grad_activated, hidden)  # in place: grad_activated's memory
         else:
             (grad_hidden,) = torch.autograd.grad(activated, hidden_leaf, grad_activated)
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def _known_derivative(activation):
-    """``(grad, input) -> grad * activation'(input)`` for GELU (the experts' activation), else None."""
+    """``(grad, input) -> grad * activation'(input)``, written into ``grad``'s memory (no third
+    hidden-sized tensor in backward), for GELU (the experts' activation), else None."""
     if activation is F.gelu:
-        return torch.ops.aten.gelu_backward.default
-    if isinstance(activation, nn.GELU):
-        return functools.partial(torch.ops.aten.gelu_backward.default, approximate=activation.approximate)
-    return None
+        approximate = "none"
+    elif isinstance(activation, nn.GELU):
+        approximate = activation.approximate
+    else:
+        return None
+
+    def gelu_backward_(grad: Tensor, inputs: Tensor) -> Tensor:
+        return torch.ops.aten.gelu_backward.grad_input(grad, inputs, approximate=approximate, grad_input=grad)
+
+    return gelu_backward_
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,8 +262,7 @@ class BatchedExperts(nn.Module):
         if offsets is None:
             x = torch.baddbmm(biases[0].unsqueeze(1), x, weights[0])  # (L, M, out_0)
         else:
-            # index_select, not [expert_of_row]: its backward is an index_add, not a sorting index_put
-            x = torch._grouped_mm(x, weights[0], offs=offsets) + biases[0].index_select(0, expert_of_row)  # (R, out_0)
+            x = _GroupedLinear.apply(x, weights[0], biases[0], offsets, expert_of_row)  # (R, out_0)
         for weight, bias in zip(weights[1:], biases[1:]):
             x = _ActivatedLinear.apply(x, weight, bias, self.activation, offsets, expert_of_row)
         return x
