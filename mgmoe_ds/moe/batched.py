@@ -24,7 +24,7 @@ from torch import Tensor, nn
 MatmulBackend = Literal["auto", "padded", "grouped"]
 
 
-_CHUNK_BYTES = 1 << 24  # row chunks of 16 MiB: the bias's add and gradient make no (R, F) temporary
+_CHUNK_BYTES = 1 << 24  # row chunks of 16 MiB: the bias gradient's fp32 sums make no (R, F) fp32 copy
 
 
 def _row_step(rows: Tensor) -> int:
@@ -42,11 +42,14 @@ def _segment_sums(rows: Tensor, expert_of_row: Tensor, num_experts: int, dtype: 
     return sums.to(dtype)
 
 
-def _add_bias_by_expert_(out: Tensor, bias: Tensor, expert_of_row: Tensor) -> Tensor:
-    """``out[r] += bias[expert_of_row[r]]`` in place, chunk by chunk: (R, F) and (L, F) -> (R, F)."""
-    step = _row_step(out)
-    for start in range(0, out.shape[0], step):
-        out[start:start + step].add_(bias.index_select(0, expert_of_row[start:start + step]))
+def _add_bias_by_expert_(out: Tensor, bias: Tensor, counts: Sequence[int]) -> Tensor:
+    """Each expert's bias added in place to its rows: (R, F) grouped by expert, (L, F) -> (R, F).
+    A broadcast add per expert with rows: no (R, F) temporary, and one pass over ``out``."""
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            out[start:start + count].add_(bias[expert])
+        start += count
     return out
 
 
@@ -55,13 +58,15 @@ class _GroupedLinear(torch.autograd.Function):
 
     Written out rather than left to autograd so that no (R, out) temporary exists besides the output:
     the bias is added in place in row chunks, and its gradient is summed in fp32 row chunks.
-    ``offsets`` (L,) are the experts' end rows, ``expert_of_row`` (R,) each row's expert.
+    ``offsets`` (L,) are the experts' end rows, ``expert_of_row`` (R,) each row's expert, ``counts``
+    (L,) the rows of each expert.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, offsets: Tensor, expert_of_row: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, offsets: Tensor, expert_of_row: Tensor,
+                counts: Sequence[int]) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            out = _add_bias_by_expert_(torch._grouped_mm(x, weight, offs=offsets), bias, expert_of_row)  # (R, out)
+            out = _add_bias_by_expert_(torch._grouped_mm(x, weight, offs=offsets), bias, counts)  # (R, out)
         ctx.save_for_backward(x, weight, offsets, expert_of_row)
         return out
 
@@ -73,7 +78,7 @@ class _GroupedLinear(torch.autograd.Function):
         grad_x = torch._grouped_mm(grad_out, weight.transpose(1, 2), offs=offsets) if needs_x else None  # (R, in)
         grad_weight = torch._grouped_mm(x.t(), grad_out, offs=offsets) if needs_weight else None  # (L, in, out)
         grad_bias = _segment_sums(grad_out, expert_of_row, weight.shape[0], weight.dtype) if needs_bias else None
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None
 
 
 class _ActivatedLinear(torch.autograd.Function):
@@ -90,13 +95,13 @@ class _ActivatedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor, activation, offsets: Optional[Tensor],
-                expert_of_row: Optional[Tensor]) -> Tensor:
+                expert_of_row: Optional[Tensor], counts: Optional[Sequence[int]]) -> Tensor:
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             if offsets is None:
                 out = torch.baddbmm(bias.unsqueeze(1), activation(hidden), weight)  # (L, M, out)
             else:
                 out = _add_bias_by_expert_(torch._grouped_mm(activation(hidden), weight, offs=offsets), bias,
-                                           expert_of_row)  # (R, out)
+                                           counts)  # (R, out)
         ctx.activation = activation
         ctx.grouped = offsets is not None
         ctx.save_for_backward(hidden, weight, offsets, expert_of_row)
@@ -126,7 +131,7 @@ class _ActivatedLinear(torch.autograd.Function):
             grad_hidden = derivative(grad_activated, hidden)  # in place: grad_activated's memory
         else:
             (grad_hidden,) = torch.autograd.grad(activated, hidden_leaf, grad_activated)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def _known_derivative(activation):
@@ -253,18 +258,20 @@ class BatchedExperts(nn.Module):
         count_t = torch.as_tensor(counts, device=rows.device)  # (L,)
         offsets = torch.cumsum(count_t, 0).to(torch.int32)  # (L,) end row of each expert
         expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=rows.device), count_t)  # (R,)
-        return self._layers(rows, offsets, expert_of_row)  # (R, out)
+        return self._layers(rows, offsets, expert_of_row, counts)  # (R, out)
 
-    def _layers(self, x: Tensor, offsets: Optional[Tensor], expert_of_row: Optional[Tensor]) -> Tensor:
+    def _layers(self, x: Tensor, offsets: Optional[Tensor], expert_of_row: Optional[Tensor],
+                counts: Optional[Sequence[int]] = None) -> Tensor:
         """The layers on padded (L, M, in) rows (``offsets`` None) or grouped (R, in) rows. Every layer
         after the first takes its input before the activation (``_ActivatedLinear``)."""
         weights, biases = [w.to(x.dtype) for w in self.weights], [b.to(x.dtype) for b in self.biases]
         if offsets is None:
             x = torch.baddbmm(biases[0].unsqueeze(1), x, weights[0])  # (L, M, out_0)
         else:
-            x = _GroupedLinear.apply(x, weights[0], biases[0], offsets, expert_of_row)  # (R, out_0)
+            x = _GroupedLinear.apply(x, weights[0], biases[0], offsets, expert_of_row, tuple(counts))  # (R, out_0)
         for weight, bias in zip(weights[1:], biases[1:]):
-            x = _ActivatedLinear.apply(x, weight, bias, self.activation, offsets, expert_of_row)
+            x = _ActivatedLinear.apply(x, weight, bias, self.activation, offsets, expert_of_row,
+                                       None if counts is None else tuple(counts))
         return x
 
     # -- initialisation ---------------------------------------------------------------------------
