@@ -149,7 +149,8 @@ def install_token_moe(model: nn.Module, config: Any, *, seed: int, expert_parall
         layer = TokenMoE(name, routed, layout=site.layout, granularity=config.granularity,
                          soft=constraint.soft is not None,
                          hard_threshold=constraint.hard.threshold if constraint.hard is not None else None,
-                         hard_momentum=constraint.hard.momentum if constraint.hard is not None else 0.9)
+                         hard_momentum=constraint.hard.momentum if constraint.hard is not None else 0.9,
+                         hard_at_eval=constraint.hard.at_eval if constraint.hard is not None else True)
         setattr(block, site.replace, layer)
         if site.identity is not None:
             setattr(block, site.identity, nn.Identity())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 
 import pytest
@@ -212,13 +213,57 @@ def test_hard_constraint_keeps_an_over_used_expert_out_of_training_routes_and_up
     assert not bool((route.expert_indices == 0).any())
     assert float(route.probs[:, 0].abs().max()) == 0.0  # masked in the gate: its weight is zero everywhere
     assert record.allowed_experts.tolist() == [False, True, True, True]
-    expected = 0.75 * torch.tensor([0.7, 0.1, 0.1, 0.1]) + 0.25 * route.probs.mean(0)
+    # the share is measured on the gate before the mask: softmax of x @ W_gate^T over all four experts
+    unmasked = torch.softmax(x.reshape(18, 6) @ layer.routed.router.gate.weight.t(), dim=-1)  # (18, 4)
+    expected = 0.75 * torch.tensor([0.7, 0.1, 0.1, 0.1]) + 0.25 * unmasked.mean(0)
     torch.testing.assert_close(layer.gate_share, expected)
-    layer.eval()  # evaluation routes with every expert
+    layer.eval()  # evaluation routes as trained: the same mask, and the share stays as it is
+    with collect_token_moe() as collector:
+        layer(x)
+    assert collector.records["blk"].allowed_experts.tolist() == [False, True, True, True]
+    assert not bool((collector.records["blk"].output.route.expert_indices == 0).any())
+    torch.testing.assert_close(layer.gate_share, expected)
+    layer.hard_at_eval = False  # constraint.hard.at_eval = false: every expert in evaluation
     with collect_token_moe() as collector:
         layer(x)
     assert collector.records["blk"].allowed_experts is None
-    torch.testing.assert_close(layer.gate_share, expected)  # and does not update the share
+
+
+def test_an_expert_the_router_keeps_preferring_stays_masked_step_after_step():
+    # The router puts 0.7 of every token's gate on expert 0. Measured after the mask (the code before
+    # this test), its share decays 0.7 -> 0.525 -> 0.39 and it is let back in at the third step, then
+    # masked again: it flickers, and evaluation met an expert training had kept out. Measured before
+    # the mask, the share stays at 0.7 and the mask holds at every step.
+    layer = _token_layer(hard=0.4, dropless=True).train()
+    with torch.no_grad():
+        layer.routed.router.gate.weight.zero_()
+        layer.routed.router.gate.weight[0, 0] = math.log(0.7 / 0.1)  # logits (log 7, 0, 0, 0) for x[..., 0] = 1
+    x = torch.zeros(2, 9, 6)
+    x[..., 0] = 1.0
+    layer.gate_share.copy_(torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    masks = []
+    for _ in range(6):
+        with collect_token_moe() as collector:
+            layer(x)
+        masks.append(collector.records["blk"].allowed_experts.tolist())
+    assert masks == [[False, True, True, True]] * 6
+    torch.testing.assert_close(layer.gate_share, torch.tensor([0.7, 0.1, 0.1, 0.1]))
+
+
+def test_a_request_that_would_leave_fewer_than_k_experts_with_the_hard_mask_is_routed_as_asked():
+    layer = _token_layer(hard=0.4, dropless=True).eval()  # K = 2 of 4
+    x = torch.randn(2, 9, 6)
+    layer.gate_share.copy_(torch.tensor([0.7, 0.1, 0.1, 0.1]))  # the mask: expert 0 out
+    without_1 = torch.tensor([True, False, True, True])
+    with collect_token_moe({"blk": RoutingRequest(allowed_experts=without_1)}) as collector:
+        layer(x)
+    assert set(collector.records["blk"].output.route.expert_indices.flatten().tolist()) == {2, 3}  # both masks
+    layer.gate_share.copy_(torch.tensor([0.45, 0.45, 0.05, 0.05]))  # the mask: experts 0 and 1 out (E - K)
+    without_2 = torch.tensor([True, True, False, True])
+    with collect_token_moe({"blk": RoutingRequest(allowed_experts=without_2)}) as collector:
+        layer(x)  # both masks would leave expert 3 alone: the request wins
+    used = set(collector.records["blk"].output.route.expert_indices.flatten().tolist())
+    assert 2 not in used and used <= {0, 1, 3}
 
 
 def test_image_granularity_sends_all_of_an_image_s_tokens_to_its_experts():

@@ -64,16 +64,30 @@ def switch_off_top1(model, loader, head_routing: RoutingRequest, plan: dict[str,
     return result
 
 
+def hard_masked_experts(model) -> dict[str, list[int]]:
+    """By block: the experts its hard constraint masks in evaluation (empty where it does not)."""
+    masked = {}
+    for name, layer in model.token_moe_layers().items():
+        allowed = layer.allowed_experts() if layer.hard_at_eval else None
+        masked[name] = [] if allowed is None else torch.nonzero(~allowed.cpu()).flatten().tolist()
+    return masked
+
+
 def plan_switch_off(token_moe_mass: dict[str, Tensor]) -> dict[str, list[int]]:
-    """Which experts of each block to switch off: by their measured utilisation."""
-    return {name: experts_to_switch_off((mass.sum(0) / mass.sum().clamp_min(1e-12)).tolist())
-            for name, mass in token_moe_mass.items()}
+    """Which experts of each block to switch off: by their measured utilisation; an expert no token
+    reached (one the hard constraint masks, say) is left out: switching it off changes nothing."""
+    plan = {}
+    for name, mass in token_moe_mass.items():
+        utilisation = (mass.sum(0) / mass.sum().clamp_min(1e-12)).tolist()  # (E,)
+        plan[name] = [e for e in experts_to_switch_off(utilisation) if utilisation[e] > 0]
+    return plan
 
 
 def backbone_moe_report(token_moe_mass: dict[str, Tensor], labels: Tensor, class_names: Sequence[str],
                         routed_top1: float, switched_off: Optional[dict[str, dict[int, float]]],
-                        out_dir: Path) -> dict[str, Any]:
-    """Per block: the specialisation analysis, the switch-off accuracies in words, and its figure."""
+                        out_dir: Path, masked: Optional[dict[str, list[int]]] = None) -> dict[str, Any]:
+    """Per block: the specialisation analysis, the switch-off accuracies in words, its figure, and
+    the experts the hard constraint masks in evaluation (``masked``, by block)."""
     num_classes = len(class_names)
     class_images = torch.bincount(labels, minlength=num_classes)  # (C,)
     standard_error = binomial_standard_error(routed_top1, int(labels.numel()))
@@ -83,6 +97,7 @@ def backbone_moe_report(token_moe_mass: dict[str, Tensor], labels: Tensor, class
         share = class_expert_share(labels, mass, num_classes)  # (C, E)
         layer = layer_specialisation(share, class_images, class_names, experts)
         layer["figure"] = figure_name(name)
+        layer["masked_by_hard_constraint"] = list((masked or {}).get(name, []))
         plot_routing_share(share.numpy(), class_names, experts,
                            title=f"backbone MoE block {name}: share of each species' tokens per expert",
                            path=out_dir / layer["figure"])
@@ -109,6 +124,11 @@ def render_backbone_moe(section: dict[str, Any]) -> list[str]:
                   f"utilisation max/min {'∞' if ratio is None or math.isinf(ratio) else f'{ratio:.2f}'}, "
                   f"coefficient of variation {spread['coefficient_of_variation']:.2f}.", ""]
         lines += [f"- {sentence}" for sentence in layer["summary"]]
+        if layer.get("masked_by_hard_constraint"):
+            ids = ", ".join(str(e) for e in layer["masked_by_hard_constraint"])
+            lines += [f"- Masked by the hard constraint (over its threshold when training ended; evaluated "
+                      f"without them, as trained): expert{'s' if len(layer['masked_by_hard_constraint']) > 1 else ''} "
+                      f"{ids}."]
         if "switch_off_summary" in layer:
             lines += ["", "With one expert switched off:", ""]
             lines += [f"- {sentence}" for sentence in layer["switch_off_summary"]]

@@ -16,7 +16,13 @@ from typing import Any, Optional
 import torch
 
 from mgmoe_ds.evaluation.boxes import box_report, paired_comparison, render_boxes
-from mgmoe_ds.evaluation.backbone_moe import backbone_moe_report, plan_switch_off, render_backbone_moe, switch_off_top1
+from mgmoe_ds.evaluation.backbone_moe import (
+    backbone_moe_report,
+    hard_masked_experts,
+    plan_switch_off,
+    render_backbone_moe,
+    switch_off_top1,
+)
 from mgmoe_ds.evaluation.figures import plot_routing_share, plot_tsne, tsne_embedding
 from mgmoe_ds.evaluation.loading import EvaluationArgs, device_name, eval_loader, load_for_evaluation
 from mgmoe_ds.evaluation.metrics import accuracy_summary, confused_pairs, long_tail_buckets, pass_flops, router_flops
@@ -108,7 +114,7 @@ def evaluate_model(args: EvalArgs) -> dict[str, Any]:
         switched_off = switch_off_top1(model, loader, meta.routing, plan_switch_off(outputs.token_moe_mass),
                                        device=device, progress=args.progress)
         report["backbone_moe"] = backbone_moe_report(outputs.token_moe_mass, labels, names, variants[ROUTED]["top1"],
-                                                     switched_off, out_dir)
+                                                     switched_off, out_dir, hard_masked_experts(model))
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     with open(out_dir / "predictions.jsonl", "w") as handle:
         top = torch.softmax(routed.logits, dim=-1).topk(min(5, meta.num_classes), dim=-1)  # (N, 5)

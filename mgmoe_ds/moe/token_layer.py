@@ -12,8 +12,13 @@ Two constraints keep training stable:
   each expert's summed gate probability, V-MoE) and ``load`` (GShard's balancing loss);
 * hard: an expert whose running share of the gate (an exponential moving average of its mean
   gate probability, averaged over the expert-parallel group) exceeds ``threshold`` is masked out
-  of the gate in training, so its weight for every token is zero; at most E - K experts are
-  masked at once (the most used first), so every token keeps K experts.
+  of the gate, so its weight for every token is zero; at most E - K experts are masked at once
+  (the most used first), so every token keeps K experts. The share is measured on the gate
+  before the mask (what the router would choose), so an expert stays masked while the router
+  still prefers it, instead of being unmasked as soon as the mask has starved its share and
+  masked again a few steps later. Evaluation applies the mask the training ended with
+  (``hard_at_eval``, the default): the model is judged under the routing it was trained with, not
+  with an expert back that the rest of the network learned to do without.
 
 The block's own forward (timm's) calls this module like the sublayer it replaced, so what the
 layer decided and its losses come out through :func:`collect_token_moe`, a context the model
@@ -153,10 +158,13 @@ class TokenMoE(nn.Module):
         soft: compute the soft constraint's losses (``importance``, ``load``).
         hard_threshold: the hard constraint's share threshold, or None for no hard constraint.
         hard_momentum: the running share's EMA momentum (the weight of the old value).
+        hard_at_eval: evaluation masks the experts the running share masks (the share is frozen
+            outside training); False routes evaluation with every expert.
     """
 
     def __init__(self, name: str, routed: BatchedRoutedExperts, *, layout: Layout, granularity: Granularity,
-                 soft: bool, hard_threshold: Optional[float], hard_momentum: float = 0.9) -> None:
+                 soft: bool, hard_threshold: Optional[float], hard_momentum: float = 0.9,
+                 hard_at_eval: bool = True) -> None:
         super().__init__()
         if layout not in ("channels_first", "tokens"):
             raise ValueError(f"layout = {layout!r}: expected 'channels_first' or 'tokens'")
@@ -169,6 +177,7 @@ class TokenMoE(nn.Module):
         self.soft = soft
         self.hard_threshold = hard_threshold
         self.hard_momentum = hard_momentum
+        self.hard_at_eval = hard_at_eval
         # The running share starts uniform, so no expert is masked before it has been measured.
         self.register_buffer("gate_share", torch.full((routed.num_experts,), 1.0 / routed.num_experts))
 
@@ -193,10 +202,14 @@ class TokenMoE(nn.Module):
             payload = tokens  # (B, N, C): each image's tokens ride together
         collector = _ACTIVE.get()
         request = (collector.routing.get(self.name) if collector is not None else None) or RoutingRequest()
-        allowed = self.allowed_experts() if self.training else None
+        allowed = self.allowed_experts() if self.training or self.hard_at_eval else None
         if allowed is not None:
             if request.allowed_experts is not None:
-                allowed = allowed & request.allowed_experts.to(allowed.device)
+                asked = request.allowed_experts.to(allowed.device)
+                both = allowed & asked
+                # a request that would leave fewer than K experts with the mask (an evaluation
+                # switching one more expert off) is routed as asked (no host sync)
+                allowed = torch.where(both.sum(-1, keepdim=True) >= self.routed.top_k, both, asked)
             request = replace(request, allowed_experts=allowed)
         out = self.routed(router_input, {PAYLOAD: payload}, routing=request)
         losses = {"z_loss": out.aux_losses["z_loss"]}
@@ -204,7 +217,8 @@ class TokenMoE(nn.Module):
             losses["importance"] = importance_loss(out.route.probs)
             losses["load"] = out.aux_losses["load_balance"]
         if self.training and self.hard_threshold is not None:
-            self._update_share(out.route.probs)
+            with torch.no_grad():  # the gate before the mask: what the router would choose
+                self._update_share(torch.softmax(self.routed.router(router_input), dim=-1))
         if collector is not None:
             collector.records[self.name] = TokenMoERecord(out, losses, num_tokens if self.granularity == "token"
                                                           else 1, allowed)
