@@ -9,7 +9,8 @@ with ``ds_configs/cpu_small.json`` as shipped (offline Lite0 at 224 px, feature 
   blocks of ``--experts`` upcycled experts, Top-2 per token, with the soft constraint (importance
   and load losses, weights 0.01 each);
 * hard: the same blocks with the hard constraint alone (``--threshold``: an expert whose running
-  gate share exceeds it is masked in training);
+  gate share exceeds it is masked; evaluated with the mask training ended with, the product's
+  default, and, for comparison, with every expert back);
 * both: soft and hard.
 
 Every arm trains for the config's epochs, reading one shared feature cache, and is evaluated on
@@ -65,6 +66,32 @@ def block_statistics(report: dict) -> dict:
                       "mutual_information": layer["mutual_information"],
                       "summary": layer["summary"], "switch_off": layer.get("switch_off_summary", [])}
     return rows
+
+
+def hard_mask_comparison(run_dir: Path, dataset: Path) -> dict:
+    """Test top-1 of a hard-constraint run evaluated with the mask training ended with (the
+    product's default, ``constraint.hard.at_eval``) and with every expert back; the masked experts
+    and running shares by block."""
+    import torch
+
+    from mgmoe_ds.evaluation.loading import eval_loader
+    from mgmoe_ds.inference import load_trained, routed_forward
+
+    model, meta = load_trained(run_dir)
+    loader, _, _ = eval_loader(meta, str(dataset), "test", 32)
+    layers = model.token_moe_layers()
+    result = {"masked": {name: torch.nonzero(~layer.allowed_experts()).flatten().tolist() for name, layer in layers.items()},
+              "gate_share": {name: [round(v, 4) for v in layer.gate_share.tolist()] for name, layer in layers.items()}}
+    for label, at_eval in (("top1_masked", True), ("top1_every_expert", False)):
+        for layer in layers.values():
+            layer.hard_at_eval = at_eval
+        correct = total = 0
+        for batch in loader:
+            logits = routed_forward(model, meta, batch["images"].float()).logits
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            total += int(batch["labels"].numel())
+        result[label] = correct / max(total, 1)
+    return result
 
 
 def render(results: dict) -> str:
@@ -133,6 +160,9 @@ def main() -> None:
             cli("eval", "--checkpoint", str(work / "runs" / f"arm_{arm}"), "--data", str(dataset), "--split", "test",
                 "--out", str(eval_dir), "--no-progress", log=work / "logs" / f"arm_{arm}_eval.log")
             r["blocks"] = block_statistics(json.loads((eval_dir / "report.json").read_text()))
+            if arm in ("hard", "both"):
+                r["hard_mask"] = hard_mask_comparison(work / "runs" / f"arm_{arm}", dataset)
+                print(f"  hard mask at eval: {json.dumps(r['hard_mask'])}", flush=True)
         results["arms"][arm] = r
         print(f"  test top-1 {r['test_top1']:.3f}, {r['seconds']:.0f} s", flush=True)
         results["machine"]["loadavg_end"] = os.getloadavg()
@@ -140,6 +170,11 @@ def main() -> None:
         out.write_text(json.dumps(results, indent=1))
     print()
     print(render(results))
+    for arm, r in results["arms"].items():
+        if "hard_mask" in r:
+            h, n = r["hard_mask"], results["splits"]["test"]
+            print(f"{arm}: test top-1 with the mask training ended with {h['top1_masked']:.3f}, with every expert "
+                  f"{h['top1_every_expert']:.3f} (SE {binomial_se(h['top1_masked'], n):.3f}); masked {h['masked']}")
     print(f"\nraw results in {out}")
 
 
