@@ -53,11 +53,23 @@ def _add_bias_by_expert_(out: Tensor, bias: Tensor, counts: Sequence[int]) -> Te
     return out
 
 
+def _grouped_linear(x: Tensor, weight: Tensor, bias: Tensor, offsets: Tensor, counts: Sequence[int]) -> Tensor:
+    """(R, in) rows grouped by expert, (L, in, out), (L, out) -> (R, out), outside autocast."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _add_bias_by_expert_(torch._grouped_mm(x, weight, offs=offsets), bias, counts)
+
+
+def _grouped_input_grad(grad_out: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """(R, out) gradient, (L, in, out) -> (R, in): the gradient of a grouped linear's input."""
+    return torch._grouped_mm(grad_out, weight.transpose(1, 2), offs=offsets)
+
+
 class _GroupedLinear(torch.autograd.Function):
     """``x @ W_e + b_e`` per expert on rows grouped by expert (``torch._grouped_mm``): the first layer.
 
     Written out rather than left to autograd so that no (R, out) temporary exists besides the output:
-    the bias is added in place in row chunks, and its gradient is summed in fp32 row chunks.
+    the bias is added in place (``_add_bias_by_expert_``), and its gradient is summed in fp32 row
+    chunks.
     ``offsets`` (L,) are the experts' end rows, ``expert_of_row`` (R,) each row's expert, ``counts``
     (L,) the rows of each expert.
     """
@@ -65,17 +77,15 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, offsets: Tensor, expert_of_row: Tensor,
                 counts: Sequence[int]) -> Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = _add_bias_by_expert_(torch._grouped_mm(x, weight, offs=offsets), bias, counts)  # (R, out)
         ctx.save_for_backward(x, weight, offsets, expert_of_row)
-        return out
+        return _grouped_linear(x, weight, bias, offsets, counts)  # (R, out)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor):
         x, weight, offsets, expert_of_row = ctx.saved_tensors
         grad_out = grad_out.to(x.dtype).contiguous()  # grouped_mm takes no expanded strides
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_x = torch._grouped_mm(grad_out, weight.transpose(1, 2), offs=offsets) if needs_x else None  # (R, in)
+        grad_x = _grouped_input_grad(grad_out, weight, offsets) if needs_x else None  # (R, in)
         grad_weight = torch._grouped_mm(x.t(), grad_out, offs=offsets) if needs_weight else None  # (L, in, out)
         grad_bias = _segment_sums(grad_out, expert_of_row, weight.shape[0], weight.dtype) if needs_bias else None
         return grad_x, grad_weight, grad_bias, None, None, None
@@ -100,8 +110,7 @@ class _ActivatedLinear(torch.autograd.Function):
             if offsets is None:
                 out = torch.baddbmm(bias.unsqueeze(1), activation(hidden), weight)  # (L, M, out)
             else:
-                out = _add_bias_by_expert_(torch._grouped_mm(activation(hidden), weight, offs=offsets), bias,
-                                           counts)  # (R, out)
+                out = _grouped_linear(activation(hidden), weight, bias, offsets, counts)  # (R, out)
         ctx.activation = activation
         ctx.grouped = offsets is not None
         ctx.save_for_backward(hidden, weight, offsets, expert_of_row)
@@ -122,7 +131,7 @@ class _ActivatedLinear(torch.autograd.Function):
         if derivative is not None:
             del activated  # freed before the two hidden-sized gradients below exist
         if ctx.grouped:
-            grad_activated = torch._grouped_mm(grad_out, weight.transpose(1, 2), offs=offsets)  # (R, H)
+            grad_activated = _grouped_input_grad(grad_out, weight, offsets)  # (R, H)
             grad_bias = _segment_sums(grad_out, expert_of_row, weight.shape[0], weight.dtype)  # (L, out)
         else:
             grad_activated = torch.bmm(grad_out, weight.transpose(1, 2))  # (L, M, H)
