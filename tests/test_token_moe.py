@@ -398,3 +398,35 @@ def test_stages_train_backbone_moe_layers_with_the_backbone_part_they_sit_in():
     with pytest.raises(Exception, match="lr.backbone_moe = 0.1: expected 0 or absent while mgmoe.model.backbone_moe is null"):
         config_from_dict(dict(TINY_MGMOE, curriculum={"stages": [{"name": "warmup", "steps": 1,
                                                                    "lr": {"backbone_moe": 0.1}}]}))
+
+
+def test_backbone_moe_blocks_above_a_frozen_cut_train_in_training_mode_and_batchnorm_stays_frozen():
+    # Above a cut (cache.depth) a stage that trains backbone_top keeps the backbone's BatchNorm in
+    # evaluation mode. The MoE blocks there must still train as MoE layers do: the hard constraint's
+    # mask and running share, the training capacity. (Before this test they were put in evaluation
+    # mode with the rest of the backbone: a hard constraint never ran.)
+    from types import SimpleNamespace
+
+    from mgmoe_ds.curriculum import create_stage
+    from mgmoe_ds.model import MGMoE
+    from mgmoe_ds.train.trainer import Trainer
+
+    moe = {"blocks": ["blocks.5.1"], "num_experts": 4, "constraint": {"hard": {"threshold": 0.3}}}
+    block = dict(TINY_MGMOE, model=dict(TINY_MGMOE["model"], backbone="tf_efficientnet_lite0", backbone_options={},
+                                        backbone_moe=moe), cache={"depth": 4},
+                 curriculum={"stages": [{"name": "warmup", "steps": 1, "lr": {"backbone_top": 0.01, "experts": 0.1}},
+                                        {"name": "routing", "steps": 1, "lr": {"experts": 0.1}}]})
+    config = config_from_dict(block)
+    torch.manual_seed(0)
+    model = MGMoE(config.model, config.moe, num_classes=4)
+    top_only, heads_only = (create_stage(stage, config, base_lr=1.0) for stage in config.curriculum.stages)
+    (layer,) = model.token_moe_layers().values()
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    Trainer._train_mode(SimpleNamespace(model=model), top_only)
+    assert layer.training and all(m.training for m in layer.modules())
+    assert norms and not any(m.training for m in norms)
+    images = torch.randn(2, 3, 64, 64)
+    model(images)
+    assert not torch.equal(layer.gate_share, torch.full((4,), 0.25))  # the running share moved in training
+    Trainer._train_mode(SimpleNamespace(model=model), heads_only)  # the block does not train: evaluation mode
+    assert not layer.training and not any(m.training for m in norms)

@@ -346,10 +346,13 @@ class Trainer:
         statistics, not those of 32-image class-balanced batches on one rank, and training then
         computes the function that validation and inference compute. A stage that trains only the
         fusion head runs the whole model as evaluation does: it weighs the frozen experts' outputs
-        without their dropout, as they come at inference."""
+        without their dropout, as they come at inference. Backbone MoE blocks that train (above the
+        cut) stay in training mode: their capacity, noise and hard constraint are training's."""
         self.model.train(set(stage.group_lr) != {"fusion"})
         if not stage.trains_backbone:
             self.model.backbone.eval()
+            for layer in self.model.token_moe_layers().values():
+                layer.train("backbone_moe" in stage.group_lr)
 
     def _after_step(self, result: Any) -> None:
         """Counts the step; a non-finite loss (skipped on every rank) counts towards the stop."""
