@@ -64,3 +64,26 @@ def test_stage_clock_without_a_timed_step_takes_the_epoch_time_less_validation()
     # step time = (6 - 2 - 1) / 1 = 3 s; 2 steps left x 3 s + 1 validation x 2 s = 8 s
     assert re.fullmatch(r"stage residual: epoch 1 took 6 s \(validation 2 s\); about 8 s left \(2 steps\), "
                         r"ends ~\d\d:\d\d", stage.epoch_ends(1))
+
+
+def test_the_window_counts_the_steps_each_backbone_expert_was_masked_out_of_the_gate():
+    from types import SimpleNamespace
+
+    import torch
+
+    from mgmoe_ds.train.telemetry import Window
+
+    def result(masked: list[int], tokens: int = 3):
+        logits = torch.zeros(tokens, 4)
+        logits[:, masked] = float("-inf")  # the hard constraint's mask: out for every token
+        logits[:1, 3] = float("-inf")  # out for one token only: not masked
+        route = SimpleNamespace(load_per_expert=torch.ones(4), dropped_per_expert=torch.zeros(4), logits=logits)
+        head = SimpleNamespace(load_per_expert=torch.ones(2), dropped_per_expert=torch.zeros(2))
+        return SimpleNamespace(losses={}, images=1, seconds=0.1, out=SimpleNamespace(route=head, routes={
+            "moe": head, "blocks.5.1": route}))
+
+    window = Window(num_experts=2)
+    for masked in ([0], [0, 2], []):
+        window.add(result(masked))
+    window.add(result([1], tokens=0))  # no tokens on this rank this step: not counted
+    assert window.block_masked["blocks.5.1"].tolist() == [2.0, 0.0, 1.0, 0.0, 3.0]  # per expert, then steps

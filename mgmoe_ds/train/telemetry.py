@@ -38,6 +38,9 @@ class Window:
         self.load = torch.zeros(self.num_experts)
         self.dropped = torch.zeros(self.num_experts)
         self.block_load: dict[str, torch.Tensor] = {}  # backbone MoE block -> (2, E) load, dropped
+        # backbone MoE block -> (E + 1,): steps each expert was out of the gate (the hard constraint's
+        # mask, the same on every rank: its share is agreed over the group), and steps with tokens here
+        self.block_masked: dict[str, torch.Tensor] = {}
 
     def add(self, result: Any) -> None:
         for name, value in result.losses.items():
@@ -51,6 +54,11 @@ class Window:
             if name != HEAD_LAYER:
                 counts = torch.stack([route.load_per_expert, route.dropped_per_expert]).float().cpu()  # (2, E)
                 self.block_load[name] = self.block_load[name] + counts if name in self.block_load else counts
+                masked = torch.zeros(route.logits.shape[1] + 1)  # (E + 1,)
+                if route.logits.shape[0]:
+                    masked[:-1] = torch.isneginf(route.logits).all(dim=0).float().cpu()  # out for every token
+                    masked[-1] = 1.0
+                self.block_masked[name] = self.block_masked.get(name, 0) + masked
 
 
 def _minutes(seconds: float) -> str:
@@ -172,8 +180,10 @@ class Telemetry:
         blocks = {}
         for name in sorted(window.block_load):  # the same blocks on every rank: each ran every step
             block_load, block_dropped = self.comm.sum(window.block_load[name])  # (E,), (E,)
+            masked = window.block_masked[name]  # (E + 1,), this rank's
             blocks[name] = {"expert_load": (block_load / block_load.sum().clamp_min(1)).tolist(),
-                            "dropped_fraction": float(block_dropped.sum() / block_load.sum().clamp_min(1))}
+                            "dropped_fraction": float(block_dropped.sum() / block_load.sum().clamp_min(1)),
+                            "masked_steps": (masked[:-1] / masked[-1].clamp_min(1)).tolist()}
         self.logger.log({
             "event": "train", "stage": stage_name, "epoch": epoch, "step": step, "losses": losses,
             "lr": {g.get("mgmoe_group", g.get("name")): g["lr"] for g in lr_groups},
