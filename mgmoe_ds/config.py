@@ -47,7 +47,7 @@ class SoftConstraintConfig:
 
 @dataclass(frozen=True)
 class HardConstraintConfig:
-    threshold: float = 0.3  # an expert whose running share of the gate (before the mask) exceeds this is masked
+    threshold: float = 0.3  # an expert whose running share of the routing (mean top-K gate weight, before the mask) exceeds this is masked
     momentum: float = 0.9  # EMA momentum of the running share (weight of the old value)
     at_eval: bool = True  # evaluation, export and predict mask the experts training ended with masked
 

@@ -213,9 +213,12 @@ def test_hard_constraint_keeps_an_over_used_expert_out_of_training_routes_and_up
     assert not bool((route.expert_indices == 0).any())
     assert float(route.probs[:, 0].abs().max()) == 0.0  # masked in the gate: its weight is zero everywhere
     assert record.allowed_experts.tolist() == [False, True, True, True]
-    # the share is measured on the gate before the mask: softmax of x @ W_gate^T over all four experts
+    # the share is measured on the gate before the mask: each token's two largest softmax
+    # probabilities of x @ W_gate^T over all four experts, renormalised, zero elsewhere
     unmasked = torch.softmax(x.reshape(18, 6) @ layer.routed.router.gate.weight.t(), dim=-1)  # (18, 4)
-    expected = 0.75 * torch.tensor([0.7, 0.1, 0.1, 0.1]) + 0.25 * unmasked.mean(0)
+    second = unmasked.sort(dim=-1, descending=True).values[:, 1:2]  # (18, 1)
+    top2 = torch.where(unmasked >= second, unmasked, torch.zeros(()))  # (18, 4)
+    expected = 0.75 * torch.tensor([0.7, 0.1, 0.1, 0.1]) + 0.25 * (top2 / top2.sum(-1, keepdim=True)).mean(0)
     torch.testing.assert_close(layer.gate_share, expected)
     layer.eval()  # evaluation routes as trained: the same mask, and the share stays as it is
     with collect_token_moe() as collector:
@@ -230,14 +233,16 @@ def test_hard_constraint_keeps_an_over_used_expert_out_of_training_routes_and_up
 
 
 def test_an_expert_the_router_keeps_preferring_stays_masked_step_after_step():
-    # The router puts 0.7 of every token's gate on expert 0. Measured after the mask (the code before
-    # this test), its share decays 0.7 -> 0.525 -> 0.39 and it is let back in at the third step, then
-    # masked again: it flickers, and evaluation met an expert training had kept out. Measured before
-    # the mask, the share stays at 0.7 and the mask holds at every step.
+    # Every token's gate probabilities are (7, 2, 1, 1) / 11: its top two, renormalised, give expert 0
+    # 7/9 and expert 1 2/9 of the routing. Measured after the mask (the code before this test), expert
+    # 0's share decays 0.7 -> 0.525 -> 0.39 and it is let back in at the third step, then masked
+    # again: it flickers, and evaluation met an expert training had kept out. Measured before the
+    # mask, the share moves from 0.7 towards 7/9 and the mask holds at every step.
     layer = _token_layer(hard=0.4, dropless=True).train()
     with torch.no_grad():
         layer.routed.router.gate.weight.zero_()
-        layer.routed.router.gate.weight[0, 0] = math.log(0.7 / 0.1)  # logits (log 7, 0, 0, 0) for x[..., 0] = 1
+        layer.routed.router.gate.weight[0, 0] = math.log(7.0)  # logits (log 7, log 2, 0, 0) for x[..., 0] = 1
+        layer.routed.router.gate.weight[1, 0] = math.log(2.0)
     x = torch.zeros(2, 9, 6)
     x[..., 0] = 1.0
     layer.gate_share.copy_(torch.tensor([0.7, 0.1, 0.1, 0.1]))
@@ -247,7 +252,8 @@ def test_an_expert_the_router_keeps_preferring_stays_masked_step_after_step():
             layer(x)
         masks.append(collector.records["blk"].allowed_experts.tolist())
     assert masks == [[False, True, True, True]] * 6
-    torch.testing.assert_close(layer.gate_share, torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    target = torch.tensor([7 / 9, 2 / 9, 0.0, 0.0])
+    torch.testing.assert_close(layer.gate_share, target + 0.75 ** 6 * (torch.tensor([0.7, 0.1, 0.1, 0.1]) - target))
 
 
 def test_a_request_that_would_leave_fewer_than_k_experts_with_the_hard_mask_is_routed_as_asked():

@@ -10,13 +10,16 @@ Two constraints keep training stable:
 
 * soft: auxiliary losses on the gate, ``importance`` (the squared coefficient of variation of
   each expert's summed gate probability, V-MoE) and ``load`` (GShard's balancing loss);
-* hard: an expert whose running share of the gate (an exponential moving average of its mean
-  gate probability, averaged over the expert-parallel group) exceeds ``threshold`` is masked out
-  of the gate, so its weight for every token is zero; at most E - K experts are masked at once
-  (the most used first), so every token keeps K experts. The share is measured on the gate
-  before the mask (what the router would choose), so an expert stays masked while the router
-  still prefers it, instead of being unmasked as soon as the mask has starved its share and
-  masked again a few steps later. Evaluation applies the mask the training ended with
+* hard: an expert whose running share of the gate exceeds ``threshold`` is masked out of the
+  gate, so its weight for every token is zero; at most E - K experts are masked at once (the most
+  used first), so every token keeps K experts. The share is an exponential moving average of the
+  expert's mean top-K gate weight (the sparse gate: each token's K weights renormalised to sum to
+  1, zero elsewhere; its share of the routing), averaged over the expert-parallel group. The dense
+  softmax would not do: a router whose probabilities stay nearly flat can still send almost every
+  token to the same expert, whose mean probability then never nears a threshold. The share is
+  measured on the gate before the mask (what the router would choose), so an expert stays masked
+  while the router still prefers it, instead of being unmasked as soon as the mask has starved its
+  share and masked again a few steps later. Evaluation applies the mask the training ended with
   (``hard_at_eval``, the default): the model is judged under the routing it was trained with, not
   with an expert back that the rest of the network learned to do without.
 
@@ -59,6 +62,14 @@ def importance_loss(router_probs: Tensor) -> Tensor:
         return router_probs.sum() * 0.0
     importance = router_probs.sum(dim=0)  # (E,)
     return importance.var(unbiased=False) / importance.mean().square().clamp_min(1e-20)
+
+
+def sparse_gate(logits: Tensor, top_k: int) -> Tensor:
+    """(T, E) router logits -> (T, E): each token's top-K softmax probabilities renormalised to sum
+    to 1, zero for the other experts (the gate's routing weights, before any capacity limit)."""
+    top = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)  # values, indices (T, K)
+    weights = top.values / top.values.sum(dim=-1, keepdim=True).clamp_min(1e-20)  # (T, K)
+    return torch.zeros_like(logits, dtype=torch.float32).scatter_(1, top.indices, weights)  # (T, E)
 
 
 def hard_constraint_allowed(share: Tensor, threshold: float, min_allowed: int) -> Tensor:
@@ -218,7 +229,7 @@ class TokenMoE(nn.Module):
             losses["load"] = out.aux_losses["load_balance"]
         if self.training and self.hard_threshold is not None:
             with torch.no_grad():  # the gate before the mask: what the router would choose
-                self._update_share(torch.softmax(self.routed.router(router_input), dim=-1))
+                self._update_share(sparse_gate(self.routed.router(router_input), self.routed.top_k))
         if collector is not None:
             collector.records[self.name] = TokenMoERecord(out, losses, num_tokens if self.granularity == "token"
                                                           else 1, allowed)
@@ -228,9 +239,9 @@ class TokenMoE(nn.Module):
         return y
 
     @torch.no_grad()
-    def _update_share(self, probs: Tensor) -> None:
-        """EMA of each expert's mean gate probability over the expert-parallel group's tokens."""
-        totals = torch.cat([probs.sum(dim=0), probs.new_tensor([probs.shape[0]])])  # (E + 1,)
+    def _update_share(self, gate: Tensor) -> None:
+        """EMA of each expert's mean gate weight, (T, E) ``gate``, over the expert-parallel group's tokens."""
+        totals = torch.cat([gate.sum(dim=0), gate.new_tensor([gate.shape[0]])])  # (E + 1,)
         totals = self.routed.comm.sum(totals)
         mean = (totals[:-1] / totals[-1].clamp_min(1)).to(self.gate_share.dtype)  # (E,)
         updated = self.hard_momentum * self.gate_share + (1 - self.hard_momentum) * mean  # (E,)
