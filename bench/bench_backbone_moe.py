@@ -94,6 +94,35 @@ def hard_mask_comparison(run_dir: Path, dataset: Path) -> dict:
     return result
 
 
+def paired_comparisons(eval_root: Path, arms: list[str]) -> dict:
+    """Every pair of arms on the same test photos (their ``mgmoe eval`` predictions): the top-1
+    difference with its paired standard error (``evaluation.boxes.paired_comparison``)."""
+    import torch
+
+    from mgmoe_ds.evaluation.boxes import paired_comparison
+
+    correct = {}
+    for arm in arms:
+        rows = [json.loads(line) for line in (eval_root / arm / "predictions.jsonl").read_text().splitlines()]
+        correct[arm] = {row["key"]: row["label"] == row["predicted"] for row in rows}
+    keys = sorted(correct[arms[0]])
+    pairs = {}
+    for i, this in enumerate(arms):
+        for other in arms[i + 1:]:
+            pairs[f"{this} vs {other}"] = paired_comparison(torch.tensor([correct[this][k] for k in keys]),
+                                                            torch.tensor([correct[other][k] for k in keys]))
+    return pairs
+
+
+def render_pairs(pairs: dict) -> str:
+    lines = ["| pair | difference (points) | paired SE | photos only the first / only the second gets right | |",
+             "|---|---:|---:|---:|---|"]
+    for name, c in pairs.items():
+        lines.append(f"| {name} | {100 * c['difference']:+.1f} | {100 * c['standard_error']:.1f} | "
+                     f"{c['only_this_right']} / {c['only_other_right']} | {'tie' if c['tie'] else 'beyond one SE'} |")
+    return "\n".join(lines)
+
+
 def render(results: dict) -> str:
     lines = ["| arm | test top-1 ± SE | vs none (points) | block | utilisation max/min | utilisation CV | "
              "class-expert entropy | mutual information (nats) | minutes |",
@@ -155,10 +184,10 @@ def main() -> None:
     for arm in args.arms:
         print(f"{arm} ...", flush=True)
         r = train_job(f"arm_{arm}", arm_overrides(arm, args), args, dataset, work)
+        eval_dir = work / "eval" / arm
+        cli("eval", "--checkpoint", str(work / "runs" / f"arm_{arm}"), "--data", str(dataset), "--split", "test",
+            "--out", str(eval_dir), "--no-progress", log=work / "logs" / f"arm_{arm}_eval.log")
         if arm != "none":
-            eval_dir = work / "eval" / arm
-            cli("eval", "--checkpoint", str(work / "runs" / f"arm_{arm}"), "--data", str(dataset), "--split", "test",
-                "--out", str(eval_dir), "--no-progress", log=work / "logs" / f"arm_{arm}_eval.log")
             r["blocks"] = block_statistics(json.loads((eval_dir / "report.json").read_text()))
             if arm in ("hard", "both"):
                 r["hard_mask"] = hard_mask_comparison(work / "runs" / f"arm_{arm}", dataset)
@@ -168,8 +197,12 @@ def main() -> None:
         results["machine"]["loadavg_end"] = os.getloadavg()
         results["wall_s"] = time.time() - started
         out.write_text(json.dumps(results, indent=1))
+    results["paired"] = paired_comparisons(work / "eval", list(results["arms"]))
+    out.write_text(json.dumps(results, indent=1))
     print()
     print(render(results))
+    print()
+    print(render_pairs(results["paired"]))
     for arm, r in results["arms"].items():
         if "hard_mask" in r:
             h, n = r["hard_mask"], results["splits"]["test"]
