@@ -65,10 +65,11 @@ def switch_off_top1(model, loader, head_routing: RoutingRequest, plan: dict[str,
 
 
 def hard_masked_experts(model) -> dict[str, list[int]]:
-    """By block: the experts its hard constraint masks in evaluation (empty where it does not)."""
+    """By block: the experts its hard constraint masks in evaluation (empty where it does not);
+    ``model`` is in evaluation mode."""
     masked = {}
     for name, layer in model.token_moe_layers().items():
-        allowed = layer.allowed_experts() if layer.hard_at_eval else None
+        allowed = layer.routing_mask()
         masked[name] = [] if allowed is None else torch.nonzero(~allowed.cpu()).flatten().tolist()
     return masked
 

@@ -66,6 +66,7 @@ class RouteOutput:
     load_per_expert: Tensor  # (E,) assignments requested
     dropped_per_expert: Tensor  # (E,) assignments dropped for capacity
     fully_dropped: Tensor  # (T,) bool: tokens that lost every choice and got the fallback
+    gate_logits: Optional[Tensor] = None  # (T, E) fp32 router logits before any mask (what it would choose)
 
 
 @dataclass
@@ -306,6 +307,7 @@ class RoutedExperts(nn.Module):
             load_per_expert=slots.load_per_expert,
             dropped_per_expert=slots.dropped_per_expert,
             fully_dropped=slots.fully_dropped,
+            gate_logits=logits,
         )
         aux_losses = {
             "load_balance": load_balancing_loss(selection.probs, selection.expert_indices[:, 0]),

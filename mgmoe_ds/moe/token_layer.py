@@ -198,6 +198,11 @@ class TokenMoE(nn.Module):
             return None
         return hard_constraint_allowed(self.gate_share, self.hard_threshold, self.routed.top_k)
 
+    def routing_mask(self) -> Optional[Tensor]:
+        """(E,) bool: the experts this forward may route to under the hard constraint: its mask in
+        training, and in evaluation too with ``hard_at_eval`` (None: every expert)."""
+        return self.allowed_experts() if self.training or self.hard_at_eval else None
+
     def forward(self, x: Tensor) -> Tensor:
         if self.layout == "channels_first":
             batch, channels, height, width = x.shape
@@ -213,7 +218,7 @@ class TokenMoE(nn.Module):
             payload = tokens  # (B, N, C): each image's tokens ride together
         collector = _ACTIVE.get()
         request = (collector.routing.get(self.name) if collector is not None else None) or RoutingRequest()
-        allowed = self.allowed_experts() if self.training or self.hard_at_eval else None
+        allowed = self.routing_mask()
         if allowed is not None:
             if request.allowed_experts is not None:
                 asked = request.allowed_experts.to(allowed.device)
@@ -228,8 +233,8 @@ class TokenMoE(nn.Module):
             losses["importance"] = importance_loss(out.route.probs)
             losses["load"] = out.aux_losses["load_balance"]
         if self.training and self.hard_threshold is not None:
-            with torch.no_grad():  # the gate before the mask: what the router would choose
-                self._update_share(sparse_gate(self.routed.router(router_input), self.routed.top_k))
+            # the gate before the mask, as this step's router drew it: what it would choose
+            self._update_share(sparse_gate(out.route.gate_logits.detach(), self.routed.top_k))
         if collector is not None:
             collector.records[self.name] = TokenMoERecord(out, losses, num_tokens if self.granularity == "token"
                                                           else 1, allowed)

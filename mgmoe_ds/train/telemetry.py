@@ -37,10 +37,10 @@ class Window:
         self.seconds = 0.0
         self.load = torch.zeros(self.num_experts)
         self.dropped = torch.zeros(self.num_experts)
-        self.block_load: dict[str, torch.Tensor] = {}  # backbone MoE block -> (2, E) load, dropped
-        # backbone MoE block -> (E + 1,): steps each expert was out of the gate (the hard constraint's
-        # mask, the same on every rank: its share is agreed over the group), and steps with tokens here
-        self.block_masked: dict[str, torch.Tensor] = {}
+        # backbone MoE block -> (3, E): load, dropped, and steps each expert was out of the gate (the
+        # hard constraint's mask, the same on every rank: its share is agreed over the group)
+        self.block_load: dict[str, torch.Tensor] = {}
+        self.block_steps: dict[str, int] = {}  # backbone MoE block -> steps with tokens on this rank
 
     def add(self, result: Any) -> None:
         for name, value in result.losses.items():
@@ -52,13 +52,11 @@ class Window:
         self.dropped += result.out.route.dropped_per_expert.float().cpu()
         for name, route in result.out.routes.items():
             if name != HEAD_LAYER:
-                counts = torch.stack([route.load_per_expert, route.dropped_per_expert]).float().cpu()  # (2, E)
+                has_tokens = route.logits.shape[0] > 0
+                masked = torch.isneginf(route.logits).all(dim=0) & has_tokens  # (E,) out for every token
+                counts = torch.stack([route.load_per_expert, route.dropped_per_expert, masked]).float().cpu()  # (3, E)
                 self.block_load[name] = self.block_load[name] + counts if name in self.block_load else counts
-                masked = torch.zeros(route.logits.shape[1] + 1)  # (E + 1,)
-                if route.logits.shape[0]:
-                    masked[:-1] = torch.isneginf(route.logits).all(dim=0).float().cpu()  # out for every token
-                    masked[-1] = 1.0
-                self.block_masked[name] = self.block_masked.get(name, 0) + masked
+                self.block_steps[name] = self.block_steps.get(name, 0) + int(has_tokens)
 
 
 def _minutes(seconds: float) -> str:
@@ -179,11 +177,11 @@ class Telemetry:
         images = self.comm.reduce_int(window.images, "sum")
         blocks = {}
         for name in sorted(window.block_load):  # the same blocks on every rank: each ran every step
-            block_load, block_dropped = self.comm.sum(window.block_load[name])  # (E,), (E,)
-            masked = window.block_masked[name]  # (E + 1,), this rank's
+            block_load, block_dropped = self.comm.sum(window.block_load[name][:2])  # (E,), (E,)
+            masked = window.block_load[name][2]  # (E,), this rank's
             blocks[name] = {"expert_load": (block_load / block_load.sum().clamp_min(1)).tolist(),
                             "dropped_fraction": float(block_dropped.sum() / block_load.sum().clamp_min(1)),
-                            "masked_steps": (masked[:-1] / masked[-1].clamp_min(1)).tolist()}
+                            "masked_steps": (masked / max(1, window.block_steps[name])).tolist()}
         self.logger.log({
             "event": "train", "stage": stage_name, "epoch": epoch, "step": step, "losses": losses,
             "lr": {g.get("mgmoe_group", g.get("name")): g["lr"] for g in lr_groups},
