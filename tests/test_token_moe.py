@@ -52,14 +52,28 @@ def _run_loop(loop: nn.ModuleList, rows: torch.Tensor, counts: list[int]) -> tor
     return torch.cat(outputs)
 
 
+def _expert_grads(batched: BatchedExperts, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``layer``'s (L, in, out) weight and (L, out) bias gradients, chunks stacked in expert order."""
+    chunks = range(len(batched.chunk_bounds))
+    return (torch.cat([batched.chunk_weights(c)[layer].grad for c in chunks]),
+            torch.cat([batched.chunk_biases(c)[layer].grad for c in chunks]))
+
+
 @pytest.mark.parametrize("backend", ["padded", "grouped"])
-@pytest.mark.parametrize("widths,counts", [((8, 16, 8), [3, 0, 7, 1]), ((16, 8), [3, 0, 7, 1]),
-                                           ((8, 16, 8), [(e * 7) % 5 for e in range(64)])])
-def test_batched_experts_equal_a_loop_of_separate_experts_outputs_and_gradients(widths, counts, backend):
+@pytest.mark.parametrize("widths,counts,chunk_experts", [
+    ((8, 16, 8), [3, 0, 7, 1], None), ((16, 8), [3, 0, 7, 1], None),
+    ((8, 16, 8), [(e * 7) % 5 for e in range(64)], None),
+    ((8, 16, 8), [3, 0, 7, 1], 1),  # a chunk per expert, one of them idle: zero rows
+    ((8, 16, 8), [0, 0, 7, 1, 2], 2),  # an idle chunk, and a last chunk smaller than the rest
+    ((8, 16, 8), [(e * 7) % 5 for e in range(64)], 5)])
+def test_batched_experts_equal_a_loop_of_separate_experts_outputs_and_gradients(widths, counts, chunk_experts,
+                                                                                backend):
     if backend == "grouped" and not grouped_mm_runs("cpu", torch.float32):
         pytest.skip("torch._grouped_mm does not run on this CPU build")
     torch.manual_seed(0)
-    batched = BatchedExperts(len(counts), widths, backend=backend)
+    batched = BatchedExperts(len(counts), widths, backend=backend, chunk_experts=chunk_experts)
+    expected_chunks = math.ceil(len(counts) / chunk_experts) if chunk_experts else 1
+    assert len(batched.chunk_bounds) == expected_chunks
     loop = _loop_experts(batched)
     # idle experts and uneven loads (64 experts: the most the issue asks for)
     rows = torch.randn(sum(counts), widths[0])
@@ -71,12 +85,14 @@ def test_batched_experts_equal_a_loop_of_separate_experts_outputs_and_gradients(
     (out * upstream).sum().backward()
     (ref * upstream).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=1e-5)
-    for e, expert in enumerate(loop):
-        for j, layer in enumerate(expert.values()):
-            torch.testing.assert_close(batched.weights[j].grad[e], layer.weight.grad.t(), atol=1e-6, rtol=1e-5)
-            torch.testing.assert_close(batched.biases[j].grad[e], layer.bias.grad, atol=1e-6, rtol=1e-5)
+    for j in range(batched.num_layers):
+        weight_grads, bias_grads = _expert_grads(batched, j)  # every chunk has a gradient: none is None
+        for e, expert in enumerate(loop):
+            layer = list(expert.values())[j]
+            torch.testing.assert_close(weight_grads[e], layer.weight.grad.t(), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(bias_grads[e], layer.bias.grad, atol=1e-6, rtol=1e-5)
     idle = counts.index(0)
-    assert float(batched.weights[0].grad[idle].abs().sum()) == 0.0  # an idle expert: a zero gradient, not None
+    assert float(_expert_grads(batched, 0)[0][idle].abs().sum()) == 0.0  # an idle expert: a zero gradient
 
 
 def test_the_padded_mlp_keeps_one_hidden_sized_tensor_for_backward_not_two():
@@ -136,13 +152,58 @@ def test_at_most_two_hidden_sized_tensors_are_alive_at_once_in_forward_and_backw
     assert live.peak == 2, live.peak
 
 
+class _PeakNewStorage(TorchDispatchMode):
+    """The largest total of elements in storages made inside it and alive at once, counting only
+    storages of at least ``numel`` elements (in-place results on older storages are not counted)."""
+
+    def __init__(self, numel: int, existing: set[int]) -> None:
+        super().__init__()
+        self.numel, self.existing, self.live, self.peak = numel, existing, {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.numel() >= self.numel:
+                storage = tensor.untyped_storage()
+                pointer = storage.data_ptr()
+                if pointer not in self.existing and pointer not in self.live:
+                    self.live[pointer] = storage.nbytes() // tensor.element_size()
+                    weakref.finalize(storage, self.live.pop, pointer, None)
+                self.peak = max(self.peak, sum(self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("backend", ["padded", "grouped"])
+@pytest.mark.parametrize("chunk_experts", [1, 2, 8])
+def test_backward_makes_one_chunk_of_weight_gradients_at_a_time(chunk_experts, backend):
+    # Gradient accumulation: .grad exists, so each new weight gradient is a temporary added into it.
+    # One expert's weight is 64 x 128 = 8,192 elements in either layer; the rows' tensors are smaller,
+    # so the storages counted are the weight gradients only. A chunk of n experts makes n x 8,192 at a
+    # time, and is added into .grad before the next chunk's is made; with one stacked (8, 64, 128)
+    # gradient the peak would be 65,536 whatever the chunk.
+    if backend == "grouped" and not grouped_mm_runs("cpu", torch.float32):
+        pytest.skip("torch._grouped_mm does not run on this CPU build")
+    torch.manual_seed(8)
+    batched = BatchedExperts(8, (64, 128, 64), backend=backend, chunk_experts=chunk_experts)
+    counts = [3, 1, 2, 0, 3, 2, 1, 3]
+    rows = torch.randn(sum(counts), 64)
+    batched(rows, counts).square().sum().backward()  # the first micro-step makes .grad
+    existing = {p.untyped_storage().data_ptr() for p in batched.parameters()}
+    existing |= {p.grad.untyped_storage().data_ptr() for p in batched.parameters()}
+    peak = _PeakNewStorage(numel=64 * 128, existing=existing)
+    with peak:
+        out = batched(rows, counts)
+        out.square().sum().backward()
+    assert peak.peak == chunk_experts * 64 * 128, peak.peak
+
+
 def test_state_dict_holds_each_expert_as_linear_layers_and_loads_back():
     torch.manual_seed(1)
     batched = BatchedExperts(3, (4, 8, 5))
     state = batched.state_dict()
     assert sorted(state) == sorted(f"{e}.fc{j}.{t}" for e in range(3) for j in (1, 2) for t in ("weight", "bias"))
     assert state["2.fc1.weight"].shape == (8, 4) and state["2.fc2.bias"].shape == (5,)
-    torch.testing.assert_close(state["1.fc2.weight"], batched.fc2_weight[1].t())
+    torch.testing.assert_close(state["1.fc2.weight"], batched.expert_weight(1, 1).t())
     fresh = BatchedExperts(3, (4, 8, 5))
     fresh.load_state_dict(state)
     for a, b in zip(fresh.parameters(), batched.parameters()):
@@ -323,8 +384,8 @@ def test_an_upcycled_block_without_noise_computes_what_the_dense_block_did(arch,
     # With noise, the experts differ from each other and from the dense layer, and nothing else moved.
     noisy = copy.deepcopy(dense)
     install_token_moe(noisy, BackboneMoEConfig(blocks=blocks, num_experts=4, upcycle_noise=0.05), seed=0, dropless=True)
-    weights = next(iter(token_layers(noisy))).routed.local_experts.fc1_weight
-    assert not torch.equal(weights[0], weights[1])
+    experts = next(iter(token_layers(noisy))).routed.local_experts
+    assert not torch.equal(experts.expert_weight(0, 0), experts.expert_weight(0, 1))
     dense_keys = {k: v for k, v in dense.state_dict().items()}
     for key, value in noisy.state_dict().items():
         if key in dense_keys and ".routed." not in key and "gate_share" not in key:

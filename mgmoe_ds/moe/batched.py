@@ -4,7 +4,10 @@
 (``Linear -> act -> Linear``) or a single ``Linear``, as stacked weights, and runs all of them on
 rows grouped by expert in a few kernels (Tutel's batched experts): a padded ``baddbmm`` (every
 device), or ``torch._grouped_mm``, with no padding, wherever torch runs it (a CUDA GPU in bf16; the
-CPU in recent torch). Its state dict shows
+CPU in recent torch). The stacked weights are held in chunks of experts, each chunk its own
+parameter and its own autograd nodes, so backward makes one chunk's weight gradient at a time
+(DeepSpeed's loop makes one expert's): at d = 1024 and 64 experts one (L, in, out) gradient is
+1 GiB in fp32. Its state dict shows
 each expert as the ``nn.Linear`` state dict a loop of separate experts would have
 (``<i>.fc1.weight`` as (out, in), ``<i>.fc1.bias``, ...), so DeepSpeed writes one checkpoint
 file per expert and reshards them across expert-parallel sizes, and a loop of ``nn.Linear``
@@ -25,6 +28,14 @@ MatmulBackend = Literal["auto", "padded", "grouped"]
 
 
 _CHUNK_BYTES = 1 << 24  # row chunks of 16 MiB: the bias gradient's fp32 sums make no (R, F) fp32 copy
+_WEIGHT_CHUNK_ELEMENTS = 1 << 24  # experts per parameter chunk: at most 16 Mi elements in a layer's chunk
+
+
+def experts_per_chunk(widths: Sequence[int], budget: int = _WEIGHT_CHUNK_ELEMENTS) -> int:
+    """How many experts share one parameter chunk: as many as fit ``budget`` weight elements in the
+    widest layer (64 at d = 256 -> 4d, 4 at d = 1024 -> 4d), at least one."""
+    widest = max(fan_in * fan_out for fan_in, fan_out in zip(widths[:-1], widths[1:]))
+    return max(1, budget // widest)
 
 
 def _row_step(rows: Tensor) -> int:
@@ -177,7 +188,7 @@ def grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
 
 
 class BatchedExperts(nn.Module):
-    """L homogeneous experts with stacked weights.
+    """L homogeneous experts with stacked weights, in chunks of experts.
 
     Args:
         num_experts: L, the experts this rank holds.
@@ -186,10 +197,13 @@ class BatchedExperts(nn.Module):
             callable such as ``F.gelu``, or a module (``nn.GELU``); None for a single linear layer.
         backend: "padded" (``baddbmm`` on rows padded to the busiest expert), "grouped"
             (``torch._grouped_mm``) or "auto" (grouped where it runs, ``grouped_mm_runs``, else padded).
+        chunk_experts: experts per parameter chunk (None: ``experts_per_chunk(widths)``). Each chunk
+            is a (chunk, in, out) parameter per layer whose rows run in their own kernels, so only
+            one chunk's weight gradient exists at a time in backward.
     """
 
     def __init__(self, num_experts: int, widths: Sequence[int], activation=F.gelu,
-                 backend: MatmulBackend = "auto") -> None:
+                 backend: MatmulBackend = "auto", chunk_experts: Optional[int] = None) -> None:
         super().__init__()
         if len(widths) < 2:
             raise ValueError(f"widths = {tuple(widths)}: expected at least (in, out)")
@@ -197,31 +211,54 @@ class BatchedExperts(nn.Module):
             raise ValueError(f"widths = {tuple(widths)}: several layers need an activation between them")
         if backend not in ("auto", "padded", "grouped"):
             raise ValueError(f"backend = {backend!r}: expected 'auto', 'padded' or 'grouped'")
+        if chunk_experts is not None and chunk_experts < 1:
+            raise ValueError(f"chunk_experts = {chunk_experts}: expected at least 1")
         self.num_experts = num_experts
         self.widths = tuple(int(w) for w in widths)
         self.activation = activation
         self.backend = backend
+        step = chunk_experts or experts_per_chunk(self.widths)
+        self.chunk_bounds = tuple((first, min(first + step, num_experts)) for first in range(0, num_experts, step))
         # Parameters sit on this module itself (no ParameterList child), so that the state dict
-        # below is the only view of them: ``fc<j>_weight`` (L, in, out), ``fc<j>_bias`` (L, out).
+        # below is the only view of them: ``fc<j>_weight_<c>`` (chunk, in, out), ``fc<j>_bias_<c>``
+        # (chunk, out) for chunk c of ``chunk_bounds``.
         for j, (fan_in, fan_out) in enumerate(zip(self.widths[:-1], self.widths[1:]), start=1):
             bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init, per expert
-            self.register_parameter(f"fc{j}_weight",
-                                    nn.Parameter(torch.empty(num_experts, fan_in, fan_out).uniform_(-bound, bound)))
-            self.register_parameter(f"fc{j}_bias", nn.Parameter(torch.empty(num_experts, fan_out).uniform_(-bound, bound)))
+            for c, (first, stop) in enumerate(self.chunk_bounds):
+                size = stop - first
+                self.register_parameter(f"fc{j}_weight_{c}",
+                                        nn.Parameter(torch.empty(size, fan_in, fan_out).uniform_(-bound, bound)))
+                self.register_parameter(f"fc{j}_bias_{c}",
+                                        nn.Parameter(torch.empty(size, fan_out).uniform_(-bound, bound)))
 
     @property
     def num_layers(self) -> int:
         return len(self.widths) - 1
 
-    @property
-    def weights(self) -> list[nn.Parameter]:
-        """Per layer: (L, in, out)."""
-        return [getattr(self, f"fc{j}_weight") for j in range(1, self.num_layers + 1)]
+    def chunk_weights(self, chunk: int) -> list[nn.Parameter]:
+        """Per layer, chunk ``chunk``'s stacked weight: (chunk size, in, out)."""
+        return [getattr(self, f"fc{j}_weight_{chunk}") for j in range(1, self.num_layers + 1)]
 
-    @property
-    def biases(self) -> list[nn.Parameter]:
-        """Per layer: (L, out)."""
-        return [getattr(self, f"fc{j}_bias") for j in range(1, self.num_layers + 1)]
+    def chunk_biases(self, chunk: int) -> list[nn.Parameter]:
+        """Per layer, chunk ``chunk``'s stacked bias: (chunk size, out)."""
+        return [getattr(self, f"fc{j}_bias_{chunk}") for j in range(1, self.num_layers + 1)]
+
+    def expert_weight(self, layer: int, expert: int) -> Tensor:
+        """Expert ``expert``'s weight in ``layer``: an (in, out) view of its chunk's parameter."""
+        chunk, local = self._locate(expert)
+        return self.chunk_weights(chunk)[layer][local]
+
+    def expert_bias(self, layer: int, expert: int) -> Tensor:
+        """Expert ``expert``'s bias in ``layer``: an (out,) view of its chunk's parameter."""
+        chunk, local = self._locate(expert)
+        return self.chunk_biases(chunk)[layer][local]
+
+    def _locate(self, expert: int) -> tuple[int, int]:
+        """Expert -> (its chunk, its index in the chunk)."""
+        for chunk, (first, stop) in enumerate(self.chunk_bounds):
+            if first <= expert < stop:
+                return chunk, expert - first
+        raise IndexError(f"expert {expert}: this module holds {self.num_experts}")
 
     # -- the math ---------------------------------------------------------------------------------
 
@@ -246,38 +283,47 @@ class BatchedExperts(nn.Module):
                              f"use 'auto' or 'padded'")
         grouped = self.backend == "grouped" or (self.backend == "auto" and aligned
                                                 and grouped_mm_runs(rows.device.type, rows.dtype))
-        return self._grouped(rows, counts) if grouped else self._padded(rows, counts)
+        run = self._grouped if grouped else self._padded
+        if len(self.chunk_bounds) == 1:
+            return run(rows, list(counts), 0)
+        chunk_counts = [list(counts[first:stop]) for first, stop in self.chunk_bounds]
+        pieces = torch.split(rows, [sum(c) for c in chunk_counts])  # per chunk: (R_c, in) views
+        # every chunk runs, an idle one on zero rows, so each chunk's parameters get a gradient
+        return torch.cat([run(piece, part, chunk) for chunk, (piece, part)
+                          in enumerate(zip(pieces, chunk_counts))])  # (R, out)
 
-    def _padded(self, rows: Tensor, counts: Sequence[int]) -> Tensor:
-        """One ``baddbmm`` per layer on rows padded to the busiest expert's count."""
-        longest = max(counts)
+    def _padded(self, rows: Tensor, counts: Sequence[int], chunk: int) -> Tensor:
+        """One ``baddbmm`` per layer on the chunk's rows padded to its busiest expert's count."""
+        experts, longest = len(counts), max(counts)
         device = rows.device
-        count_t = torch.as_tensor(counts, device=device)  # (L,)
-        starts = torch.cumsum(count_t, 0) - count_t  # (L,) first row of each expert
-        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=device), count_t)  # (R,)
-        slot = torch.arange(rows.shape[0], device=device) - starts[expert_of_row]  # (R,) position in its expert
-        destination = expert_of_row * longest + slot  # (R,) row of the padded buffer
-        x = rows.new_zeros((self.num_experts * longest, rows.shape[1])).index_copy(0, destination, rows)  # (L*M, in)
-        x = x.view(self.num_experts, longest, rows.shape[1])  # (L, M, in)
-        x = self._layers(x, None, None)  # (L, M, out)
-        return x.reshape(self.num_experts * longest, -1).index_select(0, destination)  # (R, out)
+        count_t = torch.as_tensor(counts, device=device)  # (L_c,)
+        starts = torch.cumsum(count_t, 0) - count_t  # (L_c,) first row of each expert
+        expert_of_row = torch.repeat_interleave(torch.arange(experts, device=device), count_t)  # (R_c,)
+        slot = torch.arange(rows.shape[0], device=device) - starts[expert_of_row]  # (R_c,) position in its expert
+        destination = expert_of_row * longest + slot  # (R_c,) row of the padded buffer
+        x = rows.new_zeros((experts * longest, rows.shape[1])).index_copy(0, destination, rows)  # (L_c*M, in)
+        x = x.view(experts, longest, rows.shape[1])  # (L_c, M, in)
+        x = self._layers(x, chunk, None, None)  # (L_c, M, out)
+        return x.reshape(experts * longest, x.shape[-1]).index_select(0, destination)  # (R_c, out)
 
-    def _grouped(self, rows: Tensor, counts: Sequence[int]) -> Tensor:
-        """``torch._grouped_mm`` per layer: no padding."""
-        count_t = torch.as_tensor(counts, device=rows.device)  # (L,)
-        offsets = torch.cumsum(count_t, 0).to(torch.int32)  # (L,) end row of each expert
-        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=rows.device), count_t)  # (R,)
-        return self._layers(rows, offsets, expert_of_row, counts)  # (R, out)
+    def _grouped(self, rows: Tensor, counts: Sequence[int], chunk: int) -> Tensor:
+        """``torch._grouped_mm`` per layer on the chunk's rows: no padding."""
+        count_t = torch.as_tensor(counts, device=rows.device)  # (L_c,)
+        offsets = torch.cumsum(count_t, 0).to(torch.int32)  # (L_c,) end row of each expert
+        expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=rows.device), count_t)  # (R_c,)
+        return self._layers(rows, chunk, offsets, expert_of_row, counts)  # (R_c, out)
 
-    def _layers(self, x: Tensor, offsets: Optional[Tensor], expert_of_row: Optional[Tensor],
+    def _layers(self, x: Tensor, chunk: int, offsets: Optional[Tensor], expert_of_row: Optional[Tensor],
                 counts: Optional[Sequence[int]] = None) -> Tensor:
-        """The layers on padded (L, M, in) rows (``offsets`` None) or grouped (R, in) rows. Every layer
-        after the first takes its input before the activation (``_ActivatedLinear``)."""
-        weights, biases = [w.to(x.dtype) for w in self.weights], [b.to(x.dtype) for b in self.biases]
+        """The layers of chunk ``chunk`` on padded (L_c, M, in) rows (``offsets`` None) or grouped
+        (R_c, in) rows. Every layer after the first takes its input before the activation
+        (``_ActivatedLinear``)."""
+        weights = [w.to(x.dtype) for w in self.chunk_weights(chunk)]
+        biases = [b.to(x.dtype) for b in self.chunk_biases(chunk)]
         if offsets is None:
-            x = torch.baddbmm(biases[0].unsqueeze(1), x, weights[0])  # (L, M, out_0)
+            x = torch.baddbmm(biases[0].unsqueeze(1), x, weights[0])  # (L_c, M, out_0)
         else:
-            x = _GroupedLinear.apply(x, weights[0], biases[0], offsets, expert_of_row, tuple(counts))  # (R, out_0)
+            x = _GroupedLinear.apply(x, weights[0], biases[0], offsets, expert_of_row, tuple(counts))  # (R_c, out_0)
         for weight, bias in zip(weights[1:], biases[1:]):
             x = _ActivatedLinear.apply(x, weight, bias, self.activation, offsets, expert_of_row,
                                        None if counts is None else tuple(counts))
@@ -308,8 +354,8 @@ class BatchedExperts(nn.Module):
             for local, seed in enumerate(seeds):
                 generator = torch.Generator().manual_seed(int(seed) * 1009 + layer)
                 jitter = torch.randn(weight_t.shape, generator=generator) * scale if scale > 0 else 0.0
-                self.weights[layer][local].copy_(weight_t + jitter)
-                self.biases[layer][local].copy_(dense_bias.detach().float() if dense_bias is not None else 0.0)
+                self.expert_weight(layer, local).copy_(weight_t + jitter)
+                self.expert_bias(layer, local).copy_(dense_bias.detach().float() if dense_bias is not None else 0.0)
 
     # -- the state dict: one nn.Linear state dict per expert ---------------------------------------
 
@@ -317,19 +363,20 @@ class BatchedExperts(nn.Module):
         return f"{prefix}{expert}.fc{layer + 1}.weight", f"{prefix}{expert}.fc{layer + 1}.bias"
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+        for layer in range(self.num_layers):
             for expert in range(self.num_experts):
                 weight_key, bias_key = self._expert_keys(prefix, expert, layer)
-                w, b = weight[expert].t(), bias[expert]  # (out, in), (out,): nn.Linear's layout
+                w, b = self.expert_weight(layer, expert).t(), self.expert_bias(layer, expert)  # nn.Linear's layout
                 destination[weight_key] = w if keep_vars else w.detach().contiguous()
                 destination[bias_key] = b if keep_vars else b.detach().clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         ours = set()
-        for layer, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+        for layer in range(self.num_layers):
             for expert in range(self.num_experts):
-                for key, target in zip(self._expert_keys(prefix, expert, layer), (weight[expert].t(), bias[expert])):
+                targets = (self.expert_weight(layer, expert).t(), self.expert_bias(layer, expert))
+                for key, target in zip(self._expert_keys(prefix, expert, layer), targets):
                     ours.add(key)
                     if key not in state_dict:
                         missing_keys.append(key)
