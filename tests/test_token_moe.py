@@ -450,6 +450,26 @@ def test_a_routing_request_by_block_name_switches_one_backbone_expert_off():
     assert set(plain.routes["blocks.1"].expert_indices.unique().tolist()) != {1}
 
 
+@pytest.mark.parametrize("at_eval", [True, False])
+def test_an_export_routes_with_the_hard_mask_training_ended_with_unless_at_eval_is_off(at_eval, tmp_path):
+    from mgmoe_ds.export import save_export
+    from mgmoe_ds.inference import InferenceMeta, inference_config, load_trained, preprocessing_for
+
+    model, config = _tiny_model(constraint={"soft": None, "hard": {"threshold": 0.5, "at_eval": at_eval}})
+    share = torch.tensor([0.1, 0.1, 0.7, 0.1])  # blocks.3's expert 2 above the threshold: masked
+    with torch.no_grad():
+        model.token_moe_layers()["blocks.3"].gate_share.copy_(share)
+    meta = InferenceMeta(config=inference_config(config), class_names=["wren", "robin", "finch", "tit"],
+                         preprocessing=preprocessing_for(model), routing=RoutingRequest(top_k=2), source="<test>")
+    loaded, loaded_meta = load_trained(save_export(model, meta, tmp_path / "model.safetensors"))
+    assert torch.equal(loaded.token_moe_layers()["blocks.3"].gate_share, share)
+    with torch.no_grad():
+        out = loaded.eval()(torch.randn(2, 3, 32, 32), routing=loaded_meta.routing)
+    used = {name: set(route.expert_indices.unique().tolist()) for name, route in out.routes.items()}
+    assert (2 in used["blocks.3"]) == (not at_eval), used  # 34 tokens, Top-2 of 4: expert 2 is chosen unmasked
+    assert 2 in used["blocks.1"]  # blocks.1's share is uniform (0.25 < 0.5): nothing masked there
+
+
 def test_stages_train_backbone_moe_layers_with_the_backbone_part_they_sit_in():
     from mgmoe_ds.curriculum import create_stage
 

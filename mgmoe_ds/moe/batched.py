@@ -284,33 +284,38 @@ class BatchedExperts(nn.Module):
         grouped = self.backend == "grouped" or (self.backend == "auto" and aligned
                                                 and grouped_mm_runs(rows.device.type, rows.dtype))
         run = self._grouped if grouped else self._padded
+        count_t = torch.as_tensor(counts, device=rows.device)  # (L,): one host-to-device copy per call
+        expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=rows.device), count_t,
+                                                output_size=rows.shape[0])  # (R,); output_size: no device sync
         if len(self.chunk_bounds) == 1:
-            return run(rows, list(counts), 0)
-        chunk_counts = [list(counts[first:stop]) for first, stop in self.chunk_bounds]
-        pieces = torch.split(rows, [sum(c) for c in chunk_counts])  # per chunk: (R_c, in) views
-        # every chunk runs, an idle one on zero rows, so each chunk's parameters get a gradient
-        return torch.cat([run(piece, part, chunk) for chunk, (piece, part)
-                          in enumerate(zip(pieces, chunk_counts))])  # (R, out)
+            return run(rows, list(counts), count_t, expert_of_row, 0)
+        chunk_rows = [sum(counts[first:stop]) for first, stop in self.chunk_bounds]
+        pieces = torch.split(rows, chunk_rows)  # per chunk: (R_c, in) views; one node gathers their gradients
+        outputs, row = [], 0
+        for chunk, ((first, stop), piece) in enumerate(zip(self.chunk_bounds, pieces)):
+            # every chunk runs, an idle one on zero rows, so each chunk's parameters get a gradient
+            local_expert = expert_of_row[row:row + piece.shape[0]] - first  # (R_c,) index in the chunk
+            outputs.append(run(piece, list(counts[first:stop]), count_t[first:stop], local_expert, chunk))
+            row += piece.shape[0]
+        return torch.cat(outputs)  # (R, out)
 
-    def _padded(self, rows: Tensor, counts: Sequence[int], chunk: int) -> Tensor:
-        """One ``baddbmm`` per layer on the chunk's rows padded to its busiest expert's count."""
+    def _padded(self, rows: Tensor, counts: Sequence[int], count_t: Tensor, expert_of_row: Tensor,
+                chunk: int) -> Tensor:
+        """One ``baddbmm`` per layer on the chunk's rows padded to its busiest expert's count.
+        ``count_t`` (L_c,) is ``counts`` on the device, ``expert_of_row`` (R_c,) each row's expert."""
         experts, longest = len(counts), max(counts)
-        device = rows.device
-        count_t = torch.as_tensor(counts, device=device)  # (L_c,)
         starts = torch.cumsum(count_t, 0) - count_t  # (L_c,) first row of each expert
-        expert_of_row = torch.repeat_interleave(torch.arange(experts, device=device), count_t)  # (R_c,)
-        slot = torch.arange(rows.shape[0], device=device) - starts[expert_of_row]  # (R_c,) position in its expert
+        slot = torch.arange(rows.shape[0], device=rows.device) - starts[expert_of_row]  # (R_c,) place in its expert
         destination = expert_of_row * longest + slot  # (R_c,) row of the padded buffer
         x = rows.new_zeros((experts * longest, rows.shape[1])).index_copy(0, destination, rows)  # (L_c*M, in)
         x = x.view(experts, longest, rows.shape[1])  # (L_c, M, in)
         x = self._layers(x, chunk, None, None)  # (L_c, M, out)
         return x.reshape(experts * longest, x.shape[-1]).index_select(0, destination)  # (R_c, out)
 
-    def _grouped(self, rows: Tensor, counts: Sequence[int], chunk: int) -> Tensor:
+    def _grouped(self, rows: Tensor, counts: Sequence[int], count_t: Tensor, expert_of_row: Tensor,
+                 chunk: int) -> Tensor:
         """``torch._grouped_mm`` per layer on the chunk's rows: no padding."""
-        count_t = torch.as_tensor(counts, device=rows.device)  # (L_c,)
         offsets = torch.cumsum(count_t, 0).to(torch.int32)  # (L_c,) end row of each expert
-        expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=rows.device), count_t)  # (R_c,)
         return self._layers(rows, chunk, offsets, expert_of_row, counts)  # (R_c, out)
 
     def _layers(self, x: Tensor, chunk: int, offsets: Optional[Tensor], expert_of_row: Optional[Tensor],
