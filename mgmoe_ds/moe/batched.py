@@ -293,11 +293,19 @@ class BatchedExperts(nn.Module):
         pieces = torch.split(rows, chunk_rows)  # per chunk: (R_c, in) views; one node gathers their gradients
         outputs, row = [], 0
         for chunk, ((first, stop), piece) in enumerate(zip(self.chunk_bounds, pieces)):
-            # every chunk runs, an idle one on zero rows, so each chunk's parameters get a gradient
+            if piece.shape[0] == 0:
+                outputs.append(self._idle(piece, chunk))
+                continue
             local_expert = expert_of_row[row:row + piece.shape[0]] - first  # (R_c,) index in the chunk
             outputs.append(run(piece, list(counts[first:stop]), count_t[first:stop], local_expert, chunk))
             row += piece.shape[0]
         return torch.cat(outputs)  # (R, out)
+
+    def _idle(self, rows: Tensor, chunk: int) -> Tensor:
+        """A chunk no row reached: (0, out), tied to its parameters by a zero term, so each gets a zero
+        gradient (every rank's gradient reduction sees every parameter) and no kernel runs on zero rows."""
+        tie = sum(p.sum() for p in (*self.chunk_weights(chunk), *self.chunk_biases(chunk)) if p.requires_grad)
+        return rows.new_zeros((0, self.widths[-1])) + 0.0 * tie  # (0, out)
 
     def _padded(self, rows: Tensor, counts: Sequence[int], count_t: Tensor, expert_of_row: Tensor,
                 chunk: int) -> Tensor:

@@ -129,17 +129,18 @@ class BatchedRoutedExperts(RoutedExperts):
         widths: the experts' layer widths, e.g. ``(C, H, C)``.
         activation: between layers.
         backend: ``BatchedExperts``'s matmul backend.
+        chunk_experts: ``BatchedExperts``'s experts per parameter chunk (None: by its weight budget).
         **options: ``RoutedExperts`` options (router_dim, top_k, capacity, placement, ...).
     """
 
     def __init__(self, num_experts: int, widths: Sequence[int], *, activation=F.gelu,
-                 backend: MatmulBackend = "auto", **options: Any) -> None:
-        self._expert_spec = (tuple(widths), activation, backend)
+                 backend: MatmulBackend = "auto", chunk_experts: Optional[int] = None, **options: Any) -> None:
+        self._expert_spec = (tuple(widths), activation, backend, chunk_experts)
         super().__init__(list(range(num_experts)), output_shape=(widths[-1],), zero_dropped=True, **options)
 
     def _build_local_experts(self, global_ids: Sequence[int]) -> nn.Module:
-        widths, activation, backend = self._expert_spec
-        return BatchedExperts(len(global_ids), widths, activation, backend)
+        widths, activation, backend, chunk_experts = self._expert_spec
+        return BatchedExperts(len(global_ids), widths, activation, backend, chunk_experts)
 
     def _apply_local_experts(self, grouped: list[Tensor], per_expert: list[int], recv_counts: Tensor, spec: Any,
                              out_dtype: torch.dtype, device: torch.device
