@@ -295,13 +295,6 @@ def gemm_rate(tokens: int, hidden: int, device: str, dtype: str) -> dict:
     return {"shape": [tokens * TOP_K, hidden, 4 * hidden], "gflops": statistics.median(rates), "samples": rates}
 
 
-def _stacked_weight_grad(experts, layer: int):
-    """``BatchedExperts`` layer ``layer``'s weight gradient, (E, in, out): its chunks in expert order."""
-    import torch
-
-    return torch.cat([experts.chunk_weights(c)[layer].grad for c in range(len(experts.chunk_bounds))])
-
-
 def check_equivalence(experts_list: list[int], hidden: int, factor: float, shift: float, device: str,
                       dtype: str, variants: list[str]) -> list[dict]:
     """Same weights, same input: the same kept assignments, outputs and expert-weight gradients."""
@@ -317,7 +310,7 @@ def check_equivalence(experts_list: list[int], hidden: int, factor: float, shift
         out_b = ds_step(xb, gy).reshape(CHECK_TOKENS, hidden)
         kept_a, idx_a, cap_a, _, _ = ours_route(x.detach())
         kept_b, idx_b, cap_b, _, _ = ds_route(x.detach())
-        grads_a = torch.cat([_stacked_weight_grad(ours.local_experts, layer).transpose(1, 2).flatten()
+        grads_a = torch.cat([ours.local_experts.stacked_grads(layer)[0].transpose(1, 2).flatten()
                              for layer in range(2)])  # (E, out, in) per layer: nn.Linear's layout
         ds_experts = ds.deepspeed_moe.experts.deepspeed_experts
         grads_b = torch.cat([torch.stack([e[0].weight.grad for e in ds_experts]).flatten(),
@@ -435,15 +428,16 @@ def render(results: dict) -> str:
         "",
     ]
     extra = [v for v in c["variants"] if v not in ("ours", "deepspeed")]
-    header = ("| E | cf | router | C | ours chunks | ours ms | DS ms | ours/DS | ours MiB | DS MiB | mem ours/DS | floor ms "
-              "| ours/floor | DS/floor | dropped ours | dropped DS | rows ours/DS |"
+    header = ("| E | cf | router | C | ours chunks | ours ms | DS ms | ours/DS | ours MiB | DS MiB | mem ours/DS "
+              "| floor ms | ours/floor | DS/floor | dropped ours | dropped DS | rows ours/DS |"
               + "".join(f" {v} ms | {v}/DS | {v} MiB |" for v in extra))
     lines += [header, "|" + "---:|" * (17 + 3 * len(extra))]
     for p in results["points"]:
         o, d = p["ours"], p["deepspeed"]
         lines.append(
             f"| {p['experts']} | {p['capacity_factor']:g} | {'skewed' if p['input_shift'] else 'plain'} | "
-            f"{d['capacity']} | {o.get('expert_chunks') or '-'} | {o['median_s'] * 1e3:.1f} | {d['median_s'] * 1e3:.1f} | {p['time_ratio']:.2f} | "
+            f"{d['capacity']} | {o.get('expert_chunks') or '-'} | {o['median_s'] * 1e3:.1f} | "
+            f"{d['median_s'] * 1e3:.1f} | {p['time_ratio']:.2f} | "
             f"{mib(o['median_peak_bytes']):.0f} | {mib(d['median_peak_bytes']):.0f} | {p['mem_ratio']:.2f} | "
             f"{p['floor_s'] * 1e3:.1f} | {o['median_s'] / p['floor_s']:.1f} | {d['median_s'] / p['floor_s']:.1f} | "
             f"{o['dropped_fraction']:.3f} | {d['dropped_fraction']:.3f} | {o['expert_rows'] / d['expert_rows']:.2f} |"

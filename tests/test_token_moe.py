@@ -52,13 +52,6 @@ def _run_loop(loop: nn.ModuleList, rows: torch.Tensor, counts: list[int]) -> tor
     return torch.cat(outputs)
 
 
-def _expert_grads(batched: BatchedExperts, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer ``layer``'s (L, in, out) weight and (L, out) bias gradients, chunks stacked in expert order."""
-    chunks = range(len(batched.chunk_bounds))
-    return (torch.cat([batched.chunk_weights(c)[layer].grad for c in chunks]),
-            torch.cat([batched.chunk_biases(c)[layer].grad for c in chunks]))
-
-
 @pytest.mark.parametrize("backend", ["padded", "grouped"])
 @pytest.mark.parametrize("widths,counts,chunk_experts", [
     ((8, 16, 8), [3, 0, 7, 1], None), ((16, 8), [3, 0, 7, 1], None),
@@ -86,13 +79,13 @@ def test_batched_experts_equal_a_loop_of_separate_experts_outputs_and_gradients(
     (ref * upstream).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=1e-5)
     for j in range(batched.num_layers):
-        weight_grads, bias_grads = _expert_grads(batched, j)  # every chunk has a gradient: none is None
+        weight_grads, bias_grads = batched.stacked_grads(j)  # every chunk has a gradient: none is None
         for e, expert in enumerate(loop):
             layer = list(expert.values())[j]
             torch.testing.assert_close(weight_grads[e], layer.weight.grad.t(), atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(bias_grads[e], layer.bias.grad, atol=1e-6, rtol=1e-5)
     idle = counts.index(0)
-    assert float(_expert_grads(batched, 0)[0][idle].abs().sum()) == 0.0  # an idle expert: a zero gradient
+    assert float(batched.stacked_grads(0)[0][idle].abs().sum()) == 0.0  # an idle expert: a zero gradient
 
 
 def test_the_padded_mlp_keeps_one_hidden_sized_tensor_for_backward_not_two():

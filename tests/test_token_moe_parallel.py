@@ -43,13 +43,6 @@ def _step(block, x, upstream):
     return y, x.grad, record
 
 
-def _stacked_grads(experts) -> list[torch.Tensor]:
-    """Per layer, the (L, in, out) weight and (L, out) bias gradients, the chunks in expert order."""
-    chunks = range(len(experts.chunk_bounds))
-    return [torch.cat([get(c)[layer].grad for c in chunks]) for layer in range(experts.num_layers)
-            for get in (experts.chunk_weights, experts.chunk_biases)]
-
-
 def _equivalence_worker(rank: int, world_size: int) -> None:
     """P = 2 on two ranks against data parallelism: the P = 1 block on each rank's images alone,
     gradients summed over ranks. Uneven images per rank with no drops; then even ones with a
@@ -85,8 +78,10 @@ def _equivalence_worker(rank: int, world_size: int) -> None:
         if "capacity_factor" in options:
             assert sum(ref_dropped) > 0  # the case really drops choices
         local = list(block.routed.global_expert_ids)
-        for mine, ref in zip(_stacked_grads(block.routed.local_experts), _stacked_grads(reference.routed.local_experts)):
-            torch.testing.assert_close(mine, ref[local], atol=1e-5, rtol=1e-5)
+        experts, ref_experts = block.routed.local_experts, reference.routed.local_experts
+        for layer in range(experts.num_layers):  # (L, in, out) and (L, out): the chunks in expert order
+            for mine, ref in zip(experts.stacked_grads(layer), ref_experts.stacked_grads(layer)):
+                torch.testing.assert_close(mine, ref[local], atol=1e-5, rtol=1e-5)
         router_grad = block.routed.router.gate.weight.grad.clone()
         dist.all_reduce(router_grad)
         torch.testing.assert_close(router_grad, reference.routed.router.gate.weight.grad, atol=1e-5, rtol=1e-5)

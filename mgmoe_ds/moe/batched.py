@@ -253,6 +253,13 @@ class BatchedExperts(nn.Module):
         chunk, local = self._locate(expert)
         return self.chunk_biases(chunk)[layer][local]
 
+    def stacked_grads(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Layer ``layer``'s gradients as one stacked expert would have them: (L, in, out) weight and
+        (L, out) bias, the chunks' in expert order (a copy; for checks and benchmarks)."""
+        chunks = range(len(self.chunk_bounds))
+        return (torch.cat([self.chunk_weights(c)[layer].grad for c in chunks]),
+                torch.cat([self.chunk_biases(c)[layer].grad for c in chunks]))
+
     def _locate(self, expert: int) -> tuple[int, int]:
         """Expert -> (its chunk, its index in the chunk)."""
         for chunk, (first, stop) in enumerate(self.chunk_bounds):
