@@ -75,6 +75,8 @@ def test_batched_experts_equal_a_loop_of_separate_experts_outputs_and_gradients(
     out = batched(x1, counts)
     ref = _run_loop(loop, x2, counts)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # evaluation: the same rows out, an idle chunk tied to nothing
+        torch.testing.assert_close(batched(rows, counts), ref.detach(), atol=1e-6, rtol=1e-5)
     (out * upstream).sum().backward()
     (ref * upstream).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=1e-5)

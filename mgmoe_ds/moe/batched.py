@@ -310,9 +310,13 @@ class BatchedExperts(nn.Module):
 
     def _idle(self, rows: Tensor, chunk: int) -> Tensor:
         """A chunk no row reached: (0, out), tied to its parameters by a zero term, so each gets a zero
-        gradient (every rank's gradient reduction sees every parameter) and no kernel runs on zero rows."""
-        tie = sum(p.sum() for p in (*self.chunk_weights(chunk), *self.chunk_biases(chunk)) if p.requires_grad)
-        return rows.new_zeros((0, self.widths[-1])) + 0.0 * tie  # (0, out)
+        gradient (every rank's gradient reduction sees every parameter) and no kernel runs on zero rows.
+        Without autograd (evaluation) there is nothing to tie."""
+        empty = rows.new_zeros((0, self.widths[-1]))  # (0, out)
+        if not torch.is_grad_enabled():
+            return empty
+        return empty + 0.0 * sum(p.sum() for p in (*self.chunk_weights(chunk), *self.chunk_biases(chunk))
+                                 if p.requires_grad)
 
     def _padded(self, rows: Tensor, counts: Sequence[int], count_t: Tensor, expert_of_row: Tensor,
                 chunk: int) -> Tensor:

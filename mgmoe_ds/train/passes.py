@@ -79,7 +79,7 @@ class TrainingPasses:
         (from the eval caches while ``stage`` keeps the backbone frozen). With ``class_counts`` (training
         images per class), also top-1 per long-tail bucket, as ``mgmoe eval`` reports it."""
         self.model.eval()
-        routing = routing.without_drops()
+        routing = self._dropless(routing)
         totals = torch.zeros(4, dtype=torch.float64)  # images, top1, top5, loss sum
         box_totals = torch.zeros(3, dtype=torch.float64)  # images with a box, IoU sum, IoU >= 0.5
         by_class = torch.zeros(2, self.model.num_classes, dtype=torch.float64, device=self.device)  # images, correct
@@ -113,6 +113,16 @@ class TrainingPasses:
             result["buckets"] = bucket_top1(by_class[0], by_class[1], buckets)
         return result
 
+    def _dropless(self, routing: RoutingRequest) -> dict[str, RoutingRequest]:
+        """``routing`` for the head, and each backbone MoE layer's default routing, all without a
+        capacity limit: the model built for ``mgmoe eval`` and inference is dropless in every layer,
+        so evaluation during training must not drop a backbone token either."""
+        from mgmoe_ds.model import HEAD_LAYER
+
+        requests = {name: RoutingRequest().without_drops() for name in self.model.token_moe_layers()}
+        requests[HEAD_LAYER] = routing.without_drops()
+        return requests
+
     def pooled_features(self, stage: Any) -> torch.Tensor:
         """(N, D) pooled backbone features of this rank's training images (eval transform)."""
         return self.labelled_features(stage)[0]
@@ -124,7 +134,9 @@ class TrainingPasses:
         feats, labels = [], []
         for batch in self.batches("train", stage):
             inputs = model_inputs(batch, self.device, self.input_dtype)
-            pooled = self.model.forward_features(inputs["images"], cached=inputs.get("features"))["pooled"]
+            features, _ = self.model.forward_backbone(inputs["images"], cached=inputs.get("features"),
+                                                      routing=self._dropless(RoutingRequest()))
+            pooled = features["pooled"]
             feats.append(pooled.float().cpu())
             labels.append(batch["labels"].long().cpu())
         if not feats:
@@ -140,7 +152,7 @@ class TrainingPasses:
         pooled, scores = [], []
         for batch in self.batches(self.data.val_split, stage):
             labels = batch["labels"].to(self.device)
-            out = self.forward(batch, routing=RoutingRequest.dense())
+            out = self.forward(batch, routing=self._dropless(RoutingRequest.dense()))
             per_expert = torch.zeros(labels.shape[0], num_experts, out.expert_logits.shape[-1],
                                      device=labels.device)  # (B, E, C)
             per_expert.scatter_(1, out.route.expert_indices[:, :, None].expand_as(out.expert_logits),
