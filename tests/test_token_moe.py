@@ -108,22 +108,26 @@ def test_the_padded_mlp_keeps_one_hidden_sized_tensor_for_backward_not_two():
 
 
 class _LiveLargeStorages(TorchDispatchMode):
-    """Counts the storages of at least ``numel`` elements alive at once, over every op run inside it
-    (forward, and backward's kernels)."""
+    """The storages of at least ``numel`` elements that ops run inside it (forward, and backward's
+    kernels) return, while they are alive: ``peak`` counts the most alive at once, ``peak_elements``
+    their largest total of elements. Storages in ``existing`` (made before, e.g. ``.grad`` that an
+    in-place add returns) are not counted."""
 
-    def __init__(self, numel: int) -> None:
+    def __init__(self, numel: int, existing: frozenset[int] = frozenset()) -> None:
         super().__init__()
-        self.numel, self.live, self.peak = numel, set(), 0
+        self.numel, self.existing, self.live, self.peak, self.peak_elements = numel, existing, {}, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor) and tensor.numel() >= self.numel:
                 storage = tensor.untyped_storage()
-                if storage.data_ptr() not in self.live:
-                    self.live.add(storage.data_ptr())
-                    weakref.finalize(storage, self.live.discard, storage.data_ptr())
+                pointer = storage.data_ptr()
+                if pointer not in self.existing and pointer not in self.live:
+                    self.live[pointer] = storage.nbytes() // tensor.element_size()
+                    weakref.finalize(storage, self.live.pop, pointer, None)
                 self.peak = max(self.peak, len(self.live))
+                self.peak_elements = max(self.peak_elements, sum(self.live.values()))
         return out
 
 
@@ -147,27 +151,6 @@ def test_at_most_two_hidden_sized_tensors_are_alive_at_once_in_forward_and_backw
     assert live.peak == 2, live.peak
 
 
-class _PeakNewStorage(TorchDispatchMode):
-    """The largest total of elements in storages made inside it and alive at once, counting only
-    storages of at least ``numel`` elements (in-place results on older storages are not counted)."""
-
-    def __init__(self, numel: int, existing: set[int]) -> None:
-        super().__init__()
-        self.numel, self.existing, self.live, self.peak = numel, existing, {}, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.numel() >= self.numel:
-                storage = tensor.untyped_storage()
-                pointer = storage.data_ptr()
-                if pointer not in self.existing and pointer not in self.live:
-                    self.live[pointer] = storage.nbytes() // tensor.element_size()
-                    weakref.finalize(storage, self.live.pop, pointer, None)
-                self.peak = max(self.peak, sum(self.live.values()))
-        return out
-
-
 @pytest.mark.parametrize("backend", ["padded", "grouped"])
 @pytest.mark.parametrize("chunk_experts", [1, 2, 8])
 def test_backward_makes_one_chunk_of_weight_gradients_at_a_time(chunk_experts, backend):
@@ -183,13 +166,12 @@ def test_backward_makes_one_chunk_of_weight_gradients_at_a_time(chunk_experts, b
     counts = [3, 1, 2, 0, 3, 2, 1, 3]
     rows = torch.randn(sum(counts), 64)
     batched(rows, counts).square().sum().backward()  # the first micro-step makes .grad
-    existing = {p.untyped_storage().data_ptr() for p in batched.parameters()}
-    existing |= {p.grad.untyped_storage().data_ptr() for p in batched.parameters()}
-    peak = _PeakNewStorage(numel=64 * 128, existing=existing)
-    with peak:
+    existing = frozenset(t.untyped_storage().data_ptr() for p in batched.parameters() for t in (p, p.grad))
+    live = _LiveLargeStorages(numel=64 * 128, existing=existing)
+    with live:
         out = batched(rows, counts)
         out.square().sum().backward()
-    assert peak.peak == chunk_experts * 64 * 128, peak.peak
+    assert live.peak_elements == chunk_experts * 64 * 128, live.peak_elements
 
 
 def test_state_dict_holds_each_expert_as_linear_layers_and_loads_back():

@@ -217,8 +217,9 @@ class BatchedExperts(nn.Module):
         self.widths = tuple(int(w) for w in widths)
         self.activation = activation
         self.backend = backend
-        step = chunk_experts or experts_per_chunk(self.widths)
-        self.chunk_bounds = tuple((first, min(first + step, num_experts)) for first in range(0, num_experts, step))
+        self.chunk_size = chunk_experts or experts_per_chunk(self.widths)  # experts per chunk; the last may have fewer
+        self.chunk_bounds = tuple((first, min(first + self.chunk_size, num_experts))
+                                  for first in range(0, num_experts, self.chunk_size))
         # Parameters sit on this module itself (no ParameterList child), so that the state dict
         # below is the only view of them: ``fc<j>_weight_<c>`` (chunk, in, out), ``fc<j>_bias_<c>``
         # (chunk, out) for chunk c of ``chunk_bounds``.
@@ -262,10 +263,9 @@ class BatchedExperts(nn.Module):
 
     def _locate(self, expert: int) -> tuple[int, int]:
         """Expert -> (its chunk, its index in the chunk)."""
-        for chunk, (first, stop) in enumerate(self.chunk_bounds):
-            if first <= expert < stop:
-                return chunk, expert - first
-        raise IndexError(f"expert {expert}: this module holds {self.num_experts}")
+        if not 0 <= expert < self.num_experts:
+            raise IndexError(f"expert {expert}: this module holds {self.num_experts}")
+        return divmod(expert, self.chunk_size)
 
     # -- the math ---------------------------------------------------------------------------------
 

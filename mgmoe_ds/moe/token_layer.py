@@ -234,7 +234,7 @@ class TokenMoE(nn.Module):
             losses["importance"] = importance_loss(out.route.probs)
             losses["load"] = out.aux_losses["load_balance"]
         if self.training and self.hard_threshold is not None:
-            # the gate before the mask, as this step's router drew it: what it would choose
+            # this step's gate before the mask (and before any rsample noise): what the router prefers
             self._update_share(sparse_gate(out.route.gate_logits.detach(), self.routed.top_k))
         if collector is not None:
             collector.records[self.name] = TokenMoERecord(out, losses, num_tokens if self.granularity == "token"

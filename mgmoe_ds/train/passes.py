@@ -132,10 +132,10 @@ class TrainingPasses:
         """This rank's training images (eval transform): pooled backbone features (N, D) and labels (N,)."""
         self.model.eval()
         feats, labels = [], []
+        routing = self._dropless(RoutingRequest())
         for batch in self.batches("train", stage):
             inputs = model_inputs(batch, self.device, self.input_dtype)
-            features, _ = self.model.forward_backbone(inputs["images"], cached=inputs.get("features"),
-                                                      routing=self._dropless(RoutingRequest()))
+            features, _ = self.model.forward_backbone(inputs["images"], cached=inputs.get("features"), routing=routing)
             pooled = features["pooled"]
             feats.append(pooled.float().cpu())
             labels.append(batch["labels"].long().cpu())
